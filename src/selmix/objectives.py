@@ -1,0 +1,408 @@
+"""Objectives psi(C) that SelMix maximises (MATH.md section 2).
+
+Every objective is a callable of a K x K confusion matrix that returns a differentiable
+scalar tensor. Objectives with Lagrange multipliers refresh them with :meth:`update` from
+the validation confusion matrix at each feedback step; the multipliers stay fixed while the
+gain is computed, so the gain is the derivative of a plain weighted metric.
+
+A user's own objective needs nothing from this module: any differentiable torch function
+of C works wherever an objective is expected (its derivative comes from autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from selmix._validation import check_confusion, check_in_range, check_positive
+from selmix.metrics import head_mask
+
+__all__ = [
+    "CallableObjective",
+    "CoverageConstrained",
+    "GMean",
+    "HMean",
+    "MeanRecall",
+    "MinHeadTailRecall",
+    "MinRecall",
+    "Objective",
+    "as_objective",
+    "get_objective",
+    "list_objectives",
+    "register_objective",
+]
+
+CLIP = 1e-7  # MATH.md: entries are clipped below before any objective is evaluated
+
+
+def _prepared(confusion: torch.Tensor) -> torch.Tensor:
+    """Normalises to a total of 1 and clips tiny entries (keeps the graph for autograd)."""
+    return (confusion / confusion.sum()).clamp_min(CLIP)
+
+
+def _recall(prepared: torch.Tensor) -> torch.Tensor:
+    return prepared.diagonal() / prepared.sum(dim=1)
+
+
+def _coverage(prepared: torch.Tensor) -> torch.Tensor:
+    return prepared.sum(dim=0) / prepared.sum()
+
+
+def _spread(group_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Spreads a (head, tail) pair over classes as value / group size."""
+    head_value = group_values[0] / mask.sum()
+    tail_value = group_values[1] / (~mask).sum()
+    return torch.where(mask.to(group_values.device), head_value, tail_value)
+
+
+class Objective:
+    """Base class: validation of C, lazy K, multipliers and their state.
+
+    Subclasses implement :meth:`value` (a differentiable function of the prepared matrix)
+    and, if they have multipliers, :meth:`_new_multipliers`.
+
+    Args:
+        head_classes: head classes for head/tail objectives (see :func:`selmix.head_mask`).
+    """
+
+    name = "objective"
+    has_multipliers = False
+
+    def __init__(self, head_classes: torch.Tensor | list[int] | None = None) -> None:
+        self.head_classes = head_classes
+        self.num_classes: int | None = None
+        self._head_mask: torch.Tensor | None = None
+        self._multipliers: torch.Tensor | None = None
+
+    # -- public API -------------------------------------------------------------------
+    def __call__(self, confusion: torch.Tensor) -> torch.Tensor:
+        """psi(C): a scalar tensor, differentiable with respect to ``confusion``."""
+        confusion = self._bind(confusion)
+        prepared = _prepared(confusion)
+        if self.has_multipliers and self._multipliers is None:
+            self._multipliers = self._initial_multipliers().to(prepared)
+        return self.value(prepared)
+
+    def update(self, confusion: torch.Tensor) -> None:
+        """Refreshes the Lagrange multipliers from a (validation) confusion matrix.
+
+        No momentum: each update uses only this matrix (paper App. F).
+        """
+        confusion = self._bind(confusion)
+        if self.has_multipliers:
+            with torch.no_grad():
+                self._multipliers = self._new_multipliers(_prepared(confusion.detach()))
+
+    @property
+    def multipliers(self) -> torch.Tensor | None:
+        """Per-class multipliers, Tensor[K] (None for objectives without any)."""
+        return None if self._multipliers is None else self._multipliers.detach().clone()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor's arguments, for logs and ``state_dict``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: name, K, hyper-parameters and multipliers."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "hyperparameters": self.hyperparameters(),
+            "multipliers": self.multipliers,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved."""
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"`state` belongs to objective {state.get('name')!r}, not {self.name!r}"
+            )
+        self.num_classes = state["num_classes"]
+        if self.num_classes is not None:
+            self._head_mask = self._make_head_mask(self.num_classes)
+        multipliers = state.get("multipliers")
+        self._multipliers = None if multipliers is None else multipliers.clone()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- to override --------------------------------------------------------------------
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _initial_multipliers(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------
+    def _make_head_mask(self, num_classes: int) -> torch.Tensor:
+        return head_mask(num_classes, self.head_classes)
+
+    def _bind(self, confusion: torch.Tensor) -> torch.Tensor:
+        confusion = check_confusion(confusion)
+        size = confusion.shape[0]
+        if self.num_classes is None:
+            self.num_classes = size
+            self._head_mask = self._make_head_mask(size)
+        elif size != self.num_classes:
+            raise ValueError(
+                f"`confusion` has K = {size} classes but {self.name} was set up for "
+                f"K = {self.num_classes}"
+            )
+        return confusion
+
+    @property
+    def mask(self) -> torch.Tensor:
+        assert self._head_mask is not None  # set by _bind before any use
+        return self._head_mask
+
+
+class MeanRecall(Objective):
+    """Mean recall (balanced accuracy)."""
+
+    name = "mean_recall"
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        return _recall(prepared).mean()
+
+
+class GMean(Objective):
+    """Geometric mean of recalls."""
+
+    name = "g_mean"
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        return _recall(prepared).log().mean().exp()
+
+
+class HMean(Objective):
+    """Harmonic mean of recalls."""
+
+    name = "h_mean"
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        recall = _recall(prepared)
+        return recall.numel() / recall.reciprocal().sum()
+
+
+class MinRecall(Objective):
+    """Worst-case recall through a weighted recall, ``sum_y l_y recall_y``.
+
+    Args:
+        rate: the "validation learning rate" w of ``l = softmax(-w * recall)``.
+    """
+
+    name = "min_recall"
+    has_multipliers = True
+
+    def __init__(self, rate: float = 50.0, head_classes: Any = None) -> None:
+        super().__init__(head_classes)
+        self.rate = check_positive("rate", rate)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"rate": self.rate}
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        return (self._multipliers * _recall(prepared)).sum()
+
+    def _initial_multipliers(self) -> torch.Tensor:
+        return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+
+    def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(-self.rate * _recall(prepared), dim=0)
+
+
+class MinHeadTailRecall(MinRecall):
+    """The smaller of head and tail mean recall, through one multiplier per group."""
+
+    name = "min_head_tail_recall"
+
+    def __init__(self, rate: float = 50.0, head_classes: Any = None) -> None:
+        super().__init__(rate, head_classes)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"rate": self.rate, "head_classes": self.head_classes}
+
+    def _initial_multipliers(self) -> torch.Tensor:
+        return _spread(torch.tensor([0.5, 0.5], dtype=torch.float64), self.mask)
+
+    def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
+        recall = _recall(prepared)
+        mask = self.mask.to(recall.device)
+        groups = torch.stack([recall[mask].mean(), recall[~mask].mean()])
+        return _spread(torch.softmax(-self.rate * groups, dim=0), mask)
+
+
+class CoverageConstrained(Objective):
+    """A recall metric subject to coverage constraints, as one Lagrangian.
+
+    ``psi = [metric + sum_p l_p coverage_p] / (1 + max_p l_p)`` with
+    ``l_p = max(0, L * (1 - exp((coverage_p - alpha / K) / tau)))``: a multiplier grows
+    only for classes whose coverage is below the target ``alpha / K``.
+
+    Args:
+        metric: ``"mean_recall"`` or ``"h_mean"``.
+        head_tail: one constraint on each of the head's and the tail's mean coverage
+            (spread as l_H/|H|, l_T/|T|) instead of one per class.
+        alpha: the target share of the fair coverage 1/K.
+        scale: L, the multipliers' ceiling.
+        tau: the temperature of the multiplier update.
+    """
+
+    has_multipliers = True
+
+    def __init__(
+        self,
+        metric: str = "mean_recall",
+        head_tail: bool = False,
+        alpha: float = 0.95,
+        scale: float = 100.0,
+        tau: float = 0.01,
+        head_classes: Any = None,
+    ) -> None:
+        super().__init__(head_classes)
+        if metric not in ("mean_recall", "h_mean"):
+            raise ValueError(f"`metric` must be 'mean_recall' or 'h_mean', got {metric!r}")
+        self.metric = metric
+        self.head_tail = bool(head_tail)
+        self.alpha = check_in_range("alpha", alpha, 0.0, 1.0)
+        self.scale = check_positive("scale", scale)
+        self.tau = check_positive("tau", tau)
+        suffix = "min_head_tail_coverage" if self.head_tail else "min_coverage"
+        self.name = f"{metric}_{suffix}"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"alpha": self.alpha, "scale": self.scale, "tau": self.tau}
+        if self.head_tail:
+            params["head_classes"] = self.head_classes
+        return params
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        recall = _recall(prepared)
+        if self.metric == "mean_recall":
+            metric = recall.mean()
+        else:
+            metric = recall.numel() / recall.reciprocal().sum()
+        multipliers = self._multipliers
+        penalty = (multipliers * _coverage(prepared)).sum()
+        return (metric + penalty) / (1 + multipliers.max())
+
+    def _initial_multipliers(self) -> torch.Tensor:
+        return torch.zeros(self.num_classes, dtype=torch.float64)
+
+    def _rule(self, coverage: torch.Tensor) -> torch.Tensor:
+        target = self.alpha / self.num_classes
+        return (self.scale * (1 - torch.exp((coverage - target) / self.tau))).clamp_min(0)
+
+    def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
+        coverage = _coverage(prepared)
+        if not self.head_tail:
+            return self._rule(coverage)
+        mask = self.mask.to(coverage.device)
+        groups = torch.stack([coverage[mask].mean(), coverage[~mask].mean()])
+        return _spread(self._rule(groups), mask)
+
+
+class CallableObjective(Objective):
+    """Wraps a user's differentiable function of C (no multipliers, no derivative needed).
+
+    The function receives the matrix normalised to a total of 1 and clipped at 1e-7.
+    """
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], name: str = "") -> None:
+        super().__init__()
+        if not callable(function):
+            raise TypeError(f"`function` must be callable, got {type(function).__name__}")
+        self.function = function
+        self.name = name or getattr(function, "__name__", "custom")
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        result = self.function(prepared)
+        if not isinstance(result, torch.Tensor) or result.numel() != 1:
+            raise TypeError(
+                f"objective {self.name!r} must return a scalar tensor, got "
+                f"{type(result).__name__} {getattr(result, 'shape', '')}"
+            )
+        return result.reshape(())
+
+
+_REGISTRY: dict[str, Callable[..., Objective]] = {}
+
+
+def register_objective(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
+    """Decorator that makes an objective factory available to :func:`get_objective`."""
+
+    def decorator(factory: Callable[..., Objective]) -> Callable[..., Objective]:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def _coverage_factory(metric: str, head_tail: bool) -> Callable[..., Objective]:
+    def factory(
+        alpha: float = 0.95, scale: float = 100.0, tau: float = 0.01, head_classes: Any = None
+    ) -> Objective:
+        return CoverageConstrained(metric, head_tail, alpha, scale, tau, head_classes)
+
+    return factory
+
+
+register_objective("mean_recall")(MeanRecall)
+register_objective("min_recall")(MinRecall)
+register_objective("min_head_tail_recall")(MinHeadTailRecall)
+register_objective("g_mean")(GMean)
+register_objective("h_mean")(HMean)
+register_objective("mean_recall_min_coverage")(_coverage_factory("mean_recall", False))
+register_objective("mean_recall_min_head_tail_coverage")(_coverage_factory("mean_recall", True))
+register_objective("h_mean_min_coverage")(_coverage_factory("h_mean", False))
+register_objective("h_mean_min_head_tail_coverage")(_coverage_factory("h_mean", True))
+
+
+def list_objectives() -> list[str]:
+    """Names accepted by :func:`get_objective`."""
+    return sorted(_REGISTRY)
+
+
+def get_objective(name: str, **hyperparameters: Any) -> Objective:
+    """Builds an objective by name.
+
+    Args:
+        name: one of :func:`list_objectives`.
+        **hyperparameters: e.g. ``rate`` (w) for the min-recall objectives; ``alpha``,
+            ``scale`` (L), ``tau`` for the coverage objectives; ``head_classes`` for the
+            head/tail ones. Defaults follow MATH.md.
+
+    Returns:
+        A fresh :class:`Objective` (K is learnt from the first confusion matrix).
+    """
+    if name not in _REGISTRY:
+        known = ", ".join(list_objectives())
+        raise ValueError(f"unknown `objective` {name!r}; expected one of {known}")
+    try:
+        return _REGISTRY[name](**hyperparameters)
+    except TypeError as error:
+        if "unexpected keyword" in str(error):
+            raise TypeError(f"objective {name!r}: {error}") from None
+        raise
+
+
+def as_objective(objective: str | Objective | Callable[[torch.Tensor], torch.Tensor]) -> Objective:
+    """Accepts a name, an :class:`Objective` or any differentiable callable of C."""
+    if isinstance(objective, str):
+        return get_objective(objective)
+    if isinstance(objective, Objective):
+        return objective
+    if callable(objective):
+        return CallableObjective(objective)
+    raise TypeError(
+        "`objective` must be a name, an Objective or a callable of the confusion matrix, "
+        f"got {type(objective).__name__}"
+    )

@@ -1,0 +1,91 @@
+"""The mixup sampling policy (MATH.md section 4, paper Eq. 6) and its diagnostics."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from selmix._validation import check_choice, check_positive
+
+__all__ = [
+    "POLICIES",
+    "StationaryPointWarning",
+    "effective_pairs",
+    "mixup_distribution",
+    "policy_entropy",
+]
+
+POLICIES = ("selmix", "uniform", "greedy")
+
+
+class StationaryPointWarning(UserWarning):
+    """No mixup pair has a positive gain: the objective is at a first-order stationary point."""
+
+
+def mixup_distribution(
+    gain: torch.Tensor,
+    scale: float = 10.0,
+    policy: str = "selmix",
+    normalize_gain: bool = False,
+) -> torch.Tensor:
+    """Distribution over (i, j) mixup pairs.
+
+    ``selmix``: ``P[i, j] ∝ exp(s * G[i, j])`` on pairs with ``G[i, j] > 0``, 0 elsewhere;
+    with ``normalize_gain=True`` the gain is divided by ``max |G|`` first, which makes s
+    mean the same sharpness for every model and objective (the gain's size grows with the
+    squared feature norm and the multipliers). ``uniform``: all K^2 pairs alike.
+    ``greedy``: all mass on the pair with the largest gain.
+
+    Args:
+        gain: Tensor[K, K] from :func:`selmix.gain_matrix`.
+        scale: s, the inverse temperature (> 0).
+        policy: ``"selmix"``, ``"uniform"`` or ``"greedy"``.
+        normalize_gain: use the scale-free form of the policy.
+
+    Returns:
+        Tensor[K, K] of probabilities summing to 1.
+    """
+    check_choice("policy", policy, POLICIES)
+    scale = check_positive("scale", scale)
+    if not isinstance(gain, torch.Tensor) or gain.dim() != 2 or gain.shape[0] != gain.shape[1]:
+        shape = tuple(gain.shape) if isinstance(gain, torch.Tensor) else type(gain).__name__
+        raise ValueError(f"`gain` must be a square K x K tensor, got {shape}")
+    if not torch.isfinite(gain).all():
+        raise ValueError("`gain` must be finite, got NaN or infinite entries")
+    gain = gain.detach()
+    if not gain.is_floating_point():
+        gain = gain.double()
+
+    if policy == "uniform":
+        return torch.full_like(gain, 1.0 / gain.numel())
+    if policy == "greedy":
+        distribution = torch.zeros_like(gain)
+        distribution.view(-1)[gain.argmax()] = 1.0
+        return distribution
+
+    positive = gain > 0
+    if not positive.any():
+        warnings.warn(
+            "no mixup pair has a positive gain (the objective is at a first-order stationary "
+            "point); falling back to the uniform policy",
+            StationaryPointWarning,
+            stacklevel=2,
+        )
+        return torch.full_like(gain, 1.0 / gain.numel())
+    if normalize_gain:
+        gain = gain / gain.abs().max()
+    logits = torch.where(positive, scale * gain, torch.full_like(gain, float("-inf")))
+    return torch.softmax(logits.flatten(), dim=0).reshape(gain.shape)
+
+
+def policy_entropy(distribution: torch.Tensor) -> float:
+    """Shannon entropy (nats) of a pair distribution."""
+    probs = distribution.flatten().double()
+    probs = probs[probs > 0]
+    return float(-(probs * probs.log()).sum())
+
+
+def effective_pairs(distribution: torch.Tensor) -> float:
+    """``exp(entropy)``: how many pairs the policy effectively spreads its mass over."""
+    return float(torch.tensor(policy_entropy(distribution)).exp())
