@@ -88,4 +88,4 @@ def policy_entropy(distribution: torch.Tensor) -> float:
 
 def effective_pairs(distribution: torch.Tensor) -> float:
     """``exp(entropy)``: how many pairs the policy effectively spreads its mass over."""
-    return float(torch.tensor(policy_entropy(distribution)).exp())
+    return float(torch.tensor(policy_entropy(distribution), dtype=torch.float64).exp())

@@ -1,0 +1,765 @@
+"""Data sources and :func:`load_data`, which splits one into train / val / test.
+
+Sources: Fashion-MNIST IDX files, CIFAR-10 (torchvision pickles, JPEG tree or archive),
+image folders and the packaged Fashion-MNIST-LT demo. :func:`load_data` turns any of them
+into a long-tailed training set, a balanced validation set and the official test set.
+
+Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images.
+Sources made of many small image files (the CIFAR-10 JPEG tree or archive, image folders)
+are decoded once into an ``.npz`` cache, so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selmix._validation import check_int, check_positive
+from selmix.data.longtail import long_tail_counts, long_tail_split
+from selmix.data.semisup_split import UnlabelledDataset
+from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+DEMO_FILE = "fashion_mnist_lt_demo.npz"
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# IDX type codes -> numpy dtypes (big-endian, as the format stores them).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# Validation samples per class carved from the training split when none is given.
+_DEFAULT_VAL_PER_CLASS = {"fashion-mnist": 500, "cifar10": 500}
+_SPEC_PREFIXES = ("fashion-mnist", "cifar10", "imagefolder")
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX)
+
+
+def read_idx(path: str | os.PathLike) -> Tensor:
+    """Reads an IDX file (the MNIST / Fashion-MNIST format), gzip-compressed or not.
+
+    Args:
+        path: e.g. ``.../train-images-idx3-ubyte.gz``.
+
+    Returns:
+        A tensor with the file's shape and element type, e.g. uint8 [60000, 28, 28] for
+        images and uint8 [60000] for labels.
+
+    Raises:
+        FileNotFoundError: naming the path.
+        ValueError: if the file is not a valid IDX file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    with open(path, "rb") as file:
+        compressed = file.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file: bad magic number {data[:4].hex()}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is not an IDX file: truncated header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header != count * dtype.itemsize:
+        raise ValueError(
+            f"{path} is not a valid IDX file: header says shape {shape} "
+            f"({count * dtype.itemsize} bytes) but {len(data) - header} bytes follow"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
+    # Copy into native byte order: torch needs it, and frombuffer's array is read-only.
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def load_fashion_mnist(root: str | os.PathLike, train: bool = True) -> ImageTensorDataset:
+    """Loads Fashion-MNIST from its original IDX files.
+
+    Args:
+        root: the folder holding ``train-images-idx3-ubyte.gz`` etc. (``.gz`` or unpacked;
+            torchvision's ``FashionMNIST/raw`` below ``root`` works too).
+        train: the 60,000-image training split, or the 10,000-image test split.
+
+    Returns:
+        ImageTensorDataset of uint8 [N, 1, 28, 28], mean 0.2860 and std 0.3530, with
+        Fashion-MNIST's class names.
+    """
+    prefix = "train" if train else "t10k"
+    root = Path(root)
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"Fashion-MNIST files in {root} disagree: images {tuple(images.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    return ImageTensorDataset(
+        images.unsqueeze(1).contiguous(),
+        labels.long(),
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        FASHION_MNIST_CLASSES,
+    )
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    if not root.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST folder not found: {root}")
+    for folder in (root, root / "raw", root / "FashionMNIST" / "raw"):
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(f"Fashion-MNIST file {stem}(.gz) not found in {root}")
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def load_cifar10(
+    root: str | os.PathLike,
+    train: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageTensorDataset:
+    """Loads CIFAR-10 from any of its three common forms.
+
+    ``root`` may be:
+
+    * torchvision's pickle format: the ``cifar-10-batches-py`` folder or its parent (read
+      directly, no cache; the pickles are torchvision's download and are trusted);
+    * an image tree ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``, in ``root`` or in
+      ``root/cifar10``;
+    * a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive of that tree (or a folder holding
+      ``cifar10-jpeg.tar.gz``). It is decoded straight from the compressed stream, without
+      unpacking the files.
+
+    Image trees and archives are decoded once (both splits) into
+    ``<cache_dir>/cifar10-<key>.npz``, where the key depends on the source's path, size and
+    modification time; delete that file to force decoding again. Classes are the sorted
+    folder names and images are ordered by class then file name, so the result does not
+    depend on the order of the files in the archive.
+
+    Args:
+        root: see above.
+        train: the training split (50,000 images) or the test split (10,000).
+        cache_dir: folder for decoded caches; defaults to ``$SELMIX_CACHE_DIR``, else
+            ``$XDG_CACHE_HOME/selmix``, else ``~/.cache/selmix``.
+
+    Returns:
+        ImageTensorDataset of uint8 [N, 3, 32, 32] with CIFAR-10's mean and std.
+    """
+    split = "train" if train else "test"
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"CIFAR-10 source not found: {root}")
+    pickles = _find_cifar_pickles(root)
+    if pickles is not None:
+        images, labels, classes = _read_cifar_pickles(pickles, train)
+    else:
+        source = _find_cifar_tree(root)
+        decoded = _cached_decode(
+            "cifar10", source, ("train", "test"), None, _resolve_cache_dir(cache_dir)
+        )
+        if split not in decoded.splits:
+            raise FileNotFoundError(f"CIFAR-10 source {source} has no {split}/ folder")
+        images, labels = decoded.splits[split]
+        classes = decoded.classes
+    if tuple(images.shape[1:]) != (3, 32, 32):
+        raise ValueError(
+            f"CIFAR-10 images must be 3x32x32, got {'x'.join(map(str, images.shape[1:]))} in {root}"
+        )
+    return ImageTensorDataset(images, labels, CIFAR10_MEAN, CIFAR10_STD, classes)
+
+
+def _find_cifar_pickles(root: Path) -> Path | None:
+    for folder in (root, root / "cifar-10-batches-py"):
+        if folder.is_dir() and (folder / "data_batch_1").is_file():
+            return folder
+    return None
+
+
+def _read_cifar_pickles(folder: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-10 batch file not found: {path}")
+        with open(path, "rb") as file:
+            batch = pickle.load(file, encoding="bytes")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch[b"labels"])
+    classes = [str(k) for k in range(10)]
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as file:
+            classes = [n.decode() for n in pickle.load(file, encoding="bytes")[b"label_names"]]
+    return (
+        torch.from_numpy(np.concatenate(images)),
+        torch.tensor(labels, dtype=torch.long),
+        classes,
+    )
+
+
+def _find_cifar_tree(root: Path) -> Path:
+    if root.is_file():
+        if not _is_archive(root):
+            raise ValueError(f"`root` must be a folder or a .tar.gz/.tgz/.tar archive, got {root}")
+        return root
+    for candidate in (root / "cifar10", root):
+        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
+            return candidate
+    archive = root / "cifar10-jpeg.tar.gz"
+    if archive.is_file():
+        return archive
+    raise FileNotFoundError(
+        f"no CIFAR-10 data found in {root}: expected cifar-10-batches-py/, "
+        "cifar10/{train,test}/<class>/, {train,test}/<class>/ or cifar10-jpeg.tar.gz"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int | tuple[int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, ImageTensorDataset]:
+    """Loads ``root/train/<class>/*`` and, if present, ``root/val/...`` and ``root/test/...``.
+
+    Classes are the sorted sub-folder names of ``train/`` (every file below a class folder
+    counts, as in torchvision's ``ImageFolder``); ``val/`` and ``test/`` may omit classes
+    but not add new ones. Images are decoded to uint8 at their native size, which must be
+    the same for all of them, unless ``image_size`` is given, in which case every image is
+    resized (bilinear) to it. They are kept grey (1 channel) if all are grey and converted
+    to RGB otherwise. Mean and std are measured on the training images.
+
+    Args:
+        root: the folder holding ``train/``.
+        image_size: None (all images must share one size), an int (square) or ``(H, W)``.
+        cache_dir: if given, the decoded tensors are cached there as ``.npz`` (key: path and
+            modification times) and later calls read the cache.
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}`` for the splits present, each an
+        ImageTensorDataset with the same classes.
+    """
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"image folder {root} must contain a train/ folder")
+    size = _check_image_size(image_size)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+    decoded = _cached_decode("imagefolder", root, ("train", "val", "test"), size, cache)
+    train_images, train_labels = decoded.splits["train"]
+    mean, std = channel_stats(train_images)
+    return {
+        split: ImageTensorDataset(
+            images, labels, mean, std, decoded.classes, num_classes=len(decoded.classes)
+        )
+        for split, (images, labels) in decoded.splits.items()
+    }
+
+
+def _check_image_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        check_int("image_size", image_size, minimum=1)
+        return image_size, image_size
+    if (
+        isinstance(image_size, Sequence)
+        and len(image_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in image_size)
+    ):
+        return int(image_size[0]), int(image_size[1])
+    raise ValueError(f"`image_size` must be None, an int >= 1 or (H, W), got {image_size!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding image trees and archives, with a cache
+
+
+@dataclass
+class _Decoded:
+    classes: list[str]
+    splits: dict[str, tuple[Tensor, Tensor]]
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
+def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("SELMIX_CACHE_DIR"):
+        return Path(os.environ["SELMIX_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selmix"
+
+
+def _cache_key(source: Path, size: tuple[int, int] | None) -> str:
+    source = source.resolve()
+    parts = [str(source), repr(size)]
+    if source.is_file():
+        stat = source.stat()
+        parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    else:
+        # Adding or removing a file changes its folder's modification time.
+        for folder in sorted(p for p in source.glob("*/*") if p.is_dir()):
+            parts.append(f"{folder.relative_to(source)}:{folder.stat().st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cached_decode(
+    name: str,
+    source: Path,
+    splits: Sequence[str],
+    size: tuple[int, int] | None,
+    cache_dir: Path | None,
+) -> _Decoded:
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = cache_dir / f"{name}-{_cache_key(source, size)}.npz"
+        if cache_file.is_file():
+            try:
+                return _read_cache(cache_file)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                pass  # a damaged or foreign file: decode again and overwrite it
+    entries = (
+        _archive_entries(source, splits) if source.is_file() else _tree_entries(source, splits)
+    )
+    decoded = _decode_entries(entries, size, source)
+    if cache_file is not None:
+        _write_cache(cache_file, decoded)
+    return decoded
+
+
+def _read_cache(path: Path) -> _Decoded:
+    with np.load(path, allow_pickle=False) as archive:
+        classes = [str(c) for c in archive["classes"]]
+        splits = {
+            str(split): (
+                torch.from_numpy(archive[f"{split}_images"]),
+                torch.from_numpy(archive[f"{split}_labels"]).long(),
+            )
+            for split in archive["splits"]
+        }
+    return _Decoded(classes, splits)
+
+
+def _write_cache(path: Path, decoded: _Decoded) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "classes": np.array(decoded.classes),
+        "splits": np.array(list(decoded.splits)),
+    }
+    for split, (images, labels) in decoded.splits.items():
+        arrays[f"{split}_images"] = images.numpy()
+        arrays[f"{split}_labels"] = labels.numpy()
+    # Write then rename, so an interrupted run never leaves a truncated cache behind.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# (split, class, file name, encoded bytes)
+_Entry = tuple[str, str, str, bytes]
+
+
+def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
+    # Stream mode ("r|*") reads the archive front to back, never seeking or unpacking.
+    with tarfile.open(archive, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            parts = PurePosixPath(member.name).parts
+            if len(parts) < 3 or parts[-3] not in splits or not _is_image_name(parts[-1]):
+                continue
+            file = tar.extractfile(member)
+            if file is not None:
+                yield parts[-3], parts[-2], parts[-1], file.read()
+
+
+def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if class_dir.name.startswith("."):
+                continue
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and _is_image_name(path.name):
+                    yield (
+                        split,
+                        class_dir.name,
+                        path.relative_to(class_dir).as_posix(),
+                        path.read_bytes(),
+                    )
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _decode_entries(
+    entries: Iterable[_Entry], size: tuple[int, int] | None, source: Path
+) -> _Decoded:
+    from PIL import Image
+
+    decoded: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    for split, class_name, file_name, data in entries:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("L" if image.mode in _GREY_MODES else "RGB")
+                if size is not None and image.size != (size[1], size[0]):
+                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+        except OSError as error:
+            raise ValueError(
+                f"cannot decode image {split}/{class_name}/{file_name} in {source}: {error}"
+            ) from error
+        decoded.setdefault(split, {})[(class_name, file_name)] = (
+            array[:, :, None] if array.ndim == 2 else array
+        )
+    if "train" not in decoded:
+        raise FileNotFoundError(f"no training images (train/<class>/<image>) found in {source}")
+    classes = sorted({c for c, _ in decoded["train"]})
+    index = {c: k for k, c in enumerate(classes)}
+    channels = max(a.shape[2] for images in decoded.values() for a in images.values())
+    expected = None
+    splits: dict[str, tuple[Tensor, Tensor]] = {}
+    for split in ("train", "val", "test"):
+        if split not in decoded:
+            continue
+        keys = sorted(decoded[split], key=lambda key: (index.get(key[0], -1), key[1]))
+        unknown = sorted({c for c, _ in keys if c not in index})
+        if unknown:
+            raise ValueError(f"{source}: {split}/ has classes {unknown} that train/ does not have")
+        arrays = []
+        for key in keys:
+            array = decoded[split].pop(key)
+            if expected is None:
+                expected = array.shape[:2]
+            if array.shape[:2] != expected:
+                raise ValueError(
+                    f"{source}: image {split}/{key[0]}/{key[1]} is {array.shape[0]}x"
+                    f"{array.shape[1]} but the others are {expected[0]}x{expected[1]}; pass "
+                    "`image_size` to resize every image to one size"
+                )
+            if array.shape[2] != channels:
+                array = np.repeat(array, channels, axis=2)
+            arrays.append(array)
+        images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+        labels = torch.tensor([index[c] for c, _ in keys], dtype=torch.long)
+        splits[split] = (images, labels)
+    return _Decoded(classes, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass
+class DataSplits:
+    """The data sets of one experiment.
+
+    Attributes:
+        train: the (long-tailed) labelled training set.
+        val: the balanced validation set, disjoint from ``train``.
+        test: the official test set.
+        unlabelled: the unlabelled pool of the semi-supervised setting, disjoint from
+            ``train`` and ``val``: an :class:`~selmix.data.UnlabelledDataset` whose
+            ``labels`` are -1 (the true ones are in ``hidden_labels``, for reporting), or
+            None.
+        classes: class names, ``classes[k]`` for label k.
+    """
+
+    train: ImageTensorDataset
+    val: ImageTensorDataset
+    test: ImageTensorDataset
+    unlabelled: UnlabelledDataset | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            self.classes = list(self.train.classes)
+
+    @property
+    def num_classes(self) -> int:
+        """K."""
+        return len(self.classes)
+
+    def describe(self) -> str:
+        """A few lines with each split's size and per-class counts."""
+        lines = []
+        for name in ("train", "val", "test", "unlabelled"):
+            data = getattr(self, name)
+            if data is None:
+                continue
+            labels = data.hidden_labels if name == "unlabelled" else data.labels
+            if labels is None:
+                lines.append(f"{name}: {len(data)} images")
+            else:
+                counts = torch.bincount(labels.cpu(), minlength=self.num_classes).tolist()
+                hidden = " (hidden labels)" if name == "unlabelled" else ""
+                lines.append(f"{name}: {len(data)} images, per class{hidden} {counts}")
+        return "\n".join(lines)
+
+
+def load_data(
+    spec: str,
+    imbalance: float | None = None,
+    max_per_class: int | None = None,
+    val_per_class: int | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    unlabelled_max_per_class: int | None = None,
+    unlabelled_imbalance: float | None = None,
+) -> DataSplits:
+    """Loads a data source and splits it into long-tailed train, balanced val and test.
+
+    Specs: ``"fashion-mnist:DIR"``, ``"cifar10:DIR_OR_ARCHIVE"`` (see :func:`load_cifar10`),
+    ``"imagefolder:DIR"`` (see :func:`load_image_folder`) and ``"demo"``, the packaged
+    Fashion-MNIST-LT subset (see :func:`load_demo`), which is already split: there,
+    ``imbalance`` (>= 100) and ``max_per_class`` (<= 1500; default 1500) subsample its
+    training set and ``val_per_class`` (<= 100) its validation set.
+
+    The validation set takes ``val_per_class`` samples of every class from the official
+    training split (default 500 for Fashion-MNIST and CIFAR-10, 10% of the smallest class
+    for image folders); an image folder's own ``val/`` is used instead when it exists. The
+    training set is then drawn from the rest: with ``imbalance``, class k keeps
+    ``long_tail_counts(N_1, K, imbalance)[k]`` samples with ``N_1 = max_per_class`` or, by
+    default, the smallest number of samples any class has left (4500 for CIFAR-10 with 500
+    held out, the clean CIFAR-10-LT of MATH.md section 7); without it, every remaining
+    sample is kept (at most ``max_per_class`` per class). The test set is the official one.
+
+    With ``unlabelled_max_per_class`` (M_1), an unlabelled pool with
+    ``long_tail_counts(M_1, K, unlabelled_imbalance or 1)`` samples per class is drawn from
+    what is left, for the semi-supervised setting (rho_u = imbalance for matched, 1 for
+    uniform, 1/imbalance for inverted), served with hidden labels. It is the split that
+    :func:`~selmix.data.semi_supervised_split` draws for the same seed.
+
+    Args:
+        spec: the source, as above.
+        imbalance: rho > 0 for a long-tailed training set, or None.
+        max_per_class: N_1 (with ``imbalance``) or a per-class cap (without).
+        val_per_class: validation samples per class.
+        seed: seed of the class-wise permutations; the same seed gives the same split.
+        cache_dir: decoded-image cache folder (see :func:`load_cifar10`).
+        unlabelled_max_per_class: M_1, or None for no unlabelled pool.
+        unlabelled_imbalance: rho_u (default 1, uniform).
+
+    Returns:
+        DataSplits(train, val, test, unlabelled, classes).
+
+    Raises:
+        ValueError: for an unknown spec prefix (listing the known ones) or a class with too
+            few samples for the requested split.
+        FileNotFoundError: if the source's files are missing.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"`spec` must be a str such as 'cifar10:DIR', got {type(spec).__name__}")
+    check_int("seed", seed)
+    if imbalance is not None:
+        check_positive("imbalance", imbalance)
+    if max_per_class is not None:
+        check_int("max_per_class", max_per_class, minimum=1)
+    if val_per_class is not None:
+        check_int("val_per_class", val_per_class, minimum=0)
+    if unlabelled_max_per_class is not None:
+        check_int("unlabelled_max_per_class", unlabelled_max_per_class, minimum=1)
+    if unlabelled_imbalance is not None:
+        check_positive("unlabelled_imbalance", unlabelled_imbalance)
+        if unlabelled_max_per_class is None:
+            raise ValueError("`unlabelled_imbalance` needs `unlabelled_max_per_class` (M_1)")
+    if spec == "demo":
+        return _subsample_demo(
+            imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
+        )
+    prefix, _, location = spec.partition(":")
+    if prefix not in _SPEC_PREFIXES or not location:
+        known = ", ".join(f"'{p}:PATH'" for p in _SPEC_PREFIXES) + ", 'demo'"
+        raise ValueError(f"unknown data `spec` {spec!r}; expected one of {known}")
+
+    official_val = None
+    if prefix == "fashion-mnist":
+        full_train = load_fashion_mnist(location, train=True)
+        test = load_fashion_mnist(location, train=False)
+    elif prefix == "cifar10":
+        full_train = load_cifar10(location, train=True, cache_dir=cache_dir)
+        test = load_cifar10(location, train=False, cache_dir=cache_dir)
+    else:
+        folder = load_image_folder(location, cache_dir=cache_dir)
+        if "test" not in folder:
+            raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
+        full_train, test, official_val = folder["train"], folder["test"], folder.get("val")
+
+    num_classes = full_train.num_classes
+    sizes = full_train.class_counts()
+    if official_val is not None:
+        if val_per_class is not None:
+            raise ValueError(
+                f"`val_per_class` must be None: {location} has its own val/ folder, "
+                f"got {val_per_class}"
+            )
+        val_per_class = 0
+    elif val_per_class is None:
+        val_per_class = _DEFAULT_VAL_PER_CLASS.get(prefix, max(1, int(sizes.min()) // 10))
+    available = (sizes - val_per_class).clamp_min(0).tolist()
+    if imbalance is not None and max_per_class is None and min(available) < 1:
+        raise ValueError(
+            f"`val_per_class` = {val_per_class} leaves no training sample of class "
+            f"{available.index(min(available))}"
+        )
+    counts = _train_counts(available, imbalance, max_per_class)
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    train_idx, val_idx = long_tail_split(full_train.labels, counts, val_per_class, generator)
+    unlabelled = None
+    if unlabelled_max_per_class is not None:
+        rho_u = 1.0 if unlabelled_imbalance is None else float(unlabelled_imbalance)
+        counts_u = long_tail_counts(unlabelled_max_per_class, num_classes, rho_u)
+        taken = torch.zeros(len(full_train), dtype=torch.bool)
+        taken[train_idx] = True
+        taken[val_idx] = True
+        rest = (~taken).nonzero().flatten()
+        pool_idx, _ = long_tail_split(full_train.labels[rest], counts_u, 0, generator)
+        unlabelled = UnlabelledDataset.from_dataset(full_train, rest[pool_idx])
+    val = official_val if official_val is not None else full_train.subset(val_idx)
+    return DataSplits(
+        train=full_train.subset(train_idx),
+        val=val,
+        test=test,
+        unlabelled=unlabelled,
+        classes=list(full_train.classes),
+    )
+
+
+def _train_counts(
+    available: list[int], imbalance: float | None, max_per_class: int | None
+) -> list[int]:
+    """Training samples per class: long-tailed with ``imbalance``, else all (capped)."""
+    if imbalance is not None:
+        first = max_per_class if max_per_class is not None else min(available)
+        return long_tail_counts(first, len(available), float(imbalance))
+    if max_per_class is not None:
+        return [min(a, max_per_class) for a in available]
+    return list(available)
+
+
+def _subsample_demo(
+    imbalance: float | None,
+    max_per_class: int | None,
+    val_per_class: int | None,
+    seed: int,
+    unlabelled_max_per_class: int | None,
+) -> DataSplits:
+    """The demo subset, optionally subsampled to a steeper tail or a smaller val set."""
+    if unlabelled_max_per_class is not None:
+        raise ValueError(
+            "`unlabelled_max_per_class` must be None for the 'demo' data, which has no "
+            f"unlabelled pool, got {unlabelled_max_per_class}"
+        )
+    splits = load_demo()
+    if imbalance is None and max_per_class is None and val_per_class is None:
+        return splits
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    train, val = splits.train, splits.val
+    if imbalance is not None or max_per_class is not None:
+        available = train.class_counts().tolist()
+        # The demo's own tail is N_1 = 1500, rho = 100: default to its head count, not
+        # to its smallest class as for a balanced source.
+        first = max_per_class if max_per_class is not None else available[0]
+        counts = _train_counts(available, imbalance, first)
+        try:
+            train_idx, _ = long_tail_split(train.labels, counts, 0, generator)
+        except ValueError as error:
+            raise ValueError(
+                f"the 'demo' training set ({available} per class) can only be subsampled, "
+                f"so `imbalance` must be >= 100 and `max_per_class` <= 1500: {error}"
+            ) from None
+        train = train.subset(train_idx)
+    if val_per_class is not None:
+        per_class = val.class_counts().tolist()
+        if val_per_class > min(per_class):
+            raise ValueError(
+                f"`val_per_class` must be <= {min(per_class)} for the 'demo' data, "
+                f"got {val_per_class}"
+            )
+        val_idx, _ = long_tail_split(val.labels, [val_per_class] * len(per_class), 0, generator)
+        val = val.subset(val_idx)
+    return DataSplits(train, val, splits.test, None, splits.classes)
+
+
+def load_demo() -> DataSplits:
+    """The packaged Fashion-MNIST-LT subset (rho = 100, N_1 = 1500), already split.
+
+    Built by ``scripts/make_demo_subset.py`` from the official files: a long-tailed training
+    set (3,720 images), a balanced validation set (100 per class, disjoint from it, both from
+    the official training split) and a balanced test set (300 per class, from the official
+    test split). Fashion-MNIST is MIT-licensed (see ``assets/FASHION_MNIST_COPYRIGHT``).
+    """
+    asset = resources.files("selmix") / "assets" / DEMO_FILE
+    with resources.as_file(asset) as path:
+        if not path.is_file():
+            raise FileNotFoundError(f"the demo data file is missing from the package: {path}")
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    classes = [str(c) for c in arrays["classes"]]
+    mean = arrays["mean"].tolist()
+    std = arrays["std"].tolist()
+
+    def split(name: str) -> ImageTensorDataset:
+        return ImageTensorDataset(
+            torch.from_numpy(arrays[f"{name}_images"]),
+            torch.from_numpy(arrays[f"{name}_labels"]).long(),
+            mean,
+            std,
+            classes,
+        )
+
+    return DataSplits(split("train"), split("val"), split("test"), None, classes)

@@ -1,0 +1,171 @@
+"""Evaluation: the confusion matrix and the class-mean features (prototypes) of a data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from selmix.metrics import all_metrics
+
+__all__ = ["Evaluation", "as_batch_dataset", "evaluate", "extract_features", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; anything else goes to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"`device` must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+def as_batch_dataset(dataset: Any, name: str = "dataset") -> Any:
+    """Returns an object with ``.labels`` and ``.batch(indices, ...)`` for ``dataset``.
+
+    selmix's own :class:`~selmix.data.ImageTensorDataset` already is one; any other
+    ``(x, y)`` map-style dataset is wrapped.
+    """
+    if hasattr(dataset, "batch") and hasattr(dataset, "labels"):
+        return dataset
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(
+            f"`{name}` must be a map-style dataset of (x, y) pairs, got {type(dataset).__name__}"
+        )
+    from selmix.data import as_tensor_dataset
+
+    return as_tensor_dataset(dataset)
+
+
+@dataclass
+class Evaluation:
+    """Confusion counts and prototypes of a model on one data set.
+
+    Attributes:
+        counts: LongTensor[K, K], rows are true labels.
+        prototypes: Tensor[K, d], the mean feature of each true class (zeros for a class
+            with no sample).
+        class_counts: LongTensor[K], samples per true class.
+    """
+
+    counts: torch.Tensor
+    prototypes: torch.Tensor
+    class_counts: torch.Tensor
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """The confusion matrix normalised to a total of 1 (float64)."""
+        return self.counts.double() / self.counts.sum().clamp_min(1)
+
+    def metrics(self, head_classes: Any = None) -> dict[str, Any]:
+        """:func:`selmix.all_metrics` of the confusion matrix."""
+        return all_metrics(self.confusion, head_classes)
+
+
+@torch.no_grad()
+def extract_features(
+    features: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int = 512,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Features of every sample (eval mode, no augmentation). Returns Tensor[N, d] on device."""
+    dataset = as_batch_dataset(dataset)
+    if indices is None:
+        indices = torch.arange(len(dataset.labels))
+    chunks = []
+    for start in range(0, indices.numel(), batch_size):
+        images, _ = dataset.batch(indices[start : start + batch_size], device=device)
+        chunks.append(features(images))
+    return torch.cat(chunks)
+
+
+def summarize(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confusion counts, per-class feature sums and class counts of one batch (or set)."""
+    labels = labels.to(logits.device).long()
+    preds = logits.argmax(dim=1)
+    counts = torch.bincount(labels * num_classes + preds, minlength=num_classes**2)
+    feature_sums = torch.zeros(
+        num_classes, features.shape[1], device=features.device, dtype=torch.float64
+    )
+    feature_sums.index_add_(0, labels, features.double())
+    class_counts = torch.bincount(labels, minlength=num_classes)
+    return counts.reshape(num_classes, num_classes), feature_sums, class_counts
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    device: str | torch.device = "cpu",
+    batch_size: int = 512,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+    reduce: Any = None,
+) -> Evaluation:
+    """Confusion counts and prototypes of ``model`` on ``dataset``, in eval mode.
+
+    Args:
+        model: the classifier (its split into features and head is found with
+            :func:`selmix.split_model` unless ``features`` and ``head`` are given).
+        dataset: a selmix dataset or any map-style dataset of (x, y).
+        device: where to run.
+        batch_size: evaluation batch size.
+        features, head: an explicit split of ``model``.
+        reduce: optional function applied in place to each summed tensor (used to
+            all-reduce across processes).
+
+    Returns:
+        An :class:`Evaluation` (tensors on the CPU).
+    """
+    from selmix.models import split_model
+
+    device = resolve_device(device)
+    split = split_model(model, features=features, head=head)
+    dataset = as_batch_dataset(dataset)
+    num_classes = split.head.out_features
+    labels = torch.as_tensor(dataset.labels).long()
+    if labels.numel() == 0:
+        raise ValueError("`dataset` is empty")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"`dataset` labels must lie in [0, {num_classes}) for a head with {num_classes} "
+            f"outputs, got labels in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        totals = None
+        for start in range(0, labels.numel(), batch_size):
+            index = torch.arange(start, min(start + batch_size, labels.numel()))
+            images, batch_labels = dataset.batch(index, device=device)
+            feats = split.features(images)
+            logits = split.head(feats)
+            parts = summarize(feats, logits, batch_labels, num_classes)
+            totals = (
+                parts
+                if totals is None
+                else tuple(a + b for a, b in zip(totals, parts, strict=True))
+            )
+    finally:
+        model.train(was_training)
+    counts, feature_sums, class_counts = totals
+    if reduce is not None:
+        for tensor in (counts, feature_sums, class_counts):
+            reduce(tensor)
+    prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
+    return Evaluation(counts.cpu(), prototypes.float().cpu(), class_counts.cpu())

@@ -1,0 +1,30 @@
+"""Models: a registry of built-in backbones and the features/head split SelMix needs.
+
+Built-in models (``list_models()``): ``resnet32`` (CIFAR ResNet-32, 64-d features),
+``wrn28_2`` (FixMatch's WideResNet-28-2, 128-d) and ``small_cnn`` (a fast 3-block CNN,
+128-d). Each has ``.features`` (images -> [N, d]), ``.head`` (``nn.Linear(d, K)``) and
+``.num_features``; :func:`split_model` also splits torchvision, timm-style and
+``nn.Sequential`` classifiers.
+"""
+
+from selmix.models.registry import create_model, list_models, register_model
+from selmix.models.resnet_cifar import ResNetCifar, resnet32
+from selmix.models.small_cnn import SmallCNN, small_cnn
+from selmix.models.split import FeatureClassifier, ModelSplit, headless_view, split_model
+from selmix.models.wide_resnet import WideResNet, wrn28_2
+
+__all__ = [
+    "FeatureClassifier",
+    "ModelSplit",
+    "ResNetCifar",
+    "SmallCNN",
+    "WideResNet",
+    "create_model",
+    "headless_view",
+    "list_models",
+    "register_model",
+    "resnet32",
+    "small_cnn",
+    "split_model",
+    "wrn28_2",
+]

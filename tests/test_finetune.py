@@ -1,0 +1,243 @@
+"""The fine-tuning engine on small real data (the packaged Fashion-MNIST-LT subset)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import selmix
+from selmix.checkpoint import load_checkpoint
+from selmix.data import ImageTensorDataset, load_data
+from selmix.evaluate import evaluate
+from selmix.finetune import FinetuneConfig, finetune
+from selmix.models import create_model
+from selmix.pretrain import pretrain
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_data("demo")
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, in_channels=1)
+    pretrain(model, demo.train, epochs=4, lr=0.05, seed=0, progress=False)
+    return model
+
+
+def small(dataset: ImageTensorDataset, per_class: int) -> ImageTensorDataset:
+    keep = torch.cat(
+        [(dataset.labels == k).nonzero().flatten()[:per_class] for k in range(dataset.num_classes)]
+    )
+    return dataset.subset(keep)
+
+
+def test_finetuning_improves_its_objective(demo, pretrained):
+    model = copy.deepcopy(pretrained)
+    before = evaluate(model, demo.val).confusion
+    objective = selmix.get_objective("mean_recall")
+    result = finetune(
+        model, demo.train, demo.val, objective, steps=300, feedback_every=50,
+        frozen_backbone=True, lr_head=0.01, progress=False,
+    )  # fmt: skip
+    after = evaluate(model, demo.val).confusion
+    assert float(objective(after)) > float(objective(before)) + 0.02
+    test_before = evaluate(pretrained, demo.test).metrics()["mean_recall"]
+    assert result.metrics(demo.test)["mean_recall"] > test_before + 0.02
+    assert result.history[0]["step"] == 0 and result.history[-1]["step"] == 300
+
+
+def test_frozen_backbone_leaves_backbone_untouched(demo, pretrained):
+    model = copy.deepcopy(pretrained)
+    backbone = {k: v.clone() for k, v in model.features.state_dict().items()}
+    head = model.head.weight.detach().clone()
+    finetune(
+        model, demo.train, demo.val, "min_recall", steps=30, frozen_backbone=True,
+        progress=False,
+    )  # fmt: skip
+    for key, value in model.features.state_dict().items():
+        assert torch.equal(value, backbone[key]), key
+    assert not torch.equal(model.head.weight, head)
+
+
+def test_batch_norm_statistics_stay_frozen(demo, pretrained):
+    model = copy.deepcopy(pretrained)
+    stats = {
+        name: (m.running_mean.clone(), m.running_var.clone())
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+    }
+    conv = model.features.block1[0].weight.detach().clone()
+    finetune(model, small(demo.train, 20), demo.val, "min_recall", steps=5, progress=False)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.equal(module.running_mean, stats[name][0]), name
+            assert torch.equal(module.running_var, stats[name][1]), name
+    assert not torch.equal(model.features.block1[0].weight, conv)  # the backbone did train
+
+
+def test_head_and_backbone_learning_rates(demo, pretrained):
+    model = copy.deepcopy(pretrained)
+    result = finetune(
+        model, small(demo.train, 20), demo.val, "mean_recall", steps=4, feedback_every=2,
+        lr_head=0.02, progress=False,
+    )  # fmt: skip
+    first = result.history[0]
+    assert first["lr_head"] == pytest.approx(0.02)
+    assert first["lr_backbone"] == pytest.approx(0.002)
+    # cosine schedule: half way through, both rates are at half their peak
+    assert result.history[1]["lr_head"] == pytest.approx(0.01)
+    assert result.history[1]["lr_backbone"] == pytest.approx(0.001)
+    # a zero backbone rate leaves the backbone's weights where they were
+    model = copy.deepcopy(pretrained)
+    conv = model.features.block2[0].weight.detach().clone()
+    finetune(
+        model, small(demo.train, 20), demo.val, "mean_recall", steps=3, lr_backbone=0.0,
+        weight_decay=0.0, progress=False,
+    )  # fmt: skip
+    assert torch.equal(model.features.block2[0].weight, conv)
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "feedback_seconds"} for record in history]
+
+
+def test_kill_and_resume_equals_uninterrupted(demo, pretrained, tmp_path, monkeypatch):
+    train, val = small(demo.train, 15), small(demo.val, 10)
+    settings = dict(
+        steps=12, feedback_every=5, batch_size=16, checkpoint_every=4, progress=False,
+        objective="min_recall",
+    )  # fmt: skip
+    reference = copy.deepcopy(pretrained)
+    uninterrupted = finetune(
+        reference, train, val, checkpoint_path=str(tmp_path / "a.pt"), **settings
+    )
+
+    killed = copy.deepcopy(pretrained)
+    calls = {"n": 0}
+    original_step = torch.optim.SGD.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # dies during step 7, after the checkpoint of step 4
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed, train, val, checkpoint_path=str(tmp_path / "b.pt"), **settings)
+    monkeypatch.setattr(torch.optim.SGD, "step", original_step)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
+
+    resumed_model = copy.deepcopy(pretrained)
+    resumed = finetune(
+        resumed_model, train, val, checkpoint_path=str(tmp_path / "b.pt"),
+        resume=tmp_path / "b.pt", **settings,
+    )  # fmt: skip
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert untimed(resumed.history) == untimed(uninterrupted.history)
+    assert torch.equal(
+        resumed.objective.multipliers, uninterrupted.objective.multipliers
+    )
+
+
+def test_same_seed_same_run(demo, pretrained):
+    train = small(demo.train, 15)
+    runs = []
+    for _ in range(2):
+        model = copy.deepcopy(pretrained)
+        finetune(model, train, demo.val, "g_mean", steps=6, batch_size=16, seed=3, progress=False)
+        runs.append(model.head.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_log_file_has_one_record_per_feedback(demo, pretrained, tmp_path):
+    log = tmp_path / "log.jsonl"
+    finetune(
+        copy.deepcopy(pretrained), small(demo.train, 15), demo.val, "mean_recall_min_coverage",
+        steps=10, feedback_every=5, frozen_backbone=True, log_path=str(log), progress=False,
+    )  # fmt: skip
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 5, 10]
+    for record in records:
+        assert set(record) >= {
+            "objective", "metrics", "multipliers", "max_gain", "policy_entropy", "step",
+        }  # fmt: skip
+        assert len(record["multipliers"]) == 10
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_labels_outside_range(demo, pretrained):
+    bad = ImageTensorDataset(demo.val.images[:20], torch.full((20,), 12), num_classes=13)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        finetune(copy.deepcopy(pretrained), bad, demo.val, steps=1, progress=False)
+
+
+def test_class_absent_from_validation(demo, pretrained):
+    val = demo.val.subset((demo.val.labels != 7).nonzero().flatten())
+    with pytest.raises(ValueError, match=r"`val` has no samples of class\(es\) \[7\]"):
+        finetune(copy.deepcopy(pretrained), demo.train, val, steps=1, progress=False)
+
+
+def test_model_without_linear_head(demo):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.ReLU())
+    with pytest.raises(TypeError, match="features=.*head="):
+        finetune(model, demo.train, demo.val, steps=1, progress=False)
+
+
+def test_num_classes_disagreeing_with_data(demo):
+    model = create_model("small_cnn", 5, in_channels=1)
+    with pytest.raises(ValueError, match="num_classes|lie in"):
+        finetune(model, demo.train, demo.val, steps=1, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(demo, pretrained, tmp_path):
+    model = copy.deepcopy(pretrained)
+    path = tmp_path / "ckpt.pt"
+
+    def poison(record):
+        if record["step"] == 5:  # the weights go bad after the checkpoint of step 4
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"at step 5.*ckpt\.pt"):
+        finetune(
+            model, small(demo.train, 15), demo.val, steps=40, feedback_every=5,
+            checkpoint_every=2, checkpoint_path=str(path), callback=poison, progress=False,
+        )  # fmt: skip
+    state = load_checkpoint(path)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_corrupt_and_mismatched_checkpoints(demo, pretrained, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt"):
+        finetune(copy.deepcopy(pretrained), demo.train, demo.val, resume=corrupt, progress=False)
+    path = tmp_path / "run.pt"
+    finetune(
+        copy.deepcopy(pretrained), small(demo.train, 10), demo.val, steps=2,
+        checkpoint_path=str(path), progress=False, frozen_backbone=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="other settings.*steps"):
+        finetune(
+            copy.deepcopy(pretrained), small(demo.train, 10), demo.val, steps=3, resume=path,
+            progress=False, frozen_backbone=True,
+        )  # fmt: skip
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="`steps` must be >= 1, got 0"):
+        FinetuneConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown `policy` 'best'"):
+        FinetuneConfig(policy="best")
+    with pytest.raises(ValueError, match="unknown fine-tuning setting"):
+        FinetuneConfig.from_dict({"stepz": 3})

@@ -1,0 +1,85 @@
+"""The pair sampler draws pairs with the policy's frequencies and within-class uniformity."""
+
+import math
+
+import pytest
+import torch
+
+from selmix.sampler import ClassPools, PairSampler
+
+
+def _chi_square_upper(dof: int) -> float:
+    # Wilson-Hilferty approximation of the 0.999 quantile of chi-square(dof)
+    z = 3.09
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_pair_frequencies_follow_the_distribution():
+    num_classes = 4
+    labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 7 + [3] * 3)
+    generator = torch.Generator().manual_seed(0)
+    sampler = PairSampler(labels, None, num_classes, generator)
+    distribution = torch.rand(num_classes, num_classes, generator=generator)
+    distribution[1, 2] = 0.0  # a pair that must never be drawn
+    distribution /= distribution.sum()
+    draws = 40_000
+    first, second, _, label = sampler.sample(distribution, draws)
+    assert torch.equal(labels[first], label)
+    observed = torch.zeros(num_classes, num_classes)
+    observed.index_put_((labels[first], labels[second]), torch.ones(draws), accumulate=True)
+    assert observed[1, 2] == 0
+    expected = distribution * draws
+    keep = expected > 0
+    chi2 = float((((observed - expected) ** 2)[keep] / expected[keep]).sum())
+    assert chi2 < _chi_square_upper(int(keep.sum()) - 1)
+
+
+def test_draws_within_a_class_are_uniform():
+    labels = torch.tensor([0] * 6 + [1] * 4 + [0] * 4)  # class 0 is not contiguous
+    pools = ClassPools(labels, 2)
+    generator = torch.Generator().manual_seed(1)
+    drawn = pools.draw(torch.zeros(30_000, dtype=torch.long), generator)
+    assert (labels[drawn] == 0).all()
+    counts = torch.bincount(drawn, minlength=labels.numel())[labels == 0].double()
+    expected = 30_000 / 10
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_upper(9)
+
+
+def test_second_pool_uses_pseudo_labels_and_falls_back():
+    labelled = torch.tensor([0, 0, 1, 1, 2, 2])
+    pseudo = torch.tensor([0, 1, 1, 0, 1])  # no unlabelled sample is pseudo-labelled 2
+    generator = torch.Generator().manual_seed(2)
+    sampler = PairSampler(labelled, pseudo, 3, generator)
+    distribution = torch.zeros(3, 3)
+    distribution[0, 1] = 0.5
+    distribution[1, 2] = 0.5
+    first, second, from_second, label = sampler.sample(distribution, 2000)
+    partner_is_one = label == 0
+    assert from_second[partner_is_one].all()
+    assert (pseudo[second[partner_is_one]] == 1).all()
+    # class 2 has no pseudo-labelled sample: the labelled pool serves it
+    assert not from_second[~partner_is_one].any()
+    assert (labelled[second[~partner_is_one]] == 2).all()
+
+
+def test_same_seed_same_pairs():
+    labels = torch.randint(0, 5, (100,), generator=torch.Generator().manual_seed(3))
+    labels[:5] = torch.arange(5)
+    distribution = torch.full((5, 5), 1 / 25)
+    draws = [
+        PairSampler(labels, None, 5, torch.Generator().manual_seed(7)).sample(distribution, 64)
+        for _ in range(2)
+    ]
+    for a, b in zip(draws[0], draws[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_missing_training_class_is_named():
+    with pytest.raises(ValueError, match=r"no samples of class\(es\) \[2\]"):
+        PairSampler(torch.tensor([0, 1, 1]), None, 3, torch.Generator())
+
+
+def test_label_out_of_range():
+    with pytest.raises(ValueError, match="must lie in"):
+        ClassPools(torch.tensor([0, 5]), 3)
