@@ -81,8 +81,11 @@ class Objective:
         """psi(C): a scalar tensor, differentiable with respect to ``confusion``."""
         confusion = self._bind(confusion)
         prepared = _prepared(confusion)
-        if self.has_multipliers and self._multipliers is None:
-            self._multipliers = self._initial_multipliers().to(prepared)
+        if self.has_multipliers:
+            if self._multipliers is None:
+                self._multipliers = self._initial_multipliers()
+            # the multipliers follow the matrix (updated on the CPU, used on the GPU)
+            self._multipliers = self._multipliers.to(prepared)
         return self.value(prepared)
 
     def update(self, confusion: torch.Tensor) -> None:
@@ -119,6 +122,9 @@ class Objective:
             raise ValueError(
                 f"`state` belongs to objective {state.get('name')!r}, not {self.name!r}"
             )
+        for key, value in state.get("hyperparameters", {}).items():
+            if key != "head_classes" and hasattr(self, key):
+                setattr(self, key, value)
         self.num_classes = state["num_classes"]
         if self.num_classes is not None:
             self._head_mask = self._make_head_mask(self.num_classes)

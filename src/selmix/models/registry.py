@@ -96,4 +96,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
         raise ValueError(f"unknown model {name!r}; expected one of {known}")
     check_int("num_classes", num_classes, minimum=2)
     check_int("in_channels", in_channels, minimum=1)
-    return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    # what selmix.save_model needs to rebuild the model from a checkpoint
+    model.selmix_spec = {
+        "name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs,
+    }  # fmt: skip
+    return model
