@@ -241,3 +241,25 @@ def test_config_rejects_bad_values():
         FinetuneConfig(policy="best")
     with pytest.raises(ValueError, match="unknown fine-tuning setting"):
         FinetuneConfig.from_dict({"stepz": 3})
+
+
+def test_confusion_smoothing_makes_zero_recall_classes_visible():
+    from selmix.finetune import smoothed_confusion
+
+    counts = torch.tensor([[50, 0, 0], [0, 40, 10], [5, 5, 0]])  # class 2 is never right
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(3, 4, generator=generator)
+    head = nn.Linear(4, 3)
+    objective = selmix.get_objective("min_recall")
+    raw = smoothed_confusion(counts, 0.0)
+    assert torch.allclose(raw, counts.double() / counts.sum())
+    objective.update(raw)
+    blind = selmix.gain_matrix(objective, raw, prototypes, head)
+    smoothed = smoothed_confusion(counts, 1.0)
+    assert torch.allclose(smoothed, (counts + 1).double() / (counts.sum() + 9))
+    objective.update(smoothed)
+    seeing = selmix.gain_matrix(objective, smoothed, prototypes, head)
+    # without smoothing the worst class's row of the gain is numerically zero
+    assert blind[2].abs().max() < 1e-4
+    assert seeing[2].max() > 100 * blind[2].abs().max()
+    assert seeing[2].max() == seeing.max()

@@ -48,7 +48,7 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "Trainer", "finetune"]
 _RUN_FIELDS = (
     "objective", "objective_params", "policy", "gain_scale", "normalize_gain", "steps",
     "batch_size", "lr_head", "lr_backbone", "frozen_backbone", "momentum", "weight_decay",
-    "feedback_every", "lam_min", "augment", "seed",
+    "feedback_every", "lam_min", "confusion_smoothing", "augment", "seed",
 )  # fmt: skip
 
 
@@ -70,6 +70,11 @@ class FinetuneConfig:
         momentum, weight_decay: SGD settings.
         feedback_every: E, steps between feedback (validation) steps.
         lam_min: mixing weights are drawn from U[lam_min, 1].
+        confusion_smoothing: a pseudo-count added to every cell of the validation
+            confusion counts before the multipliers and the gain are computed. 0 is the
+            paper. A class with no correct validation prediction has zero gain under the
+            softmax parametrisation (its C[y, y] is 0), so SelMix cannot see it; a
+            pseudo-count of about 1 makes it visible (see docs/RESULTS.md).
         augment: random crop and flip of the images (full-backbone mode only).
         eval_batch_size: batch size of evaluation and feature extraction.
         seed: seeds every random draw of the run.
@@ -95,6 +100,7 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     feedback_every: int = 50
     lam_min: float = 0.6
+    confusion_smoothing: float = 0.0
     augment: bool = True
     eval_batch_size: int = 512
     seed: int = 0
@@ -117,6 +123,7 @@ class FinetuneConfig:
         check_positive("weight_decay", self.weight_decay, strict=False)
         check_int("feedback_every", self.feedback_every, minimum=1)
         check_in_range("lam_min", self.lam_min, 0.0, 1.0)
+        check_positive("confusion_smoothing", self.confusion_smoothing, strict=False)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("seed", self.seed)
         if self.checkpoint_every is not None:
@@ -193,6 +200,12 @@ class FinetuneResult:
         """Saves the model (rebuildable with :func:`selmix.load_model` for registry models)."""
         meta = {"finetune_config": self.config.to_dict(), **(meta or {})}
         return save_model(path, self.model, meta)
+
+
+def smoothed_confusion(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
+    """``(counts + pseudo_count) / total``: Tensor[K, K] float64 summing to 1."""
+    smoothed = counts.double() + pseudo_count
+    return smoothed / smoothed.sum()
 
 
 class _FeatureCache:
@@ -387,12 +400,15 @@ class Trainer:
         started = time.perf_counter()
         evaluation = self._evaluate_val()
         confusion = evaluation.confusion
-        self.objective.update(confusion)
+        # the objective, multipliers and gain see the (optionally smoothed) estimate of C;
+        # the logged metrics are those of the raw counts
+        estimate = smoothed_confusion(evaluation.counts, config.confusion_smoothing)
+        self.objective.update(estimate)
         with torch.no_grad():
-            value = float(self.objective(confusion))
+            value = float(self.objective(estimate))
         head = self.split.head
         gain = gain_matrix(
-            self.objective, confusion, evaluation.prototypes.to(self.device), head, config.mix
+            self.objective, estimate, evaluation.prototypes.to(self.device), head, config.mix
         ).cpu()
         self.distribution = mixup_distribution(
             gain, config.gain_scale, config.policy, config.normalize_gain
