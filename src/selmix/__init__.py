@@ -1,5 +1,8 @@
 """selmix: Selective Mixup Fine-Tuning for the metric you care about on long-tailed data."""
 
+from selmix.checkpoint import load_model, save_model
+from selmix.evaluate import Evaluation, evaluate
+from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
 from selmix.gain import confusion_gradient, gain_matrix
 from selmix.metrics import (
     MetricTracker,
@@ -17,6 +20,7 @@ from selmix.metrics import (
     per_class_coverage,
     per_class_recall,
 )
+from selmix.models import create_model, list_models, register_model, split_model
 from selmix.objectives import (
     Objective,
     as_objective,
@@ -30,11 +34,27 @@ from selmix.policy import (
     mixup_distribution,
     policy_entropy,
 )
+from selmix.pretrain import PretrainConfig, PretrainResult, pretrain
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Evaluation",
+    "FinetuneConfig",
+    "FinetuneResult",
     "MetricTracker",
+    "PretrainConfig",
+    "PretrainResult",
+    "Trainer",
+    "create_model",
+    "evaluate",
+    "finetune",
+    "list_models",
+    "load_model",
+    "pretrain",
+    "register_model",
+    "save_model",
+    "split_model",
     "Objective",
     "StationaryPointWarning",
     "accuracy",
