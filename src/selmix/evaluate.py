@@ -146,6 +146,7 @@ def evaluate(
             f"`dataset` labels must lie in [0, {num_classes}) for a head with {num_classes} "
             f"outputs, got labels in [{int(labels.min())}, {int(labels.max())}]"
         )
+    model.to(device)  # the model is evaluated (and left) on `device`
     was_training = model.training
     model.eval()
     try:

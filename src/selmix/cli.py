@@ -1,0 +1,707 @@
+"""The ``selmix`` command: ``pretrain``, ``finetune``, ``evaluate`` and ``demo``.
+
+A thin layer over the library: argparse and a YAML configuration in, library calls, files
+and a metrics table out. Every setting of a command has one key (``steps``, ``lr_head``...)
+that can come from four places, later ones winning::
+
+    built-in defaults  <  --config FILE.yaml  <  explicit flags  <  --set key=value
+
+User errors (a missing folder, an unknown model, objective or policy, a checkpoint for
+another class count, a bad setting, a corrupt file) end with one line on stderr and exit
+status 2, never a traceback. Set ``SELMIX_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["main"]
+
+PROG = "selmix"
+EXIT_USAGE = 2
+
+#: Keys whose values name files or folders (never coerced to numbers).
+_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config"}
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or configuration (reported as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a command: its key, default, help and (optional) flag.
+
+    Settings without a flag are reachable through ``--set`` and ``--config`` only.
+    """
+
+    key: str
+    default: Any
+    help: str
+    flag: bool = True
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    required: bool = False
+
+
+# -- the settings of each command ---------------------------------------------------------------
+def _data_options(required: bool = True) -> list[Option]:
+    options = [
+        Option(
+            "data", None, "data source: fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR or demo "
+            "(imagefolder: DIR/train/<class>/..., optional DIR/val/, and DIR/test/)",
+            metavar="SPEC", required=required,
+        ),
+    ] if required else []  # fmt: skip
+    return options + [
+        Option(
+            "imbalance", None, "make the training split long-tailed with this ratio rho "
+            "(largest / smallest class); unset: keep the source's class counts",
+            type=float, metavar="RHO",
+        ),
+        Option(
+            "max_per_class", None, "training images of the largest class (N_1) when "
+            "--imbalance is set; unset: as many as the source has",
+            type=int, metavar="N",
+        ),
+        Option(
+            "val_per_class", None, "size per class of the balanced validation split carved "
+            "from the training images; unset: the data source's default",
+            type=int, metavar="N",
+        ),
+        Option(
+            "cache_dir", None, "folder for decoded-data caches (e.g. the CIFAR-10 archive); "
+            "unset: the data source's default", metavar="DIR",
+        ),
+    ]  # fmt: skip
+
+
+def _common_options(device: str = "auto") -> list[Option]:
+    return [
+        Option("seed", 0, "random seed (model initialisation, data split, sampling)", type=int),
+        Option("device", device, "where to run", choices=("cpu", "cuda", "auto")),
+    ]
+
+
+def _pretrain_options() -> list[Option]:
+    from selmix.pretrain import LOSSES, PretrainConfig
+
+    d = PretrainConfig()
+    return _data_options() + [
+        Option("model", None, "registry model name (see the list below)", metavar="NAME",
+               required=True),
+        Option("out", None, "output folder (model.pt, metrics.json, config.yaml)",
+               metavar="DIR", required=True),
+        Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
+        Option("epochs", d.epochs, "training epochs", type=int),
+        Option("loss", d.loss, "training loss", choices=LOSSES),
+        Option("la_tau", d.la_tau, "logit-adjustment temperature", flag=False),
+        Option("mixup", d.mixup_alpha, "input mixup Beta(alpha, alpha); 0 turns it off",
+               type=float, metavar="ALPHA"),
+        Option("batch_size", d.batch_size, "images per step", type=int),
+        Option("lr", d.lr, "peak learning rate (SGD, cosine schedule)", type=float),
+        Option("momentum", d.momentum, "SGD momentum", flag=False),
+        Option("weight_decay", d.weight_decay, "SGD weight decay", flag=False),
+        Option("warmup_epochs", d.warmup_epochs, "linear warm-up epochs", flag=False),
+        Option("augment", d.augment, "random crop and flip", flag=False),
+        Option("eval_batch_size", d.eval_batch_size, "evaluation batch size", flag=False),
+        Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
+               "most frequent training classes", flag=False),
+        Option("progress", d.progress, "show progress bars", flag=False),
+    ] + _common_options()  # fmt: skip
+
+
+def _finetune_options() -> list[Option]:
+    from selmix.finetune import FinetuneConfig
+    from selmix.policy import POLICIES
+
+    d = FinetuneConfig()
+    return _data_options() + [
+        Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
+               metavar="FILE", required=True),
+        Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
+               metavar="DIR", required=True),
+        Option("objective", d.objective, "objective to maximise (see the list below)",
+               metavar="NAME"),
+        Option("objective_params", {}, "objective hyper-parameters, e.g. {rate: 20}",
+               flag=False),
+        Option("policy", d.policy, "mixup pair policy", choices=POLICIES),
+        Option("steps", d.steps, "SGD steps", type=int),
+        Option("frozen_backbone", d.frozen_backbone, "train the linear head only"),
+        Option("batch_size", d.batch_size, "mixup pairs per step", type=int),
+        Option("lr_head", d.lr_head, "learning rate of the linear head", type=float),
+        Option("lr_backbone", d.lr_backbone, "backbone learning rate; unset: lr_head / 10",
+               flag=False),
+        Option("gain_scale", d.gain_scale, "s in P ~ exp(s * gain)", type=float),
+        Option("normalize_gain", d.normalize_gain, "scale-free policy exp(s * G / max|G|)"),
+        Option("feedback_every", d.feedback_every, "steps between feedback (validation) steps",
+               type=int),
+        Option("momentum", d.momentum, "SGD momentum", flag=False),
+        Option("weight_decay", d.weight_decay, "SGD weight decay", flag=False),
+        Option("lam_min", d.lam_min, "mixing weights lam ~ U[lam_min, 1]", flag=False),
+        Option(
+            "confusion_smoothing", d.confusion_smoothing,
+            "pseudo-count added to each validation confusion cell before the gain "
+            "(0 = the paper; about 1 lets the gain see classes with zero recall)",
+            flag=False,
+        ),  # fmt: skip
+        Option("augment", d.augment, "random crop and flip (full-backbone mode)", flag=False),
+        Option("eval_batch_size", d.eval_batch_size, "evaluation batch size", flag=False),
+        Option("head_classes", None, "head classes for head/tail metrics and objectives; "
+               "unset: the 90% most frequent training classes", flag=False),
+        Option("checkpoint_every", d.checkpoint_every, "steps between resume checkpoints "
+               "(OUT/finetune_state.pt); unset: only at the end", flag=False),
+        Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
+               "the same settings", metavar="FILE"),
+        Option("progress", d.progress, "show progress bars", flag=False),
+    ] + _common_options()  # fmt: skip
+
+
+def _evaluate_options() -> list[Option]:
+    return _data_options() + [
+        Option("checkpoint", None, "model file to evaluate", metavar="FILE", required=True),
+        Option("out", None, "if set, write OUT/metrics.json (key `test`)", metavar="DIR"),
+        Option("batch_size", 512, "evaluation batch size", type=int),
+        Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
+               "most frequent training classes", flag=False),
+    ] + _common_options()  # fmt: skip
+
+
+def _demo_options() -> list[Option]:
+    return (
+        [
+            Option("out", "selmix-demo", "output folder (report, metrics.json)", metavar="DIR"),
+            Option("fast", False, "a smaller, quicker run (used by the tests)"),
+            Option(
+                "threads",
+                1,
+                "torch CPU threads (1 is the fastest on a small, busy machine; 0: torch's default)",
+                type=int,
+            ),
+        ]
+        + _data_options(required=False)
+        + _common_options(device="cpu")
+    )
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[], list[Option]]]] = {
+    "pretrain": ("pre-train a registry model on a data set", _pretrain_options),
+    "finetune": ("fine-tune a model with SelMix for an objective", _finetune_options),
+    "evaluate": ("print (and save) the test metrics of a model", _evaluate_options),
+    "demo": ("pre-train and fine-tune on the packaged Fashion-MNIST-LT subset", _demo_options),
+}
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default and keeps the epilog's line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> Any:  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _epilog(command: str, options: list[Option]) -> str:
+    lines = ["settings (keys for --set KEY=VALUE and --config FILE.yaml, with defaults):"]
+    for option in sorted(options, key=lambda option: not option.required):
+        default = "required" if option.required else _yaml_inline(option.default)
+        lines.append(f"  {option.key} = {default}")
+    if command == "pretrain":
+        from selmix.models import list_models
+
+        lines.append("models: " + ", ".join(list_models()))
+    if command == "finetune":
+        from selmix.objectives import list_objectives
+
+        lines.append("objectives: " + ", ".join(list_objectives()))
+    lines.append("precedence: defaults < --config < explicit flags < --set")
+    return "\n".join(lines)
+
+
+def _yaml_inline(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _build_parser(show_defaults: bool) -> _Parser:
+    """The parser; without ``show_defaults`` only explicitly given options are set."""
+    from selmix import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="SelMix: fine-tune a trained classifier for the metric you care about "
+        "(min recall, G-mean, mean recall under coverage constraints...) on long-tailed data.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"selmix {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command, (summary, make_options) in _COMMANDS.items():
+        options = sorted(make_options(), key=lambda option: not option.required)
+        sub = commands.add_parser(
+            command, help=summary, description=summary, formatter_class=_Formatter,
+            epilog=_epilog(command, options),
+        )  # fmt: skip
+        for option in options:
+            if not option.flag:
+                continue
+            flag = "--" + option.key.replace("_", "-")
+            kwargs: dict[str, Any] = {"dest": option.key, "help": option.help}
+            if option.required:
+                kwargs["help"] += " (required)"
+            if option.required or not show_defaults:
+                kwargs["default"] = argparse.SUPPRESS
+            else:
+                kwargs["default"] = option.default
+            if isinstance(option.default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = option.type
+                kwargs["choices"] = option.choices
+                kwargs["metavar"] = option.metavar
+            sub.add_argument(flag, **kwargs)
+        sub.add_argument(
+            "--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+            help="YAML file of settings (a mapping of the keys below; a run's config.yaml works)",
+        )  # fmt: skip
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=argparse.SUPPRESS,
+            metavar="KEY=VALUE",
+            help="override one setting (repeatable); VALUE is read as YAML, e.g. "
+            "--set steps=500 --set objective_params='{rate: 20}'",
+        )  # fmt: skip
+    return parser
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Light YAML fix-ups: ``3e-3`` (a string in YAML 1.1) and ints where floats are due."""
+    if isinstance(value, str) and key not in _PATH_KEYS and _FLOAT.match(value.strip()):
+        if default is None or (isinstance(default, float) and not isinstance(default, bool)):
+            return float(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_keys(keys: Sequence[str], options: dict[str, Option], where: str) -> None:
+    for key in keys:
+        if key not in options:
+            valid = ", ".join(options)
+            raise UsageError(f"unknown setting {key!r} in {where}; valid settings: {valid}")
+
+
+def _load_config_file(path: str, options: dict[str, Option]) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`--config` file {path!r} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UsageError(f"`--config` file {path!r} is not valid YAML: {first}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(
+            f"`--config` file {path!r} must hold a mapping of settings, got {type(values).__name__}"
+        )
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    _check_keys(list(values), options, f"--config {path}")
+    return values
+
+
+def _parse_overrides(items: Sequence[str], options: dict[str, Option]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"`--set` expects KEY=VALUE, got {item!r}")
+        _check_keys([key], options, "--set")
+        try:
+            values[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UsageError(f"`--set {key}` value {text!r} is not valid YAML") from None
+    return values
+
+
+def resolve_settings(command: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Parses ``argv`` for one command into its resolved settings (also used by tests).
+
+    Args:
+        command: the sub-command (already known from ``argv``).
+        argv: the full argument list.
+
+    Returns:
+        Every setting of the command, with defaults < --config < flags < --set applied.
+    """
+    options = {option.key: option for option in _COMMANDS[command][1]()}
+    explicit = vars(_build_parser(show_defaults=False).parse_args(argv))
+    explicit.pop("command", None)
+    config_path = explicit.pop("config", None)
+    overrides = explicit.pop("overrides", None) or []
+
+    values = {key: copy.deepcopy(option.default) for key, option in options.items()}
+    if config_path is not None:
+        values.update(_load_config_file(config_path, options))
+    values.update(explicit)
+    values.update(_parse_overrides(overrides, options))
+    values = {key: _coerce(key, value, options[key].default) for key, value in values.items()}
+    for key, option in options.items():
+        if option.required and values.get(key) in (None, ""):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"missing {flag} (or `{key}:` in --config, or --set {key}=...)")
+        if option.choices is not None and values[key] not in option.choices:
+            known = ", ".join(option.choices)
+            raise UsageError(f"unknown `{key}` {values[key]!r}; expected one of {known}")
+    return values
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+def _load_data(settings: dict[str, Any]) -> Any:
+    from selmix.data import load_data
+
+    spec = settings.get("data")
+    if not isinstance(spec, str) or not spec:
+        raise UsageError(
+            f"`data` must be a data source string such as imagefolder:DIR, got {spec!r}"
+        )
+    kwargs = {"seed": settings["seed"]}
+    for key in ("imbalance", "max_per_class", "val_per_class", "cache_dir"):
+        if settings.get(key) is not None:
+            kwargs[key] = settings[key]
+    return load_data(spec, **kwargs)
+
+
+def _num_classes(splits: Any) -> int:
+    return int(getattr(splits.train, "num_classes", None) or len(splits.classes))
+
+
+def _in_channels(dataset: Any) -> int:
+    images = getattr(dataset, "images", None)
+    if images is not None:
+        return int(images.shape[1])
+    return int(dataset[0][0].shape[0])
+
+
+def _head_classes(settings: dict[str, Any], splits: Any) -> list[int] | None:
+    """The configured head classes, or the 90% most frequent training classes."""
+    import torch
+
+    from selmix.metrics import head_mask
+
+    if settings.get("head_classes") is not None:
+        return settings["head_classes"]
+    num_classes = _num_classes(splits)
+    if num_classes < 2:
+        return None
+    counts = torch.bincount(torch.as_tensor(splits.train.labels).long(), minlength=num_classes)
+    num_head = int(head_mask(num_classes).sum())
+    order = torch.argsort(-counts, stable=True)
+    return sorted(order[:num_head].tolist())
+
+
+def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        "classes": list(splits.classes) if splits.classes is not None else None,
+        "mean": plain(getattr(splits.train, "mean", None)),
+        "std": plain(getattr(splits.train, "std", None)),
+        "command": command,
+        "settings": {k: v for k, v in settings.items() if k != "progress"},
+    }
+
+
+def _load_start_model(settings: dict[str, Any], splits: Any) -> tuple[Any, dict[str, Any]]:
+    from selmix.checkpoint import load_model
+    from selmix.evaluate import resolve_device
+
+    device = resolve_device(settings["device"])
+    model, meta = load_model(settings["checkpoint"], device, num_classes=_num_classes(splits))
+    spec = getattr(model, "selmix_spec", None) or {}
+    channels = _in_channels(splits.train)
+    if spec.get("in_channels") not in (None, channels):
+        raise UsageError(
+            f"`checkpoint` {settings['checkpoint']!r} is for {spec['in_channels']}-channel "
+            f"images but the data has {channels} channels"
+        )
+    saved = meta.get("classes") if isinstance(meta, dict) else None
+    if saved and splits.classes is not None and list(saved) != list(splits.classes):
+        print(
+            f"{PROG}: warning: the checkpoint's class names {list(saved)} differ from the "
+            f"data's {list(splits.classes)}",
+            file=sys.stderr,
+        )
+    return model, meta
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _out_dir(settings: dict[str, Any]) -> Path:
+    out = Path(settings["out"])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"`out` {str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# -- commands -----------------------------------------------------------------------------------
+def _cmd_pretrain(settings: dict[str, Any]) -> int:
+    import torch
+
+    from selmix.checkpoint import save_model
+    from selmix.evaluate import evaluate
+    from selmix.models import create_model, list_models
+    from selmix.pretrain import PretrainConfig, pretrain
+    from selmix.report import format_metrics_table
+
+    if settings["model"] not in list_models():
+        known = ", ".join(list_models())
+        raise UsageError(f"unknown `model` {settings['model']!r}; expected one of {known}")
+    config = PretrainConfig.from_dict(
+        {
+            "epochs": settings["epochs"], "batch_size": settings["batch_size"],
+            "lr": settings["lr"], "momentum": settings["momentum"],
+            "weight_decay": settings["weight_decay"], "loss": settings["loss"],
+            "la_tau": settings["la_tau"], "mixup_alpha": settings["mixup"],
+            "augment": settings["augment"], "warmup_epochs": settings["warmup_epochs"],
+            "seed": settings["seed"], "device": settings["device"],
+            "eval_batch_size": settings["eval_batch_size"], "progress": settings["progress"],
+        }
+    )  # fmt: skip
+    if not isinstance(settings["model_kwargs"], dict):
+        raise UsageError("`model_kwargs` must be a mapping, e.g. --set model_kwargs='{width: 2}'")
+    splits = _load_data(settings)
+    out = _out_dir(settings)
+    settings["head_classes"] = _head_classes(settings, splits)
+
+    torch.manual_seed(settings["seed"])  # the model's initial weights
+    model = create_model(
+        settings["model"], _num_classes(splits), in_channels=_in_channels(splits.train),
+        **settings["model_kwargs"],
+    )  # fmt: skip
+    result = pretrain(model, splits.train, splits.val, config)
+    metrics = {
+        "test": evaluate(result.model, splits.test, config.device, config.eval_batch_size)
+        .metrics(settings["head_classes"]),
+        "val": evaluate(result.model, splits.val, config.device, config.eval_batch_size)
+        .metrics(settings["head_classes"]),
+    }  # fmt: skip
+    save_model(out / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
+    _write_json(out / "metrics.json", metrics)
+    _write_yaml(out / "config.yaml", settings)
+    print(format_metrics_table({"val": metrics["val"], "test": metrics["test"]}, change=False))
+    print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'config.yaml'}")
+    return 0
+
+
+def _cmd_finetune(settings: dict[str, Any]) -> int:
+    from selmix.checkpoint import save_model
+    from selmix.evaluate import evaluate
+    from selmix.finetune import FinetuneConfig, finetune
+    from selmix.objectives import get_objective
+    from selmix.report import format_metrics_table
+
+    fields = (
+        "objective", "objective_params", "policy", "gain_scale", "normalize_gain", "steps",
+        "batch_size", "lr_head", "lr_backbone", "frozen_backbone", "momentum", "weight_decay",
+        "feedback_every", "lam_min", "confusion_smoothing", "augment", "eval_batch_size", "seed",
+        "device",
+        "checkpoint_every", "progress",
+    )  # fmt: skip
+    if not isinstance(settings["objective_params"], dict):
+        raise UsageError(
+            "`objective_params` must be a mapping, e.g. --set objective_params='{rate: 20}'"
+        )
+    # fail fast, before any data is read: the objective, the policy, every number
+    get_objective(settings["objective"], **settings["objective_params"])
+    FinetuneConfig.from_dict({key: settings[key] for key in fields})
+    if settings["resume"] is not None and not Path(settings["resume"]).is_file():
+        raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
+
+    splits = _load_data(settings)
+    model, _ = _load_start_model(settings, splits)
+    out = _out_dir(settings)
+    settings["head_classes"] = _head_classes(settings, splits)
+    params = dict(settings["objective_params"])
+    if "head_tail" in settings["objective"] and "head_classes" not in params:
+        params["head_classes"] = settings["head_classes"]
+
+    log_path = out / "log.jsonl"
+    if settings["resume"] is None:
+        log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+    config = FinetuneConfig.from_dict(
+        {
+            **{key: settings[key] for key in fields},
+            "objective_params": params,
+            "head_classes": settings["head_classes"],
+            "log_path": str(log_path),
+            "checkpoint_path": str(out / "finetune_state.pt"),
+        }
+    )
+    from selmix.distributed import init_from_env
+
+    # under torchrun every process runs this; rank 0 alone writes files and prints
+    context = init_from_env(settings["device"])
+    try:
+        if context is not None:
+            context.local_batch_size(config.batch_size)  # fail fast on an uneven split
+
+        def test_metrics(trained: Any) -> dict[str, Any]:
+            if context is not None:
+                evaluation = context.evaluate(trained, splits.test, config.eval_batch_size)
+            else:
+                evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)
+            return evaluation.metrics(config.head_classes)
+
+        before = test_metrics(model)
+        result = finetune(
+            model, splits.train, splits.val, config=config,
+            unlabelled=getattr(splits, "unlabelled", None), resume=settings["resume"],
+            distributed=context,
+        )  # fmt: skip
+        after = test_metrics(result.model)
+        if context is not None and not context.is_main:
+            return 0
+        meta = _model_meta(splits, settings, "finetune")
+        save_model(out / "model.pt", result.model, meta)
+        _write_json(out / "metrics.json", {"before": before, "after": after})
+        _write_yaml(out / "config.yaml", settings)
+    finally:
+        if context is not None:
+            context.destroy()
+    print(f"objective: {settings['objective']} ({config.steps} steps, policy {config.policy})")
+    print(format_metrics_table({"before": before, "after": after}))
+    written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
+    print(f"wrote {written}, {out / 'config.yaml'}")
+    return 0
+
+
+def _cmd_evaluate(settings: dict[str, Any]) -> int:
+    from selmix.evaluate import evaluate
+    from selmix.report import format_metrics_table, format_per_class_table
+
+    splits = _load_data(settings)
+    model, _ = _load_start_model(settings, splits)
+    head_classes = _head_classes(settings, splits)
+    settings["head_classes"] = head_classes
+    metrics = evaluate(model, splits.test, settings["device"], settings["batch_size"]).metrics(
+        head_classes
+    )
+    print(format_metrics_table({"test": metrics}))
+    print()
+    print(format_per_class_table({"test": metrics}, classes=splits.classes))
+    if settings["out"] is not None:
+        out = _out_dir(settings)
+        _write_json(out / "metrics.json", {"test": metrics})
+        print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _cmd_demo(settings: dict[str, Any]) -> int:
+    from selmix.demo import run_demo
+
+    data_options = {
+        key: settings[key]
+        for key in ("imbalance", "max_per_class", "val_per_class", "cache_dir")
+        if settings[key] is not None
+    }
+    run_demo(
+        out_dir=settings["out"], device=settings["device"], seed=settings["seed"],
+        fast=settings["fast"], data_options=data_options or None,
+        threads=settings["threads"] or None,
+    )  # fmt: skip
+    return 0
+
+
+_RUNNERS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "pretrain": _cmd_pretrain,
+    "finetune": _cmd_finetune,
+    "evaluate": _cmd_evaluate,
+    "demo": _cmd_demo,
+}
+
+
+def _one_line(error: BaseException | str) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``selmix`` command.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a usage error, 1 for a failed run, 130 when
+        interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _build_parser(show_defaults=True).parse_args(argv)
+    except SystemExit as exit_request:  # --help, --version or an argparse error
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+    command = args.command
+    started = time.perf_counter()
+
+    def show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+        print(f"{PROG} {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning  # one line, no source excerpt
+            settings = resolve_settings(command, argv)
+            status = _RUNNERS[command](settings)
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        if os.environ.get("SELMIX_DEBUG"):
+            raise
+        print(f"{PROG} {command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FloatingPointError, RuntimeError) as error:
+        if os.environ.get("SELMIX_DEBUG"):
+            raise
+        print(f"{PROG} {command}: failed: {_one_line(error)}", file=sys.stderr)
+        return 1
+    if command != "demo":
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
