@@ -54,6 +54,13 @@ METHODS = {
         "policy": "selmix",
         "confusion_smoothing": 1.0,
     },
+    "selmix mean recall s.t. coverage, frozen, smoothing 1, 1000 steps": {
+        "objective": "mean_recall_min_coverage",
+        "policy": "selmix",
+        "confusion_smoothing": 1.0,
+        "frozen_backbone": True,
+        "steps": 1000,
+    },
 }
 
 
@@ -132,9 +139,10 @@ def main() -> None:
         for name in args.methods:
             model = copy.deepcopy(start_model)
             run_started = time.perf_counter()
-            settings = {"feedback_every": args.feedback_every, **METHODS[name]}
+            settings = {"steps": args.steps, "feedback_every": args.feedback_every}
+            settings.update(METHODS[name])
             result = finetune(
-                model, data.train, data.val, steps=args.steps, batch_size=args.batch_size,
+                model, data.train, data.val, batch_size=args.batch_size,
                 lr_head=args.lr_head, seed=seed, progress=False, **settings,
             )  # fmt: skip
             metrics = result.metrics(data.test)
@@ -160,7 +168,8 @@ def print_table(args: argparse.Namespace, results: dict[str, list[dict]], second
     lines = [
         f"Fashion-MNIST-LT (rho = 100, N_1 = {args.max_per_class}, "
         f"{args.val_per_class} validation images per class), small_cnn, test set, "
-        f"seeds {args.seeds}, {args.steps} fine-tuning steps of batch {args.batch_size}, "
+        f"seeds {args.seeds}, {args.steps} fine-tuning steps (unless the row says otherwise) "
+        f"of batch {args.batch_size}, "
         f"lr_head {args.lr_head}, feedback every {args.feedback_every} steps unless the row "
         "says otherwise; mean ± std over seeds, % (min coverage as a fraction)",
         "",
