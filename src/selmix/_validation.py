@@ -68,13 +68,14 @@ def check_confusion(confusion: Any, name: str = "confusion") -> torch.Tensor:
         raise ValueError(f"`{name}` must have K >= 2 classes, got K = {confusion.shape[0]}")
     if not confusion.is_floating_point():
         confusion = confusion.double()
-    if not torch.isfinite(confusion).all():
-        raise ValueError(f"`{name}` must be finite, got NaN or infinite entries")
-    if (confusion < 0).any():
-        raise ValueError(
-            f"`{name}` must be non-negative, got a minimum of {confusion.min().item()}"
-        )
-    if confusion.sum() <= 0:
+    # one synchronising check on the fast path; the details only when something is wrong
+    if not bool(((confusion >= 0).all() & (confusion.sum() > 0)) & torch.isfinite(confusion).all()):
+        if not torch.isfinite(confusion).all():
+            raise ValueError(f"`{name}` must be finite, got NaN or infinite entries")
+        if (confusion < 0).any():
+            raise ValueError(
+                f"`{name}` must be non-negative, got a minimum of {confusion.min().item()}"
+            )
         raise ValueError(f"`{name}` must have a positive total, got all zeros")
     return confusion
 

@@ -36,8 +36,12 @@ def confusion_gradient(
     Returns:
         Tensor[K, K] float64, ``d psi / d A``.
     """
-    objective = as_objective(objective)
-    confusion = check_confusion(confusion).detach().double()
+    return _confusion_gradient(as_objective(objective), check_confusion(confusion))
+
+
+def _confusion_gradient(objective: Objective, confusion: torch.Tensor) -> torch.Tensor:
+    """:func:`confusion_gradient` for an already validated matrix."""
+    confusion = confusion.detach().double()
     confusion = confusion / confusion.sum()
     variable = confusion.clone().requires_grad_(True)
     with torch.enable_grad():
@@ -138,7 +142,7 @@ def gain_matrix(
 
     device = prototypes.device
     dtype = prototypes.dtype if prototypes.is_floating_point() else torch.float32
-    grad_a = confusion_gradient(objective, confusion.to(device)).to(dtype)
+    grad_a = _confusion_gradient(as_objective(objective), confusion.to(device)).to(dtype)
     features = prototypes.detach().to(dtype)
     weight = head.weight.detach().to(device=device, dtype=dtype)
     has_bias = head.bias is not None
