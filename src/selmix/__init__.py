@@ -35,11 +35,15 @@ from selmix.policy import (
     policy_entropy,
 )
 from selmix.pretrain import PretrainConfig, PretrainResult, pretrain
+from selmix.semisup import FixMatchConfig, FixMatchResult, fixmatch_pretrain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Evaluation",
+    "FixMatchConfig",
+    "FixMatchResult",
+    "fixmatch_pretrain",
     "FinetuneConfig",
     "FinetuneResult",
     "MetricTracker",
