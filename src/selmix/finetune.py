@@ -14,7 +14,6 @@ objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import (
     capture_rng_state,
@@ -53,7 +53,7 @@ _RUN_FIELDS = (
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigMixin):
     """Settings of a SelMix fine-tuning run; defaults follow MATH.md (supervised CIFAR).
 
     Attributes:
@@ -85,6 +85,8 @@ class FinetuneConfig:
         checkpoint_every: steps between checkpoints (None: only at the end, if a path is set).
         progress: show a progress bar.
     """
+
+    settings_name = "fine-tuning"
 
     objective: str = "min_recall"
     objective_params: dict[str, Any] = field(default_factory=dict)
@@ -142,25 +144,6 @@ class FinetuneConfig:
     def mix(self) -> float:
         """m = E[lam] = (1 + lam_min) / 2, the weight of x1 in the expected mixed feature."""
         return (1 + self.lam_min) / 2
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (for YAML and checkpoints)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        """Builds a config; an unknown key is an error that lists the valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown fine-tuning setting(s) {unknown}; valid settings: {sorted(known)}"
-            )
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> FinetuneConfig:
-        """A copy with some fields changed (validated like the constructor)."""
-        return FinetuneConfig.from_dict({**self.to_dict(), **changes})
 
 
 @dataclass

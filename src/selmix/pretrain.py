@@ -7,7 +7,6 @@ from), with SGD, momentum, weight decay, linear warm-up and a cosine schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
@@ -29,7 +29,7 @@ LOSSES = ("ce", "logit_adjusted")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ConfigMixin):
     """Settings of supervised pre-training.
 
     Attributes:
@@ -48,6 +48,8 @@ class PretrainConfig:
         progress: show a progress bar.
         checkpoint_path: if set, the model is saved there after every epoch.
     """
+
+    settings_name = "pre-training"
 
     epochs: int = 30
     batch_size: int = 128
@@ -76,21 +78,6 @@ class PretrainConfig:
         check_positive("mixup_alpha", self.mixup_alpha, strict=False)
         check_int("warmup_epochs", self.warmup_epochs, minimum=0)
         check_int("seed", self.seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (for YAML and checkpoints)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
-        """Builds a config; an unknown key is an error that lists the valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown pre-training setting(s) {unknown}; valid settings: {sorted(known)}"
-            )
-        return cls(**values)
 
 
 @dataclass

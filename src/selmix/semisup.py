@@ -42,7 +42,6 @@ run is reproducible and leaves the global RNG alone.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
@@ -327,7 +327,7 @@ def strong_augment(
 
 
 @dataclass
-class FixMatchConfig:
+class FixMatchConfig(ConfigMixin):
     """Settings of FixMatch / FixMatch(LA) pre-training.
 
     Attributes:
@@ -356,6 +356,8 @@ class FixMatchConfig:
         checkpoint_path: if set, the model is saved there (``selmix.checkpoint.save_model``)
             at every evaluation and at the end.
     """
+
+    settings_name = "FixMatch"
 
     steps: int = 2000
     batch_size: int = 32
@@ -414,25 +416,6 @@ class FixMatchConfig:
         check_int("eval_every", self.eval_every, minimum=1)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("seed", self.seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (for YAML and checkpoints)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FixMatchConfig:
-        """Builds a config; an unknown key is an error that lists the valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown FixMatch setting(s) {unknown}; valid settings: {sorted(known)}"
-            )
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> FixMatchConfig:
-        """A copy with some fields changed (validated like the constructor)."""
-        return FixMatchConfig.from_dict({**self.to_dict(), **changes})
 
 
 @dataclass
