@@ -698,7 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {command}: failed: {_one_line(error)}", file=sys.stderr)
         return 1
-    if command != "demo":
+    # under torchrun only rank 0 reports
+    if command != "demo" and os.environ.get("RANK", "0") == "0":
         print(f"done in {time.perf_counter() - started:.1f} s")
     return status
 
