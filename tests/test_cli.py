@@ -295,3 +295,22 @@ def test_bad_set_key_lists_valid_keys(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "'lr'" in err and "lr_head" in err and "steps" in err
+
+
+def test_finetune_under_torchrun_two_processes(
+    pretrained: Path, data_args: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "ft"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "selmix", "finetune", *data_args, "--checkpoint", str(pretrained / "model.pt"),
+        "--objective", "min_recall", "--steps", "6", "--feedback-every", "3",
+        "--batch-size", "8", "--out", str(out), "--set", "progress=false",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done in") == 1  # rank 0 alone reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    _check_metrics(metrics["before"])
+    _check_metrics(metrics["after"])
+    assert _log_steps(out / "log.jsonl") == [0, 3, 6]
