@@ -589,15 +589,19 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             distributed=context,
         )  # fmt: skip
         after = test_metrics(result.model)
-        if context is not None and not context.is_main:
-            return 0
-        meta = _model_meta(splits, settings, "finetune")
-        save_model(out / "model.pt", result.model, meta)
-        _write_json(out / "metrics.json", {"before": before, "after": after})
-        _write_yaml(out / "config.yaml", settings)
+        if context is None or context.is_main:
+            meta = _model_meta(splits, settings, "finetune")
+            save_model(out / "model.pt", result.model, meta)
+            _write_json(out / "metrics.json", {"before": before, "after": after})
+            _write_yaml(out / "config.yaml", settings)
+        if context is not None:
+            # all ranks leave together: gloo aborts a process whose peer hung up first
+            context.barrier()
     finally:
         if context is not None:
             context.destroy()
+    if context is not None and not context.is_main:
+        return 0
     print(f"objective: {settings['objective']} ({config.steps} steps, policy {config.policy})")
     print(format_metrics_table({"before": before, "after": after}))
     written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
