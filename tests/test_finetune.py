@@ -263,3 +263,13 @@ def test_confusion_smoothing_makes_zero_recall_classes_visible():
     assert blind[2].abs().max() < 1e-4
     assert seeing[2].max() > 100 * blind[2].abs().max()
     assert seeing[2].max() == seeing.max()
+
+
+def test_config_resolution_order_and_type():
+    from selmix.pretrain import PretrainConfig
+
+    resolved = FinetuneConfig.resolve({"steps": 5, "lr_head": 0.1}, {"steps": 7})
+    assert (resolved.steps, resolved.lr_head) == (7, 0.1)
+    assert PretrainConfig.resolve(None, {}) == PretrainConfig()
+    with pytest.raises(TypeError, match="`config` must be a FinetuneConfig or dict, got int"):
+        FinetuneConfig.resolve(42, {})

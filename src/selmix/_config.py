@@ -30,6 +30,21 @@ class ConfigMixin:
             )
         return cls(**values)
 
+    @classmethod
+    def resolve(
+        cls: type[ConfigT], config: ConfigT | dict[str, Any] | None, overrides: dict[str, Any]
+    ) -> ConfigT:
+        """The config of a run: defaults, a dict or an instance, then keyword overrides."""
+        if config is None:
+            config = cls()
+        elif isinstance(config, dict):
+            config = cls.from_dict(config)
+        elif not isinstance(config, cls):
+            raise TypeError(
+                f"`config` must be a {cls.__name__} or dict, got {type(config).__name__}"
+            )
+        return config.replace(**overrides) if overrides else config
+
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         """A copy with some fields changed (validated like the constructor)."""
         return type(self).from_dict({**self.to_dict(), **changes})

@@ -688,20 +688,13 @@ def finetune(
     Returns:
         A :class:`FinetuneResult`.
     """
-    if config is None:
-        config = FinetuneConfig()
-    elif isinstance(config, dict):
-        config = FinetuneConfig.from_dict(config)
-    elif not isinstance(config, FinetuneConfig):
-        raise TypeError(f"`config` must be a FinetuneConfig or dict, got {type(config).__name__}")
     if isinstance(objective, str):
         overrides = {"objective": objective, **overrides}
         objective = None
     elif objective is not None:
         objective = as_objective(objective)
         overrides = {"objective": objective.name, **overrides}
-    if overrides:
-        config = config.replace(**overrides)
+    config = FinetuneConfig.resolve(config, overrides)
     trainer = Trainer(
         model, train, val, objective, config, unlabelled=unlabelled, features=features,
         head=head, callback=callback, distributed=distributed,

@@ -129,12 +129,7 @@ def pretrain(
     """
     from tqdm.auto import tqdm
 
-    if config is None:
-        config = PretrainConfig()
-    elif isinstance(config, dict):
-        config = PretrainConfig.from_dict(config)
-    if overrides:
-        config = PretrainConfig.from_dict({**config.to_dict(), **overrides})
+    config = PretrainConfig.resolve(config, overrides)
     device = resolve_device(config.device)
     model.to(device)
     train = as_batch_dataset(train, "train")

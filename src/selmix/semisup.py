@@ -498,14 +498,7 @@ def fixmatch_pretrain(
     """
     from tqdm.auto import tqdm
 
-    if config is None:
-        config = FixMatchConfig()
-    elif isinstance(config, dict):
-        config = FixMatchConfig.from_dict(config)
-    elif not isinstance(config, FixMatchConfig):
-        raise TypeError(f"`config` must be a FixMatchConfig or dict, got {type(config).__name__}")
-    if overrides:
-        config = config.replace(**overrides)
+    config = FixMatchConfig.resolve(config, overrides)
     device = resolve_device(config.device)
     labelled = as_batch_dataset(labelled, "labelled")
     _check_image_set("unlabelled", unlabelled)
