@@ -41,18 +41,20 @@ from typing import Any
 
 import torch
 
-from selmix.data import load_fashion_mnist
+from selmix.data import (
+    UNLABELLED_DISTRIBUTIONS,
+    load_fashion_mnist,
+    semi_supervised_data,
+    semi_supervised_split,
+    unlabelled_distribution,
+)
 from selmix.evaluate import evaluate
 from selmix.finetune import finetune
 from selmix.models import create_model
 from selmix.semisup import (
-    UNLABELLED_DISTRIBUTIONS,
     FixMatchConfig,
     fixmatch_pretrain,
     pseudo_label_report,
-    semi_supervised_data,
-    semi_supervised_split,
-    unlabelled_distribution,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"

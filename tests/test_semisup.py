@@ -10,23 +10,28 @@ import torch
 import torch.nn.functional as F
 
 from selmix.checkpoint import load_model
-from selmix.data import ImageTensorDataset, load_fashion_mnist, long_tail_counts, long_tail_split
+from selmix.data import (
+    UNLABELLED_DISTRIBUTIONS,
+    ImageTensorDataset,
+    UnlabelledDataset,
+    load_fashion_mnist,
+    long_tail_counts,
+    long_tail_split,
+    semi_supervised_data,
+    semi_supervised_split,
+    unlabelled_distribution,
+)
 from selmix.finetune import FinetuneConfig, Trainer, finetune
 from selmix.models import create_model
 from selmix.pretrain import logit_adjustment, pretrain
 from selmix.semisup import (
-    UNLABELLED_DISTRIBUTIONS,
     FixMatchConfig,
-    UnlabelledDataset,
     cutout,
     fixmatch_loss,
     fixmatch_pretrain,
     pseudo_label_report,
     pseudo_labels,
-    semi_supervised_data,
-    semi_supervised_split,
     strong_augment,
-    unlabelled_distribution,
 )
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"

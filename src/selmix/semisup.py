@@ -57,36 +57,20 @@ from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
-from selmix.data.semisup_split import (
-    UNLABELLED_DISTRIBUTIONS,
-    SemiSupervisedData,
-    SemiSupervisedSplit,
-    UnlabelledDataset,
-    semi_supervised_data,
-    semi_supervised_split,
-    unlabelled_distribution,
-)
 from selmix.evaluate import as_batch_dataset, evaluate, extract_features, resolve_device
 from selmix.pretrain import logit_adjustment
 
 __all__ = [
-    "UNLABELLED_DISTRIBUTIONS",
     "FixMatchConfig",
     "FixMatchLoss",
     "FixMatchResult",
-    "SemiSupervisedData",
-    "SemiSupervisedSplit",
-    "UnlabelledDataset",
     "cutout",
     "fixmatch_loss",
     "fixmatch_pretrain",
     "predict_pseudo_labels",
     "pseudo_label_report",
     "pseudo_labels",
-    "semi_supervised_data",
-    "semi_supervised_split",
     "strong_augment",
-    "unlabelled_distribution",
 ]
 
 FIXMATCH_LOSSES = ("ce", "logit_adjusted")
