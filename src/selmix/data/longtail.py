@@ -67,13 +67,7 @@ def long_tail_split(
     Raises:
         ValueError: naming the class that has too few samples.
     """
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        raise ValueError(
-            f"`labels` must be a 1-d integer tensor, got {labels.dtype} of shape "
-            f"{tuple(labels.shape)}"
-        )
-    labels = labels.long().cpu()
+    labels = check_label_vector(labels)
     if not isinstance(counts, Sequence) and not isinstance(counts, Tensor):
         raise TypeError(f"`counts` must be a sequence of ints, got {type(counts).__name__}")
     counts = [int(c) for c in counts]
@@ -108,6 +102,17 @@ def long_tail_split(
     train = torch.cat(train_parts).sort().values
     val = torch.cat(val_parts).sort().values
     return train, val
+
+
+def check_label_vector(labels: Tensor | Sequence[int]) -> Tensor:
+    """``labels`` as a 1-d int64 CPU tensor; an error names the argument otherwise."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ValueError(
+            f"`labels` must be a 1-d integer tensor, got {labels.dtype} of shape "
+            f"{tuple(labels.shape)}"
+        )
+    return labels.long().cpu()
 
 
 def _as_generator(seed: int | torch.Generator) -> torch.Generator:

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selmix._validation import check_choice, check_int
-from selmix.data.longtail import long_tail_counts, long_tail_split
+from selmix.data.longtail import check_label_vector, long_tail_counts, long_tail_split
 from selmix.data.tensor_dataset import ImageTensorDataset
 
 __all__ = [
@@ -143,13 +143,7 @@ def semi_supervised_split(
     Raises:
         ValueError: naming the argument, e.g. a class with too few samples for the split.
     """
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        raise ValueError(
-            f"`labels` must be a 1-d integer tensor, got {labels.dtype} of shape "
-            f"{tuple(labels.shape)}"
-        )
-    labels = labels.long().cpu()
+    labels = check_label_vector(labels)
     if labels.numel() == 0 or labels.min() < 0:
         raise ValueError("`labels` must be non-empty with values >= 0")
     num_classes = int(labels.max()) + 1
