@@ -1,5 +1,21 @@
 """selmix: Selective Mixup Fine-Tuning for the metric you care about on long-tailed data."""
 
+from selmix.baselines import (
+    BASELINES,
+    DEFAULT_TAUS,
+    BaselineResult,
+    ClassBalancedSampler,
+    ObjectiveScore,
+    PosthocResult,
+    best_index,
+    class_log_prior,
+    classifier_retraining,
+    list_baselines,
+    logit_adjusted_finetune,
+    objective_score,
+    posthoc_logit_adjustment,
+    run_baseline,
+)
 from selmix.checkpoint import load_model, save_model
 from selmix.evaluate import Evaluation, evaluate
 from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
@@ -83,4 +99,18 @@ __all__ = [
     "per_class_recall",
     "policy_entropy",
     "register_objective",
+    "BASELINES",
+    "DEFAULT_TAUS",
+    "BaselineResult",
+    "ClassBalancedSampler",
+    "ObjectiveScore",
+    "PosthocResult",
+    "best_index",
+    "class_log_prior",
+    "classifier_retraining",
+    "list_baselines",
+    "logit_adjusted_finetune",
+    "objective_score",
+    "posthoc_logit_adjustment",
+    "run_baseline",
 ]

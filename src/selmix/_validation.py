@@ -88,3 +88,48 @@ def check_all_classes_present(confusion: torch.Tensor, name: str = "confusion") 
             f"`{name}` has no samples of class(es) {empty}: their recall is undefined; "
             "the validation set needs at least one sample of every class"
         )
+
+
+def check_labels(
+    name: str, labels: Any, num_classes: int, *, every_class: bool = False
+) -> torch.Tensor:
+    """Checks a data set's labels against a K-output head; returns them as int64 Tensor[N].
+
+    Args:
+        name: the data set's argument name for error messages.
+        labels: integer Tensor[N] (or anything ``torch.as_tensor`` accepts).
+        num_classes: K.
+        every_class: also require at least one sample of every class.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.numel() == 0:
+        raise ValueError(f"`{name}` is empty")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"`{name}` labels must lie in [0, {num_classes}) for a model with {num_classes} "
+            f"outputs, got labels in [{low}, {high}]"
+        )
+    if every_class:
+        present = torch.bincount(labels, minlength=num_classes)
+        missing = (present == 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(
+                f"`{name}` has no samples of class(es) {missing}; every one of the "
+                f"{num_classes} classes needs at least one"
+            )
+    return labels
+
+
+def as_generator(seed: int | torch.Generator, name: str = "seed") -> torch.Generator:
+    """A CPU ``torch.Generator``: ``seed`` itself if it is one, else a new one seeded with it."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError(
+                f"`{name}` must be an int or a CPU torch.Generator, got a generator on "
+                f"{seed.device}"
+            )
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`{name}` must be an int or a torch.Generator, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from selmix.metrics import all_metrics
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
 from selmix.sampler import PairSampler
+
+if TYPE_CHECKING:
+    from selmix.models import ModelSplit
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "Trainer", "finetune"]
 
@@ -191,6 +194,46 @@ def smoothed_confusion(counts: torch.Tensor, pseudo_count: float) -> torch.Tenso
     return smoothed / smoothed.sum()
 
 
+def sgd_cosine(
+    split: ModelSplit,
+    steps: int,
+    lr_head: float,
+    lr_backbone: float | None,
+    momentum: float,
+    weight_decay: float,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over the head and (optionally) the backbone with a cosine decay to 0 over ``steps``.
+
+    The optimiser of SelMix fine-tuning, shared with the baselines of
+    :mod:`selmix.baselines`.
+
+    Args:
+        split: a :class:`selmix.models.ModelSplit` (``features``, ``head``).
+        steps: the length of the schedule (the learning rates reach 0 at ``steps``).
+        lr_head: learning rate of the head (parameter group ``"head"``).
+        lr_backbone: learning rate of the trainable feature parameters (group
+            ``"backbone"``); None trains the head only.
+        momentum, weight_decay: SGD settings.
+
+    Returns:
+        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every optimiser step.
+    """
+    head_params = list(split.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    groups = [{"params": head_params, "lr": lr_head, "name": "head"}]
+    if lr_backbone is not None:
+        backbone = [
+            p for p in split.features.parameters() if id(p) not in head_ids and p.requires_grad
+        ]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
+    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+    return optimizer, scheduler
+
+
 class _FeatureCache:
     """Features of a whole data set computed once (frozen-backbone mode)."""
 
@@ -310,25 +353,11 @@ class Trainer:
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         config = self.config
-        head_params = list(self.split.head.parameters())
-        head_ids = {id(p) for p in head_params}
-        groups = [{"params": head_params, "lr": config.lr_head, "name": "head"}]
-        if not config.frozen_backbone:
-            backbone = [
-                p for p in self.split.features.parameters()
-                if id(p) not in head_ids and p.requires_grad
-            ]  # fmt: skip
-            if backbone:
-                groups.append({"params": backbone, "lr": config.backbone_lr, "name": "backbone"})
-        optimizer = torch.optim.SGD(
-            groups, lr=config.lr_head, momentum=config.momentum,
-            weight_decay=config.weight_decay,
+        return sgd_cosine(
+            self.split, config.steps, config.lr_head,
+            None if config.frozen_backbone else config.backbone_lr,
+            config.momentum, config.weight_decay,
         )  # fmt: skip
-        total = config.steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        )
-        return optimizer, scheduler
 
     # -- feature caches (frozen backbone) -----------------------------------------------
     def _cache(self, name: str, dataset: Any) -> _FeatureCache:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from selmix._validation import check_int
+from selmix._validation import as_generator, check_int
 
 
 def long_tail_counts(max_per_class: int, num_classes: int, imbalance: float) -> list[int]:
@@ -82,7 +82,7 @@ def long_tail_split(
             f"`labels` must lie in [0, {num_classes}) for {num_classes} `counts`, got labels "
             f"in [{int(labels.min())}, {int(labels.max())}]"
         )
-    generator = _as_generator(seed)
+    generator = as_generator(seed)
     order = torch.argsort(labels, stable=True)
     sizes = torch.bincount(labels, minlength=num_classes).tolist()
     train_parts, val_parts = [], []
@@ -113,12 +113,3 @@ def check_label_vector(labels: Tensor | Sequence[int]) -> Tensor:
             f"{tuple(labels.shape)}"
         )
     return labels.long().cpu()
-
-
-def _as_generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    check_int("seed", seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator

@@ -1,0 +1,714 @@
+"""The baselines SelMix is compared against, for any model :func:`selmix.split_model` splits.
+
+* :func:`posthoc_logit_adjustment` (Menon et al. 2020): predict with
+  ``logits - tau * log(prior)``, tau tuned on the validation set for the objective. The
+  result is an ordinary classifier: the shift lives in its head's bias.
+* :func:`classifier_retraining` (cRT, Kang et al. 2020): freeze the backbone, re-initialise
+  the linear head and retrain it on features computed once, with class-balanced sampling.
+* :func:`logit_adjusted_finetune`: fine-tune with the logit-adjusted cross-entropy and
+  instance-balanced sampling under SelMix fine-tuning's optimiser (SGD with momentum, weight
+  decay, cosine decay, batch norm frozen), i.e. SelMix's fine-tuning without the mixup.
+
+:func:`objective_score` is the post-hoc baseline's selection rule as a pure function of a
+confusion matrix (reusable to pick checkpoints), and :func:`run_baseline` runs a baseline
+by name (:func:`list_baselines`; ``"start"`` is an unchanged copy of the model).
+
+Uniform and greedy mixup, and SelMix itself, are not in this registry: they are
+:func:`selmix.finetune` with ``policy="uniform"``, ``"greedy"`` or ``"selmix"``.
+
+Every function returns a new model and leaves the one it is given untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selmix._validation import (
+    as_generator,
+    check_all_classes_present,
+    check_choice,
+    check_confusion,
+    check_in_range,
+    check_int,
+    check_labels,
+    check_positive,
+)
+from selmix.evaluate import as_batch_dataset, extract_features, resolve_device
+from selmix.finetune import FinetuneConfig, sgd_cosine
+from selmix.metrics import (
+    all_metrics,
+    confusion_matrix,
+    g_mean,
+    h_mean,
+    mean_recall,
+    min_coverage,
+    min_head_tail_coverage,
+    min_head_tail_recall,
+    min_recall,
+)
+from selmix.models import ModelSplit, split_model
+from selmix.objectives import (
+    CoverageConstrained,
+    GMean,
+    HMean,
+    MeanRecall,
+    MinHeadTailRecall,
+    MinRecall,
+    Objective,
+    as_objective,
+)
+from selmix.pretrain import logit_adjustment
+from selmix.sampler import ClassPools
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_TAUS",
+    "BaselineResult",
+    "ClassBalancedSampler",
+    "ObjectiveScore",
+    "PosthocResult",
+    "best_index",
+    "class_log_prior",
+    "classifier_retraining",
+    "list_baselines",
+    "logit_adjusted_finetune",
+    "objective_score",
+    "posthoc_logit_adjustment",
+    "run_baseline",
+]
+
+ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
+
+# The post-hoc tau grid: 0 (the model as it is) to 3 in steps of 0.25.
+DEFAULT_TAUS: tuple[float, ...] = tuple(0.25 * i for i in range(13))
+
+# Coverage computed from counts is exact up to rounding; this absorbs the rounding.
+_FEASIBILITY_TOLERANCE = 1e-12
+
+_DEFAULTS = FinetuneConfig()
+
+
+# -- selection rule -----------------------------------------------------------------------
+@functools.total_ordering
+@dataclass(frozen=True, eq=False)
+class ObjectiveScore:
+    """How good a confusion matrix is for an objective; scores compare, larger is better.
+
+    Scores order by :attr:`key`: for an objective without a constraint, by the metric; for
+    a coverage-constrained one, any matrix that meets the constraint beats every matrix
+    that does not, matrices that meet it order by the metric (then the coverage) and
+    matrices that do not order by the coverage (then the metric).
+
+    Attributes:
+        metric: the objective's metric, e.g. min recall for ``"min_recall"``, mean recall
+            for ``"mean_recall_min_coverage"``.
+        coverage: the constrained quantity (min coverage, or min head/tail coverage for the
+            ``*_min_head_tail_coverage`` objectives); None without a constraint.
+        target: the constraint's target ``alpha / K``; None without a constraint.
+    """
+
+    metric: float
+    coverage: float | None = None
+    target: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        """Whether the constraint is met (always True without a constraint)."""
+        if self.coverage is None or self.target is None:
+            return True
+        return self.coverage >= self.target - _FEASIBILITY_TOLERANCE
+
+    @property
+    def key(self) -> tuple[float, ...]:
+        """The tuple the scores are ordered by."""
+        if self.coverage is None:
+            return (1.0, self.metric)
+        if self.feasible:
+            return (1.0, self.metric, self.coverage)
+        return (0.0, self.coverage, self.metric)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectiveScore):
+            return NotImplemented
+        return self.key == other.key
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, ObjectiveScore):
+            return NotImplemented
+        return self.key < other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for logs: metric, coverage, target and feasible."""
+        return {
+            "metric": self.metric,
+            "coverage": self.coverage,
+            "target": self.target,
+            "feasible": self.feasible,
+        }
+
+
+def objective_score(objective: ObjectiveLike, confusion: torch.Tensor) -> ObjectiveScore:
+    """Scores a confusion matrix for an objective: the rule that picks a model or a tau.
+
+    The metric is the one the objective stands for, computed exactly (not the objective's
+    smooth surrogate): ``mean_recall``, ``min_recall``, ``min_head_tail_recall``,
+    ``g_mean`` or ``h_mean``. A coverage-constrained objective (``*_min_coverage``,
+    ``*_min_head_tail_coverage``) scores its metric (mean recall or H-mean) subject to
+    ``min coverage >= alpha / K`` (or the head and tail mean coverages for the head/tail
+    variants), see :class:`ObjectiveScore`. Any other objective scores its own value
+    ``psi(C)``, with its multipliers (if any) refreshed from ``confusion`` on a copy.
+
+    Args:
+        objective: an objective name, an :class:`~selmix.objectives.Objective` (its
+            ``alpha`` and ``head_classes`` are used) or a differentiable callable of C.
+        confusion: Tensor[K, K] of counts or fractions, rows are true labels; every class
+            must have a sample.
+
+    Returns:
+        An :class:`ObjectiveScore`; ``max`` over scores is the best (see :func:`best_index`).
+    """
+    objective = as_objective(objective)
+    confusion = check_confusion(confusion)
+    check_all_classes_present(confusion)
+    if isinstance(objective, CoverageConstrained):
+        metric = mean_recall if objective.metric == "mean_recall" else h_mean
+        if objective.head_tail:
+            coverage = min_head_tail_coverage(confusion, objective.head_classes)
+        else:
+            coverage = min_coverage(confusion)
+        target = objective.alpha / confusion.shape[0]
+        return ObjectiveScore(float(metric(confusion)), float(coverage), target)
+    if isinstance(objective, MinHeadTailRecall):  # before MinRecall: it is a subclass
+        value = min_head_tail_recall(confusion, objective.head_classes)
+    elif isinstance(objective, MinRecall):
+        value = min_recall(confusion)
+    elif isinstance(objective, MeanRecall):
+        value = mean_recall(confusion)
+    elif isinstance(objective, GMean):
+        value = g_mean(confusion)
+    elif isinstance(objective, HMean):
+        value = h_mean(confusion)
+    else:
+        probe = copy.deepcopy(objective)  # the caller's multipliers stay as they are
+        with torch.no_grad():
+            probe.update(confusion)
+            value = probe(confusion)
+    return ObjectiveScore(float(value))
+
+
+def best_index(scores: Sequence[ObjectiveScore]) -> int:
+    """Index of the best score; the first one on ties (e.g. the smallest tau of a grid)."""
+    if len(scores) == 0:
+        raise ValueError("`scores` must hold at least one score, got none")
+    return max(range(len(scores)), key=lambda i: scores[i].key)
+
+
+# -- shared helpers -----------------------------------------------------------------------
+def _copied_split(
+    model: nn.Module,
+    features: nn.Module | None,
+    head: nn.Linear | None,
+    device: torch.device,
+) -> tuple[nn.Module, ModelSplit]:
+    """A deep copy of the model and its split, on ``device``, in eval mode."""
+    split_model(model, features=features, head=head)  # errors name the caller's arguments
+    model, features, head = copy.deepcopy((model, features, head))  # one memo: shared stays
+    split = split_model(model, features=features, head=head)
+    for module in (model, split.features, split.head):
+        module.to(device)
+        module.eval()
+    return model, split
+
+
+def _check_finite(loss: torch.Tensor, where: str, rates: str) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss ({value}) {where}: lower {rates}")
+    return value
+
+
+def _reset_linear(head: nn.Linear, generator: torch.Generator) -> None:
+    """``nn.Linear``'s default initialisation, U(-1/sqrt(d), 1/sqrt(d)), from ``generator``."""
+    bound = 1.0 / math.sqrt(head.in_features)
+    with torch.no_grad():
+        weight = (torch.rand(head.weight.shape, generator=generator) * 2 - 1) * bound
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            bias = (torch.rand(head.bias.shape, generator=generator) * 2 - 1) * bound
+            head.bias.copy_(bias)
+
+
+def class_log_prior(prior: Any, num_classes: int) -> torch.Tensor:
+    """``log(prior)`` of K classes from counts, a prior or the labelled training set.
+
+    Args:
+        prior: Tensor[K] or sequence of K class counts or probabilities (normalised here),
+            or a labelled data set (its labels are counted).
+        num_classes: K.
+
+    Returns:
+        float64 Tensor[K] on the CPU.
+
+    Raises:
+        ValueError: if the length is not K, or an entry is negative, not finite or 0 (the
+            log prior of a class with no training sample is -inf).
+    """
+    if isinstance(prior, (torch.Tensor, list, tuple)) or hasattr(prior, "__array__"):
+        values = torch.as_tensor(prior, dtype=torch.float64).cpu()
+        if values.dim() != 1 or values.numel() != num_classes:
+            raise ValueError(
+                f"`prior` must be a vector of one count or probability per class "
+                f"({num_classes}), got shape {tuple(values.shape)}"
+            )
+        if not torch.isfinite(values).all() or (values < 0).any():
+            raise ValueError(f"`prior` must be finite and >= 0, got {values.tolist()}")
+    else:
+        dataset = as_batch_dataset(prior, "prior")
+        labels = check_labels("prior", dataset.labels, num_classes)
+        values = torch.bincount(labels, minlength=num_classes).double()
+    empty = (values == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"`prior` is 0 for class(es) {empty}: their log prior is -inf; every class "
+            "needs a positive prior (at least one training sample)"
+        )
+    return (values / values.sum()).log()
+
+
+def _check_taus(taus: Any) -> list[float]:
+    if taus is None:
+        return list(DEFAULT_TAUS)
+    if isinstance(taus, torch.Tensor):
+        taus = taus.flatten().tolist()
+    if isinstance(taus, (str, bytes)) or not isinstance(taus, Sequence):
+        raise TypeError(f"`taus` must be a sequence of numbers, got {type(taus).__name__}")
+    if len(taus) == 0:
+        raise ValueError("`taus` must hold at least one value, got an empty sequence")
+    values = [check_positive(f"taus[{i}]", tau, strict=False) for i, tau in enumerate(taus)]
+    infinite = [i for i, tau in enumerate(values) if not math.isfinite(tau)]
+    if infinite:
+        raise ValueError(f"`taus` must be finite, got {values[infinite[0]]} at index {infinite[0]}")
+    return values
+
+
+# -- post-hoc logit adjustment ------------------------------------------------------------
+@dataclass
+class PosthocResult:
+    """What :func:`posthoc_logit_adjustment` returns.
+
+    Attributes:
+        model: the adjusted copy of the model (head bias shifted by ``-tau * log_prior``).
+        tau: the chosen tau.
+        taus: the grid that was searched.
+        scores: the validation :class:`ObjectiveScore` of each tau of the grid.
+        val_metrics: :func:`selmix.all_metrics` of the validation set for each tau.
+        log_prior: float64 Tensor[K], the log class prior that was used.
+    """
+
+    model: nn.Module
+    tau: float
+    taus: list[float]
+    scores: list[ObjectiveScore]
+    val_metrics: list[dict[str, Any]]
+    log_prior: torch.Tensor
+
+
+def posthoc_logit_adjustment(
+    model: nn.Module,
+    prior: Any,
+    val: Any,
+    objective: ObjectiveLike,
+    taus: Sequence[float] | torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 512,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+) -> PosthocResult:
+    """Post-hoc logit adjustment (Menon et al. 2020) with tau tuned for ``objective``.
+
+    The adjusted classifier predicts ``argmax_y f_y(x) - tau * log(prior_y)``. Validation
+    logits are computed once; every tau of the grid is scored with :func:`objective_score`
+    and the best one (the first on ties) is kept. The returned model is a deep copy whose
+    head bias is shifted by ``-tau * log(prior)``, so it is an ordinary classifier that
+    :func:`selmix.evaluate` and :func:`selmix.finetune` accept.
+
+    Args:
+        model: the trained classifier (not modified).
+        prior: the training class counts or class prior, Tensor[K] or a sequence, or the
+            training set itself (its labels are counted).
+        val: the validation set; every class must be present.
+        objective: name, :class:`~selmix.objectives.Objective` or callable of C that tau is
+            tuned for (see :func:`objective_score` for the rule).
+        taus: the grid of taus (>= 0); default :data:`DEFAULT_TAUS` (0 to 3 by 0.25).
+        device: where to compute; the returned model is left there.
+        batch_size: batch size of the feature extraction.
+        features, head: an explicit split of ``model`` (see :func:`selmix.split_model`).
+
+    Returns:
+        A :class:`PosthocResult` with the adjusted model, the chosen tau and the
+        validation score and metrics of every tau.
+    """
+    grid = _check_taus(taus)
+    check_int("batch_size", batch_size, minimum=1)
+    objective = as_objective(objective)
+    device = resolve_device(device)
+    adjusted, split = _copied_split(model, features, head, device)
+    num_classes = split.head.out_features
+    log_prior = class_log_prior(prior, num_classes)
+    val = as_batch_dataset(val, "val")
+    labels = check_labels("val", val.labels, num_classes, every_class=True)
+    with torch.no_grad():
+        feats = extract_features(split.features, val, device, batch_size)
+        logits = split.head(feats).double().cpu()
+    head_classes = getattr(objective, "head_classes", None)
+    scores, metrics = [], []
+    for tau in grid:
+        preds = (logits - tau * log_prior).argmax(dim=1)
+        counts = confusion_matrix(labels, preds, num_classes, normalize=False)
+        scores.append(objective_score(objective, counts))
+        metrics.append(all_metrics(counts, head_classes))
+    tau = grid[best_index(scores)]
+    layer = split.head
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(layer.weight[:, 0]))
+        layer.bias.sub_((tau * log_prior).to(layer.bias))
+    return PosthocResult(adjusted, tau, grid, scores, metrics, log_prior)
+
+
+# -- classifier re-training (cRT) -----------------------------------------------------------
+class ClassBalancedSampler:
+    """Class-balanced sampling (Kang et al. 2020): a class uniformly at random among the
+    classes that have samples, then one of its samples uniformly at random.
+
+    Args:
+        labels: Tensor[N] of labels in [0, K).
+        num_classes: K.
+        generator: CPU ``torch.Generator`` of every draw (or an int seed).
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> None:
+        check_int("num_classes", num_classes, minimum=2)
+        self.pools = ClassPools(labels, num_classes)
+        self.classes = (self.pools.sizes > 0).nonzero().flatten()
+        if self.classes.numel() == 0:
+            raise ValueError("`labels` must hold at least one sample, got none")
+        self.generator = as_generator(generator, "generator")
+
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Draws sample indices (with replacement). Returns LongTensor[num_samples]."""
+        check_int("num_samples", num_samples, minimum=1)
+        picks = torch.randint(self.classes.numel(), (num_samples,), generator=self.generator)
+        return self.pools.draw(self.classes[picks], self.generator)
+
+
+def classifier_retraining(
+    model: nn.Module,
+    train: Any,
+    val: Any = None,
+    *,
+    epochs: int = 10,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int | torch.Generator = 0,
+    device: str | torch.device = "cpu",
+    eval_batch_size: int = 512,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> nn.Module:
+    """Classifier re-training (cRT, Kang et al. 2020) on a frozen backbone.
+
+    The training features are computed once in eval mode (no augmentation); the linear
+    head is re-initialised (``nn.Linear``'s default, drawn from ``seed``) and trained on
+    them with cross-entropy, class-balanced batches (:class:`ClassBalancedSampler`) and
+    SGD with a cosine decay over ``epochs * ceil(N / batch_size)`` steps. The backbone is
+    never updated.
+
+    Args:
+        model: the trained classifier (not modified).
+        train: the labelled training set; every class must be present.
+        val: optional validation set; if given, its metrics after each epoch go to
+            ``callback`` (they do not change the training).
+        epochs: passes of ``ceil(N / batch_size)`` class-balanced batches.
+        lr, momentum, weight_decay: SGD settings of the head.
+        batch_size: samples per step.
+        seed: an int or a CPU ``torch.Generator`` for the initialisation and sampling.
+        device: where to compute; the returned model is left there.
+        eval_batch_size: batch size of the feature extraction.
+        features, head: an explicit split of ``model``.
+        callback: called after each epoch with ``{"epoch", "loss", "val"}`` (``val`` is
+            :func:`selmix.all_metrics` of the validation set, or None).
+
+    Returns:
+        A new model: the copied backbone with the re-trained head, in eval mode.
+    """
+    check_int("epochs", epochs, minimum=1)
+    check_positive("lr", lr)
+    check_int("batch_size", batch_size, minimum=1)
+    check_in_range("momentum", momentum, 0.0, 1.0)
+    check_positive("weight_decay", weight_decay, strict=False)
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    generator = as_generator(seed)
+    device = resolve_device(device)
+    retrained, split = _copied_split(model, features, head, device)
+    num_classes = split.head.out_features
+    train = as_batch_dataset(train, "train")
+    labels = check_labels("train", train.labels, num_classes, every_class=True)
+    if val is not None:
+        val = as_batch_dataset(val, "val")
+        val_labels = check_labels("val", val.labels, num_classes, every_class=True)
+    train_features = extract_features(split.features, train, device, eval_batch_size)
+    val_features = (
+        None if val is None else extract_features(split.features, val, device, eval_batch_size)
+    )
+    device_labels = labels.to(device)
+    _reset_linear(split.head, generator)
+    steps_per_epoch = math.ceil(labels.numel() / batch_size)
+    optimizer, scheduler = sgd_cosine(
+        split, epochs * steps_per_epoch, lr, None, momentum, weight_decay
+    )
+    sampler = ClassBalancedSampler(labels, num_classes, generator)
+    for epoch in range(epochs):
+        loss_sum = 0.0
+        for step in range(steps_per_epoch):
+            index = sampler.sample(batch_size).to(device)
+            loss = F.cross_entropy(split.head(train_features[index]), device_labels[index])
+            loss_sum += _check_finite(loss, f"at epoch {epoch}, step {step} of cRT", "`lr`")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        val_metrics = None
+        if val_features is not None:
+            with torch.no_grad():
+                preds = split.head(val_features).argmax(dim=1).cpu()
+            val_metrics = all_metrics(confusion_matrix(val_labels, preds, num_classes))
+        record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "val": val_metrics}
+        if callback is not None:
+            callback(record)
+    retrained.eval()
+    return retrained
+
+
+# -- logit-adjusted fine-tuning -------------------------------------------------------------
+def logit_adjusted_finetune(
+    model: nn.Module,
+    train: Any,
+    *,
+    steps: int = _DEFAULTS.steps,
+    batch_size: int = _DEFAULTS.batch_size,
+    lr_head: float = _DEFAULTS.lr_head,
+    lr_backbone: float | None = None,
+    frozen_backbone: bool = False,
+    tau: float = 1.0,
+    momentum: float = _DEFAULTS.momentum,
+    weight_decay: float = _DEFAULTS.weight_decay,
+    augment: bool = _DEFAULTS.augment,
+    seed: int | torch.Generator = 0,
+    device: str | torch.device = "cpu",
+    eval_batch_size: int = _DEFAULTS.eval_batch_size,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+) -> nn.Module:
+    """Fine-tunes a copy of ``model`` with the logit-adjusted cross-entropy.
+
+    The loss is ``CE(f(x) + tau * log(prior), y)`` with the training prior (the loss of
+    :func:`selmix.pretrain` with ``loss="logit_adjusted"``, from
+    :func:`selmix.pretrain.logit_adjustment`); batches are drawn uniformly from the
+    training samples with replacement (instance-balanced). Everything else is SelMix
+    fine-tuning's: batch norm frozen (the model stays in eval mode), SGD with momentum and
+    weight decay over a head group and a backbone group, a cosine decay to 0 over
+    ``steps``; the defaults are :class:`selmix.FinetuneConfig`'s. With
+    ``frozen_backbone`` the head trains on training features computed once.
+
+    Args:
+        model: the trained classifier (not modified).
+        train: the labelled training set; every class must be present.
+        steps: SGD steps.
+        batch_size: samples per step.
+        lr_head: learning rate of the head.
+        lr_backbone: learning rate of the feature extractor; None means ``lr_head / 10``.
+        frozen_backbone: train the head only, on cached features.
+        tau: the logit-adjustment temperature (0 is plain cross-entropy).
+        momentum, weight_decay: SGD settings.
+        augment: random crop and flip of the images (full-backbone mode only).
+        seed: an int or a CPU ``torch.Generator`` for the sampling and augmentation.
+        device: where to compute; the returned model is left there.
+        eval_batch_size: batch size of the feature extraction (frozen backbone).
+        features, head: an explicit split of ``model``.
+
+    Returns:
+        The fine-tuned copy, in eval mode.
+    """
+    check_int("steps", steps, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_positive("lr_head", lr_head)
+    if lr_backbone is not None:
+        check_positive("lr_backbone", lr_backbone, strict=False)
+    check_positive("tau", tau, strict=False)
+    check_in_range("momentum", momentum, 0.0, 1.0)
+    check_positive("weight_decay", weight_decay, strict=False)
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    for name, flag in (("frozen_backbone", frozen_backbone), ("augment", augment)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
+    generator = as_generator(seed)
+    device = resolve_device(device)
+    tuned, split = _copied_split(model, features, head, device)
+    num_classes = split.head.out_features
+    train = as_batch_dataset(train, "train")
+    labels = check_labels("train", train.labels, num_classes, every_class=True)
+    adjustment = logit_adjustment(labels, num_classes, tau).to(device)
+    backbone_lr = lr_head / 10 if lr_backbone is None else lr_backbone
+    optimizer, scheduler = sgd_cosine(
+        split, steps, lr_head, None if frozen_backbone else backbone_lr, momentum, weight_decay
+    )
+    cached = (
+        extract_features(split.features, train, device, eval_batch_size)
+        if frozen_backbone
+        else None
+    )
+    device_labels = labels.to(device)
+    rates = "`lr_head`" if frozen_backbone else "`lr_head` / `lr_backbone`"
+    for step in range(steps):
+        index = torch.randint(labels.numel(), (batch_size,), generator=generator)
+        on_device = index.to(device)
+        if cached is not None:
+            logits = split.head(cached[on_device])
+        else:
+            images, _ = train.batch(index, augment=augment, generator=generator, device=device)
+            logits = split.head(split.features(images))
+        loss = F.cross_entropy(logits + adjustment.to(logits.dtype), device_labels[on_device])
+        _check_finite(loss, f"at step {step} of logit-adjusted fine-tuning", rates)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    tuned.eval()
+    return tuned
+
+
+# -- registry -------------------------------------------------------------------------------
+@dataclass
+class BaselineResult:
+    """What :func:`run_baseline` returns.
+
+    Attributes:
+        name: the baseline's name.
+        model: the new model (the input model is untouched).
+        details: plain data about the run: for ``"posthoc_la"`` the chosen ``tau``, the
+            grid ``taus``, the per-tau ``scores`` (:meth:`ObjectiveScore.to_dict`) and
+            ``val_metrics``; for ``"crt"`` the per-epoch ``history``; empty otherwise.
+    """
+
+    name: str
+    model: nn.Module
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _start(model: nn.Module, *, device: str | torch.device = "cpu") -> nn.Module:
+    """An unchanged copy of the model (the starting point), on ``device`` in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    return copy.deepcopy(model).to(resolve_device(device)).eval()
+
+
+BASELINES: Mapping[str, Callable[..., Any]] = MappingProxyType(
+    {
+        "start": _start,
+        "posthoc_la": posthoc_logit_adjustment,
+        "crt": classifier_retraining,
+        "la_finetune": logit_adjusted_finetune,
+    }
+)
+
+# The arguments run_baseline fills in itself, by baseline.
+_SUPPLIED = {
+    "start": ("model",),
+    "posthoc_la": ("model", "prior", "val", "objective"),
+    "crt": ("model", "train", "val"),
+    "la_finetune": ("model", "train"),
+}
+
+
+def list_baselines() -> list[str]:
+    """Names accepted by :func:`run_baseline`."""
+    return sorted(BASELINES)
+
+
+def run_baseline(
+    name: str,
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    objective: ObjectiveLike,
+    **options: Any,
+) -> BaselineResult:
+    """Runs a baseline by name with one call signature, for benchmark scripts.
+
+    ``"start"``: a copy of ``model``; ``"posthoc_la"``: :func:`posthoc_logit_adjustment`
+    with the prior counted from ``train`` and tau tuned on ``val`` for ``objective``;
+    ``"crt"``: :func:`classifier_retraining` (``val`` metrics per epoch in the details);
+    ``"la_finetune"``: :func:`logit_adjusted_finetune`. Baselines that have no use for
+    ``val`` or ``objective`` ignore them.
+
+    Args:
+        name: one of :func:`list_baselines`.
+        model: the trained classifier (not modified).
+        train: the labelled training set.
+        val: the validation set.
+        objective: the objective (name, Objective or callable).
+        **options: keyword arguments of the baseline's function, e.g. ``device="cuda"``,
+            ``taus=[0, 1]``, ``epochs=5`` or ``steps=500``.
+
+    Returns:
+        A :class:`BaselineResult`.
+    """
+    check_choice("name", name, list_baselines())
+    function = BASELINES[name]
+    parameters = inspect.signature(function).parameters
+    valid = [key for key in parameters if key not in _SUPPLIED[name]]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for baseline {name!r}; valid: {valid}")
+    if name == "start":
+        return BaselineResult(name, function(model, **options))
+    if name == "posthoc_la":
+        result = function(model, train, val, objective, **options)
+        details = {
+            "tau": result.tau,
+            "taus": result.taus,
+            "scores": [score.to_dict() for score in result.scores],
+            "val_metrics": result.val_metrics,
+        }
+        return BaselineResult(name, result.model, details)
+    if name == "crt":
+        history: list[dict[str, Any]] = []
+        user_callback = options.pop("callback", None)
+
+        def record(entry: dict[str, Any]) -> None:
+            history.append(entry)
+            if user_callback is not None:
+                user_callback(entry)
+
+        new = function(model, train, val, callback=record, **options)
+        return BaselineResult(name, new, {"history": history})
+    return BaselineResult(name, function(model, train, **options))
