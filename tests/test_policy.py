@@ -91,6 +91,16 @@ def test_uniform_policy(num_classes):
     torch.testing.assert_close(distribution, expected)
 
 
+def test_greedy_policy_on_a_non_contiguous_gain():
+    # gain matrices often come out of a matrix product as a transposed view
+    gain = torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64).t()
+    assert not gain.is_contiguous()
+    distribution = mixup_distribution(gain, policy="greedy")
+    row, col = divmod(int(gain.reshape(-1).argmax()), 5)
+    assert distribution[row, col] == 1.0 and float(distribution.sum()) == 1.0
+    assert float(gain[row, col]) == float(gain.max())
+
+
 def test_greedy_policy_is_one_hot_at_argmax():
     gain = random_gain(6, 7)
     distribution = mixup_distribution(gain, policy="greedy")

@@ -60,8 +60,9 @@ def mixup_distribution(
     if policy == "uniform":
         return torch.full_like(gain, 1.0 / gain.numel())
     if policy == "greedy":
-        distribution = torch.zeros_like(gain)
-        distribution.view(-1)[gain.argmax()] = 1.0
+        # a fresh contiguous tensor: zeros_like would copy the strides of a transposed gain
+        distribution = torch.zeros(gain.shape, dtype=gain.dtype, device=gain.device)
+        distribution.view(-1)[gain.reshape(-1).argmax()] = 1.0
         return distribution
 
     positive = gain > 0
