@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mu", type=int, default=7, help="unlabelled-to-labelled ratio")
     parser.add_argument("--fixmatch-lr", type=float, default=0.03)
     # SelMix fine-tuning
+    parser.add_argument(
+        "--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES),
+        help="SelMix objectives to run",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=1000, help="SelMix steps")
     parser.add_argument("--batch-size", type=int, default=64, help="SelMix pairs per step")
     parser.add_argument("--lr-head", type=float, default=3e-4)
@@ -111,11 +116,19 @@ def parse_args() -> argparse.Namespace:
         "--no-fixmatch-selmix", action="store_true",
         help="skip SelMix from the FixMatch (no LA) start",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-fixmatch-start", action="store_true",
+        help="do not pre-train the FixMatch (no LA) start at all (implies --no-fixmatch-selmix)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cache", default=".cache/benchmarks")
     parser.add_argument("--log-dir", default=None, help="per-run JSON-lines feedback logs")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--json", default=None, help="write every run's results here")
+    parser.add_argument(
+        "--merge", nargs="+", default=None,
+        help="only print the across-seed summary of earlier --json files",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -167,6 +180,13 @@ def test_metrics(model: torch.nn.Module, test: Any) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        runs = [run for path in args.merge for run in json.loads(Path(path).read_text())]
+        table = summarize(runs)
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -191,6 +211,8 @@ def main() -> None:
                 pool = pool.subset(keep.sort().values)
             starts = {}
             for start_name, loss in STARTS.items():
+                if args.no_fixmatch_start and start_name == "FixMatch":
+                    continue
                 model, info = pretrained(args, data, distribution, seed, loss)
                 starts[start_name] = model
                 metrics = test_metrics(model, test)
@@ -212,10 +234,11 @@ def main() -> None:
                     flush=True,
                 )
             plan = [("FixMatch(LA)", "unlabelled"), ("FixMatch(LA)", "labelled")]
-            if not args.no_fixmatch_selmix:
+            if not (args.no_fixmatch_selmix or args.no_fixmatch_start):
                 plan.append(("FixMatch", "unlabelled"))
             for start_name, pairs in plan:
-                for objective_name, objective in OBJECTIVES.items():
+                for objective_name in args.objectives:
+                    objective = OBJECTIVES[objective_name]
                     model = copy.deepcopy(starts[start_name])
                     if objective == "min_recall":
                         params = {"rate": args.rate}
@@ -273,6 +296,44 @@ def main() -> None:
         Path(args.out).write_text(table + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
+
+
+def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean = scale * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.pstdev(values):.{digits}f}"
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """Mean ± std over seeds of each (distribution, start, fine-tuning, objective) row."""
+    starts = {(r["distribution"], r["seed"], r["start"]): r for r in runs if r["method"] == "start"}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        tuning = "none (start)" if run["method"] == "start" else f"SelMix, {run['pairs']} x2"
+        key = (run["distribution"], run["start"], tuning, run["objective"])
+        groups.setdefault(key, []).append(run)
+    lines = [
+        "| distribution | start | fine-tuning | objective | seeds | mean rec | min rec | "
+        "min cov | Δ min rec | lowest seed's min cov |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (distribution, start, tuning, objective), group in groups.items():
+        seeds = sorted(r["seed"] for r in group)
+        deltas = [
+            r["test"]["min_recall"] - starts[(distribution, r["seed"], start)]["test"]["min_recall"]
+            for r in group
+        ]
+        coverage = [r["test"]["min_coverage"] for r in group]
+        lines.append(
+            f"| {distribution} | {start} | {tuning} | {objective} | "
+            f"{', '.join(map(str, seeds))} | {_spread([r['test']['mean_recall'] for r in group])} "
+            f"| {_spread([r['test']['min_recall'] for r in group])} | "
+            f"{_spread(coverage, 1.0, 4)} | "
+            + ("" if tuning == "none (start)" else f"{_spread(deltas)}")
+            + f" | {min(coverage):.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:

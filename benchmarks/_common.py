@@ -1,0 +1,149 @@
+"""Helpers shared by the benchmark scripts (not part of the library).
+
+* :func:`load_start` rebuilds a starting model saved by ``selmix pretrain --out DIR`` and
+  the exact data split it was trained on (from the ``config.yaml`` beside it).
+* :class:`FeatureSet` and :func:`feature_space` turn a model into "identity backbone +
+  linear head" over features computed once, so that every frozen-backbone method (SelMix,
+  uniform and greedy mixup, post-hoc logit adjustment, cRT, logit-adjusted fine-tuning)
+  shares one feature extraction instead of redoing it per run.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from selmix import load_model, split_model
+from selmix.data import load_data
+from selmix.evaluate import extract_features
+
+METRIC_COLUMNS = ("mean_recall", "min_recall", "g_mean", "h_mean", "min_coverage")
+METRIC_NAMES = {
+    "mean_recall": "mean rec",
+    "min_recall": "min rec",
+    "g_mean": "G-mean",
+    "h_mean": "H-mean",
+    "min_coverage": "min cov",
+}
+
+
+@dataclass
+class Start:
+    """A starting model with the data split it was trained on."""
+
+    directory: Path
+    model: nn.Module
+    data: Any
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+
+def load_start(directory: str | Path, cache_dir: str | None = None) -> Start:
+    """The model of a ``selmix pretrain`` output folder and its data split (same seed)."""
+    directory = Path(directory)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    model, _ = load_model(directory / "model.pt")
+    data = load_data(
+        config["data"], imbalance=config.get("imbalance"),
+        max_per_class=config.get("max_per_class"), val_per_class=config.get("val_per_class"),
+        seed=config.get("seed", 0), cache_dir=cache_dir or config.get("cache_dir"),
+    )  # fmt: skip
+    return Start(directory, model.eval(), data, config)
+
+
+class FeatureSet:
+    """Pre-computed features with selmix's data-set interface (``labels``, ``batch``)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        self.features = features
+        self.labels = labels.long()
+        self.num_classes = num_classes
+        self.classes = [str(k) for k in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.features[index], int(self.labels[index])
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def batch(
+        self,
+        indices: Any,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+        device: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        features, labels = self.features[index], self.labels[index]
+        if device is not None:
+            features, labels = features.to(device), labels.to(device)
+        return features, labels
+
+    def subset(self, indices: Any) -> FeatureSet:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return FeatureSet(self.features[index], self.labels[index], self.num_classes)
+
+
+@dataclass
+class FeatureSpace:
+    """A head-only copy of a model and its train / val / test features."""
+
+    model: nn.Module
+    train: FeatureSet
+    val: FeatureSet
+    test: FeatureSet
+
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+
+def feature_space(model: nn.Module, data: Any, device: str = "cpu") -> FeatureSpace:
+    """Extracts the features of ``data.train/val/test`` once (eval mode, no augmentation)."""
+    split = split_model(model)
+    model.eval()
+    num_classes = split.head.out_features
+    sets = []
+    for dataset in (data.train, data.val, data.test):
+        features = extract_features(split.features, dataset, torch.device(device), 512)
+        sets.append(FeatureSet(features.cpu(), torch.as_tensor(dataset.labels), num_classes))
+    head_model = nn.Sequential(nn.Identity(), copy.deepcopy(split.head)).eval()
+    return FeatureSpace(head_model, *sets)
+
+
+def mean_spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± population std`` of the values (times ``scale``)."""
+    mean = scale * statistics.fmean(values)
+    spread = scale * statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def format_metric(column: str, values: list[float]) -> str:
+    if column == "min_coverage":
+        return mean_spread(values, scale=1.0, digits=3)
+    return mean_spread(values)
+
+
+def machine_line(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {threads} torch thread(s)"
