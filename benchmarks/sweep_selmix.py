@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -132,7 +133,7 @@ def main() -> None:
         },  # fmt: skip
         "seconds": time.perf_counter() - started,
         "machine": machine_line(torch.get_num_threads()),
-        "commands": ["python " + " ".join(sys.argv)],
+        "commands": ["python " + shlex.join(sys.argv)],
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
