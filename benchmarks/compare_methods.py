@@ -85,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES),
                         choices=list(OBJECTIVES))  # fmt: skip
-    parser.add_argument("--methods", nargs="+", default=list(FROZEN_METHODS),
+    parser.add_argument("--methods", nargs="*", default=list(FROZEN_METHODS),
                         choices=list(FROZEN_METHODS), help="frozen-backbone methods")  # fmt: skip
     parser.add_argument("--steps", type=int, default=4000, help="frozen-backbone steps")
     parser.add_argument("--batch-size", type=int, default=128)

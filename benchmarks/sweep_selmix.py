@@ -36,8 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", required=False, help="selmix pretrain folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scales", type=float, nargs="+", default=[1, 3, 10, 30])
-    parser.add_argument("--rates", type=float, nargs="+", default=[10, 50])
+    parser.add_argument("--scales", type=float, nargs="*", default=[1, 3, 10, 30])
+    parser.add_argument("--rates", type=float, nargs="*", default=[10, 50])
     parser.add_argument("--forms", nargs="+", default=["paper", "scale-free"],
                         choices=["paper", "scale-free"])  # fmt: skip
     parser.add_argument("--steps", type=int, default=4000, help="frozen-backbone steps")
