@@ -133,7 +133,7 @@ def mean_spread(values: list[float], scale: float = 100.0, digits: int = 1) -> s
 
 def format_metric(column: str, values: list[float]) -> str:
     if column == "min_coverage":
-        return mean_spread(values, scale=1.0, digits=3)
+        return mean_spread(values, scale=1.0, digits=4)
     return mean_spread(values)
 
 

@@ -104,6 +104,11 @@ def parse_args() -> argparse.Namespace:
                         help="seeds of the full-backbone runs (default: the first)")  # fmt: skip
     parser.add_argument("--full-steps", type=int, default=500)
     parser.add_argument("--full-feedback-every", type=int, default=10)
+    parser.add_argument(
+        "--label", default="",
+        help="appended to every method's name in the tables (e.g. ', alpha 1.0' for a "
+        "variant run merged with the main one)",
+    )  # fmt: skip
     parser.add_argument("--title", default=None, help="the data set's name in the heading")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cpu")
@@ -220,7 +225,7 @@ def main() -> None:
                 test_set = start.data.test if full else space.test
                 metrics = evaluate(outcome.pop("model"), test_set, device=args.device).metrics()
                 run = {
-                    "start": start.name, "seed": seed, "method": method,
+                    "start": start.name, "seed": seed, "method": method + args.label,
                     "backbone": "fine-tuned" if full else "frozen",
                     "test": {column: metrics[column] for column in METRIC_COLUMNS},
                     "seconds": time.perf_counter() - run_started, **outcome,
@@ -269,6 +274,8 @@ def main() -> None:
                 "full_feedback_every",
             )
         },  # fmt: skip
+        "test_size": len(first.data.test),
+        "num_classes": int(first.data.test.num_classes),
         "seconds": time.perf_counter() - started,
         "machine": machine_line(torch.get_num_threads()),
         "commands": ["python " + shlex.join(sys.argv)],
@@ -350,11 +357,39 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) ->
                 + f" | {dip} | {seconds:.1f} |"
             )
         lines += _verdicts(objective, column, rows)
+        if "coverage" in objective:
+            mean, low = balanced_ceiling(meta["test_size"], meta["num_classes"])
+            lines.append(
+                f"- For scale: a classifier whose predictions are exactly balanced (coverage "
+                f"1/K for every class in the population) scores on average {mean:.4f} test "
+                f"min coverage on a {meta['test_size']}-image test set (5th percentile "
+                f"{low:.4f}), from the sampling noise of the test set alone."
+            )
     table = "\n".join(lines)
     print(table)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table + "\n")
+
+
+def balanced_ceiling(test_size: int, num_classes: int, draws: int = 2000) -> tuple[float, float]:
+    """Mean and 5th percentile of the test min coverage of a perfectly balanced classifier.
+
+    Its predictions on a test set of ``test_size`` images are multinomial with p = 1/K, so
+    the measured min coverage falls short of 1/K by sampling noise alone (Monte Carlo with
+    a fixed seed).
+    """
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.full((num_classes,), 1.0 / num_classes)
+    minima = []
+    for _ in range(draws // 100):
+        predictions = torch.multinomial(
+            probabilities, 100 * test_size, replacement=True, generator=generator
+        ).view(100, test_size)
+        counts = torch.nn.functional.one_hot(predictions, num_classes).sum(1)
+        minima.append(counts.min(1).values.double() / test_size)
+    values = torch.cat(minima)
+    return float(values.mean()), float(values.quantile(0.05))
 
 
 def _mean(group: list[dict[str, Any]], metric: str) -> float:
