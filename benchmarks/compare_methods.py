@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write every run here")
     parser.add_argument("--out", default=None, help="also write the markdown tables here")
+    parser.add_argument(
+        "--summary-out", default=None,
+        help="also write a one-table summary (the objective's own metric, per method)",
+    )  # fmt: skip
     parser.add_argument("--merge", nargs="+", default=None,
                         help="only render the tables of earlier --json files")  # fmt: skip
     return parser.parse_args()
@@ -186,6 +191,8 @@ def main() -> None:
         meta["commands"] = [c for payload in payloads for c in payload["meta"]["commands"]]
         meta["starts"] = sorted({name for p in payloads for name in p["meta"]["starts"]})
         render(runs, meta, args.out)
+        if args.summary_out:
+            write_summary(runs, meta, args.summary_out)
         return
     if not args.starts:
         raise SystemExit("--starts is required (unless --merge)")
@@ -285,6 +292,61 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     render(runs, meta, args.out)
+
+
+def write_summary(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
+    """One row per method, one column per objective: the objective's own test metric."""
+    methods: list[tuple[str, str]] = []
+    for run in runs:
+        key = (run["method"], run["backbone"])
+        if key not in methods:
+            methods.append(key)
+    objectives = [o for o in OBJECTIVES if any(r["objective"] == o for r in runs)]
+    names = []
+    for objective in objectives:
+        column = METRIC_NAMES[_objective_column(objective)]
+        names.append(f"{column} / min cov (s.t. coverage)" if "coverage" in objective else column)
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(objectives)]
+    for method, backbone in methods:
+        cells = []
+        for objective in objectives:
+            column = _objective_column(objective)
+            group = [
+                r for r in runs
+                if r["objective"] == objective and r["method"] == method
+                and r["backbone"] == backbone
+            ]  # fmt: skip
+            if not group:
+                cells.append("")
+                continue
+            text = _short([r["test"][column] for r in group])
+            if "coverage" in objective:
+                coverage = statistics.fmean(r["test"]["min_coverage"] for r in group)
+                text += f" / {coverage:.4f}"
+            cells.append(text)
+        label = method if backbone == "frozen" else f"{method}, {backbone} backbone"
+        seeds = {
+            len({r["seed"] for r in runs if (r["method"], r["backbone"]) == (method, backbone)})
+        }
+        if seeds == {1}:
+            label += " (1 seed)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in runs})
+    lines += [
+        "",
+        f"{meta['title']}: test set, %, mean ± std over seeds {seeds} (min coverage: seed "
+        "mean). Backbone frozen unless the row says otherwise. Full tables, commands and "
+        "settings: docs/RESULTS.md.",
+    ]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+
+
+def _short(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.pstdev(values):.1f}"
 
 
 def _objective_column(objective: str) -> str:

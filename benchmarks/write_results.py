@@ -1,5 +1,8 @@
 """Writes docs/RESULTS.md from its template and the tables the benchmark scripts wrote.
 
+Also refreshes the README's result tables: the lines between ``<!-- include PATH -->`` and
+``<!-- end include -->`` are replaced by the file at PATH.
+
 The template (``benchmarks/RESULTS.template.md``) holds the prose and the commands; every
 line ``{{include PATH}}`` is replaced by the file at PATH (relative to the repository root),
 a table printed by one of the benchmark scripts with ``--out``. So every number on the
@@ -18,6 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "benchmarks" / "RESULTS.template.md"
 TARGET = ROOT / "docs" / "RESULTS.md"
 INCLUDE = re.compile(r"^\{\{include (\S+)\}\}$")
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- include (\S+) -->\n)(.*?)(<!-- end include -->)", re.DOTALL)
+
+
+def refresh_readme() -> None:
+    def replace(match: re.Match) -> str:
+        path = ROOT / match.group(2)
+        if not path.exists():
+            raise SystemExit(f"README.md: included file {match.group(2)} is missing")
+        return match.group(1) + "\n" + path.read_text().strip("\n") + "\n\n" + match.group(4)
+
+    text = README.read_text()
+    README.write_text(BLOCK.sub(replace, text))
 
 
 def main() -> None:
@@ -37,6 +53,8 @@ def main() -> None:
     )
     TARGET.write_text(header + "\n" + "\n".join(lines) + "\n")
     print(f"wrote {TARGET.relative_to(ROOT)}")
+    refresh_readme()
+    print(f"refreshed {README.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
