@@ -182,7 +182,7 @@ def test_precedence_defaults_config_flags_set(tmp_path: Path) -> None:
 
 
 def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
-    for command in ("pretrain", "finetune", "evaluate", "demo"):
+    for command in ("pretrain", "finetune", "baseline", "evaluate", "demo"):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert "--config" in text and "--set" in text and "--seed" in text
@@ -198,7 +198,7 @@ def test_python_dash_m_help() -> None:
         [sys.executable, "-m", "selmix", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0
-    for command in ("pretrain", "finetune", "evaluate", "demo"):
+    for command in ("pretrain", "finetune", "baseline", "evaluate", "demo"):
         assert command in result.stdout
 
 
