@@ -44,7 +44,9 @@ def main() -> None:
             path = ROOT / match.group(1)
             if not path.exists():
                 raise SystemExit(f"{TEMPLATE.name}: included file {match.group(1)} is missing")
-            lines.append(path.read_text().rstrip("\n"))
+            # a table file's own title becomes bold text under the page's headings
+            text = re.sub(r"^# (.+)$", r"**\1**", path.read_text().rstrip("\n"), flags=re.M)
+            lines.append(text)
         else:
             lines.append(line)
     header = (
