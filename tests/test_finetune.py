@@ -141,9 +141,7 @@ def test_kill_and_resume_equals_uninterrupted(demo, pretrained, tmp_path, monkey
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key
     assert untimed(resumed.history) == untimed(uninterrupted.history)
-    assert torch.equal(
-        resumed.objective.multipliers, uninterrupted.objective.multipliers
-    )
+    assert torch.equal(resumed.objective.multipliers, uninterrupted.objective.multipliers)
 
 
 def test_same_seed_same_run(demo, pretrained):
