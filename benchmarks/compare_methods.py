@@ -190,6 +190,11 @@ def main() -> None:
         meta["seconds"] = sum(payload["meta"]["seconds"] for payload in payloads)
         meta["commands"] = [c for payload in payloads for c in payload["meta"]["commands"]]
         meta["starts"] = sorted({name for p in payloads for name in p["meta"]["starts"]})
+        # the fine-tuned-backbone settings of the header come from a file that has such runs
+        for payload in payloads:
+            if any(run["backbone"] == "fine-tuned" for run in payload["runs"]):
+                meta["full_settings"] = payload["meta"]["settings"]
+                break
         render(runs, meta, args.out)
         if args.summary_out:
             write_summary(runs, meta, args.summary_out)
@@ -359,6 +364,7 @@ def _objective_column(objective: str) -> str:
 
 def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) -> None:
     settings = meta["settings"]
+    full = meta.get("full_settings", settings)
     lines = [
         f"Data: {meta['title']}; starting model(s) {', '.join(meta['starts'])} "
         f"({meta['start_config']}). Test set, mean ± std over seeds, % (min coverage as a "
@@ -368,8 +374,8 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) ->
         f"{settings['rate']}, coverage alpha = {settings['coverage_alpha']} (target alpha/K "
         f"on validation), confusion smoothing {settings['confusion_smoothing']}; cRT "
         f"{settings['crt_epochs']} epochs; LA tau {settings['la_tau']}. Fine-tuned-backbone "
-        f"runs: {settings['full_steps']} steps, feedback every "
-        f"{settings['full_feedback_every']}, lr_backbone = lr_head / 10. "
+        f"runs: {full['full_steps']} steps, feedback every "
+        f"{full['full_feedback_every']}, lr_backbone = lr_head / 10. "
         f"Machine: {meta['machine']}; wall time {meta['seconds']:.0f} s.",
         "",
         "Command(s):",
