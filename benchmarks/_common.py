@@ -11,8 +11,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import platform
+import shlex
 import statistics
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,3 +151,18 @@ def machine_line(threads: int) -> str:
     except OSError:
         pass
     return f"{cpu}, torch {torch.__version__}, {threads} torch thread(s)"
+
+
+def run_record(started: float) -> dict[str, Any]:
+    """The wall time since ``started``, the machine and the command line of this run."""
+    return {
+        "seconds": time.perf_counter() - started,
+        "machine": machine_line(torch.get_num_threads()),
+        "commands": ["python " + shlex.join(sys.argv)],
+    }
+
+
+def write_payload(path: str, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Writes ``{"meta": ..., "runs": ...}`` as JSON, the input of the scripts' ``--merge``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))

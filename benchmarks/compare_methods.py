@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -47,8 +46,9 @@ from _common import (  # noqa: E402
     feature_space,
     format_metric,
     load_start,
-    machine_line,
     mean_spread,
+    run_record,
+    write_payload,
 )
 from selmix.baselines import run_baseline  # noqa: E402
 from selmix.evaluate import evaluate  # noqa: E402
@@ -289,13 +289,10 @@ def main() -> None:
         },  # fmt: skip
         "test_size": len(first.data.test),
         "num_classes": int(first.data.test.num_classes),
-        "seconds": time.perf_counter() - started,
-        "machine": machine_line(torch.get_num_threads()),
-        "commands": ["python " + shlex.join(sys.argv)],
+        **run_record(started),
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+        write_payload(args.json, meta, runs)
     render(runs, meta, args.out)
 
 

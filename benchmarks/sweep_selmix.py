@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import feature_space, load_start, machine_line  # noqa: E402
+from _common import feature_space, load_start, run_record, write_payload  # noqa: E402
 from selmix.finetune import finetune  # noqa: E402
 
 
@@ -131,13 +130,10 @@ def main() -> None:
                 "full_feedback_every",
             )
         },  # fmt: skip
-        "seconds": time.perf_counter() - started,
-        "machine": machine_line(torch.get_num_threads()),
-        "commands": ["python " + shlex.join(sys.argv)],
+        **run_record(started),
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+        write_payload(args.json, meta, runs)
     render(runs, meta, args.out)
 
 

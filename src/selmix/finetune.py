@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._config import ConfigMixin
-from selmix._validation import check_choice, check_in_range, check_int, check_positive
+from selmix._validation import (
+    check_choice,
+    check_in_range,
+    check_int,
+    check_labels,
+    check_positive,
+)
 from selmix.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -320,15 +326,7 @@ class Trainer:
     def _check_labels(self) -> None:
         num_classes = self.num_classes
         for name, dataset in (("train", self.train), ("val", self.val)):
-            labels = torch.as_tensor(dataset.labels).long()
-            if labels.numel() == 0:
-                raise ValueError(f"`{name}` is empty")
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= num_classes:
-                raise ValueError(
-                    f"`{name}` labels must lie in [0, {num_classes}) for a model with "
-                    f"{num_classes} outputs (num_classes), got labels in [{low}, {high}]"
-                )
+            check_labels(name, dataset.labels, num_classes)
             declared = getattr(dataset, "num_classes", None)
             if declared is not None and declared != num_classes:
                 raise ValueError(
