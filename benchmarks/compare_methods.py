@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from _common import (  # noqa: E402
     format_metric,
     load_start,
     mean_spread,
+    percent_cell,
     run_record,
     write_payload,
 )
@@ -321,9 +321,9 @@ def write_summary(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) ->
             if not group:
                 cells.append("")
                 continue
-            text = _short([r["test"][column] for r in group])
+            text = percent_cell([r["test"][column] for r in group])
             if "coverage" in objective:
-                coverage = statistics.fmean(r["test"]["min_coverage"] for r in group)
+                coverage = _mean(group, "min_coverage")
                 text += f" / {coverage:.4f}"
             cells.append(text)
         label = method if backbone == "frozen" else f"{method}, {backbone} backbone"
@@ -342,13 +342,6 @@ def write_summary(runs: list[dict[str, Any]], meta: dict[str, Any], out: str) ->
     ]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n")
-
-
-def _short(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {100 * statistics.pstdev(values):.1f}"
 
 
 def _objective_column(objective: str) -> str:
@@ -486,17 +479,14 @@ def _verdicts(objective: str, column: str, rows: dict) -> list[str]:
         return []
     lines = [""]
 
-    def mean(group: list[dict[str, Any]], metric: str) -> float:
-        return sum(r["test"][metric] for r in group) / len(group)
-
     for backbone in ("frozen", "fine-tuned"):
         selmix = rows.get(("SelMix", backbone))
         if not selmix:
             continue
         others = {k: g for k, g in rows.items() if k[0] != "SelMix"}
         best_key = max(others, key=lambda k: _rank(objective, column, others[k]))
-        gain = 100 * (mean(selmix, column) - mean(start, column))
-        margin = 100 * (mean(selmix, column) - mean(others[best_key], column))
+        gain = 100 * (_mean(selmix, column) - _mean(start, column))
+        margin = 100 * (_mean(selmix, column) - _mean(others[best_key], column))
         spread = mean_spread([r["test"][column] for r in selmix])
         lines.append(
             f"- SelMix ({backbone}): {METRIC_NAMES[column]} {spread} ({gain:+.1f} points over "
@@ -510,8 +500,8 @@ def _verdicts(objective: str, column: str, rows: dict) -> list[str]:
                 f"  Test min coverage {format_metric('min_coverage', coverage)}, lowest seed "
                 f"{min(coverage):.4f}: target >= {COVERAGE_TARGET} "
                 f"{'met on every seed' if met else 'NOT met on every seed'}; mean recall "
-                f"{100 * mean(selmix, 'mean_recall'):.1f} against the start's "
-                f"{100 * mean(start, 'mean_recall'):.1f}."
+                f"{100 * _mean(selmix, 'mean_recall'):.1f} against the start's "
+                f"{100 * _mean(start, 'mean_recall'):.1f}."
             )
     return lines
 

@@ -27,7 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import feature_space, load_start, run_record, write_payload  # noqa: E402
+from _common import (  # noqa: E402
+    feature_space,
+    load_start,
+    percent_cell,
+    run_record,
+    write_payload,
+)
 from selmix.finetune import finetune  # noqa: E402
 
 
@@ -137,13 +143,6 @@ def main() -> None:
     render(runs, meta, args.out)
 
 
-def _cell(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {100 * statistics.pstdev(values):.1f}"
-
-
 def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) -> None:
     settings = meta["settings"]
     lines = [
@@ -169,13 +168,14 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) ->
         groups.setdefault((run["backbone"], run["form"], run["scale"], run["rate"]), []).append(run)
     for (backbone, form, scale, rate), group in groups.items():
         trajectory = " / ".join(
-            _cell([r[key] for r in group]) for key in ("val_first", "val_worst", "val_final")
+            percent_cell([r[key] for r in group]) for key in ("val_first", "val_worst", "val_final")
         )
         seconds = statistics.fmean(r["seconds"] for r in group)
         lines.append(
             f"| {backbone} | {form} | {scale:g} | {rate:g} | {len(group)} | "
-            f"{_cell([r['test_min_recall'] for r in group])} | "
-            f"{_cell([r['test_mean_recall'] for r in group])} | {trajectory} | {seconds:.1f} |"
+            f"{percent_cell([r['test_min_recall'] for r in group])} | "
+            f"{percent_cell([r['test_mean_recall'] for r in group])} | {trajectory} | "
+            f"{seconds:.1f} |"
         )
     table = "\n".join(lines)
     print(table)
