@@ -173,3 +173,70 @@ def write_payload(path: str, meta: dict[str, Any], runs: list[dict[str, Any]]) -
     """Writes ``{"meta": ..., "runs": ...}`` as JSON, the input of the scripts' ``--merge``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+
+
+COVERAGE_TARGET = 0.095
+"""The issues' bar for mean recall s.t. coverage: test min coverage >= 0.95 / K, K = 10."""
+
+
+def coverage_floor(
+    test_per_class: int,
+    num_classes: int,
+    *,
+    rates: torch.Tensor | None = None,
+    val_per_class: int = 0,
+    draws: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """What sampling noise alone does to a balanced classifier's measured test min coverage.
+
+    Monte Carlo with a fixed seed. Each class's ``test_per_class`` test images are predicted
+    by independent draws from ``rates[y]`` = P(prediction | class y) (default: uniform, a
+    classifier whose every prediction is a fair die). The classifier is exactly balanced
+    in the population (coverage 1/K for every class) when ``val_per_class`` is 0. With
+    ``val_per_class`` > 0 it is instead exactly balanced on a validation set of that size
+    drawn from the same rates, so it inherits the validation set's error, to first order:
+    population coverage = 1/K - (validation coverage - population coverage). That is the
+    best any method tuned on that validation set can do; the test set's noise comes on top.
+
+    Args:
+        test_per_class: test images per class.
+        num_classes: K.
+        rates: Tensor[K, K] of non-negative rows (normalised here), e.g. a model's confusion
+            counts on held-out images; default all 1/K.
+        val_per_class: validation images per class (0: the classifier is balanced exactly).
+        draws: Monte Carlo draws of the test (and validation) sets.
+        seed: seed of the draws.
+
+    Returns:
+        ``(mean, 5th percentile, share of draws below COVERAGE_TARGET)`` of the measured
+        test min coverage.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if rates is None:
+        rates = torch.ones(num_classes, num_classes)
+    rates = rates.double()
+    if rates.shape != (num_classes, num_classes) or bool((rates < 0).any()):
+        raise ValueError(f"`rates` must be a non-negative {num_classes} x {num_classes} tensor")
+    if bool((rates.sum(1) == 0).any()):
+        raise ValueError("every row of `rates` must have a positive sum (a class with no image)")
+    rates = rates / rates.sum(1, keepdim=True)
+    population = rates.mean(0)
+    offsets = (torch.arange(draws) * num_classes).unsqueeze(1)
+
+    def measured(per_class: int) -> torch.Tensor:
+        """Tensor[draws, K]: coverage measured on a balanced set of ``per_class`` per class."""
+        counts = torch.zeros(draws * num_classes, dtype=torch.float64)
+        for row in rates:
+            picks = torch.multinomial(row, draws * per_class, replacement=True, generator=generator)
+            counts += torch.bincount(
+                (picks.view(draws, per_class) + offsets).flatten(), minlength=draws * num_classes
+            ).double()
+        return counts.view(draws, num_classes) / (per_class * num_classes)
+
+    test = measured(test_per_class) - population + 1.0 / num_classes
+    if val_per_class:
+        test -= measured(val_per_class) - population
+    minima = test.min(1).values
+    below = float((minima < COVERAGE_TARGET).double().mean())
+    return float(minima.mean()), float(minima.quantile(0.05)), below

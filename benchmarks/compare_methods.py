@@ -40,8 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    COVERAGE_TARGET,
     METRIC_COLUMNS,
     METRIC_NAMES,
+    coverage_floor,
     feature_space,
     format_metric,
     load_start,
@@ -77,7 +79,6 @@ SHARED = ("start", "cRT", "LA fine-tuning", "uniform mixup")
 FROZEN_METHODS = ("start", "post-hoc LA", "cRT", "LA fine-tuning", "uniform mixup",
                   "greedy mixup", "SelMix", "cRT + SelMix")  # fmt: skip
 FULL_METHODS = ("SelMix", "LA fine-tuning", "uniform mixup", "greedy mixup")
-COVERAGE_TARGET = 0.095
 
 
 def parse_args() -> argparse.Namespace:
@@ -417,7 +418,9 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) ->
             )
         lines += _verdicts(objective, column, rows)
         if "coverage" in objective:
-            mean, low, below = balanced_ceiling(meta["test_size"], meta["num_classes"])
+            mean, low, below = coverage_floor(
+                meta["test_size"] // meta["num_classes"], meta["num_classes"]
+            )
             lines.append(
                 f"- For scale: a classifier whose predictions are exactly balanced (coverage "
                 f"1/K for every class in the population) scores on average {mean:.4f} test "
@@ -430,30 +433,6 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any], out: str | None) ->
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table + "\n")
-
-
-def balanced_ceiling(
-    test_size: int, num_classes: int, draws: int = 2000
-) -> tuple[float, float, float]:
-    """Mean, 5th percentile and P(< target) of a perfectly balanced classifier's test min
-    coverage.
-
-    Its predictions on a test set of ``test_size`` images are multinomial with p = 1/K, so
-    the measured min coverage falls short of 1/K by sampling noise alone (Monte Carlo with
-    a fixed seed).
-    """
-    generator = torch.Generator().manual_seed(0)
-    probabilities = torch.full((num_classes,), 1.0 / num_classes)
-    minima = []
-    for _ in range(draws // 100):
-        predictions = torch.multinomial(
-            probabilities, 100 * test_size, replacement=True, generator=generator
-        ).view(100, test_size)
-        counts = torch.nn.functional.one_hot(predictions, num_classes).sum(1)
-        minima.append(counts.min(1).values.double() / test_size)
-    values = torch.cat(minima)
-    below = float((values < COVERAGE_TARGET).double().mean())
-    return float(values.mean()), float(values.quantile(0.05)), below
 
 
 def _mean(group: list[dict[str, Any]], metric: str) -> float:
