@@ -169,7 +169,13 @@ def parse_args() -> argparse.Namespace:
         "--merge", nargs="+", default=None,
         help="only print the across-seed summary of earlier --json files",
     )  # fmt: skip
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("extra_val_per_class", "floor_draws", "crt_epochs"):
+        minimum = 0 if name == "extra_val_per_class" else 1
+        value = getattr(args, name)
+        if value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    return args
 
 
 def pretrained(
