@@ -135,11 +135,12 @@ def mean_spread(values: list[float], scale: float = 100.0, digits: int = 1) -> s
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def percent_cell(values: list[float]) -> str:
-    """``mean ± std`` in % for several seeds; the bare mean for a single run."""
+def percent_cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` (times ``scale``: % by default) for several seeds; the bare value for a
+    single run."""
     if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return mean_spread(values)
+        return f"{scale * values[0]:.{digits}f}"
+    return mean_spread(values, scale, digits)
 
 
 def format_metric(column: str, values: list[float]) -> str:

@@ -67,6 +67,7 @@ from selmix.data import (
 )
 from selmix.evaluate import evaluate, extract_features
 from selmix.finetune import finetune
+from selmix.metrics import min_coverage
 from selmix.models import create_model
 from selmix.semisup import (
     FixMatchConfig,
@@ -76,7 +77,7 @@ from selmix.semisup import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import COVERAGE_TARGET, coverage_floor, mean_spread  # noqa: E402
+from _common import COVERAGE_TARGET, coverage_floor, percent_cell  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 OBJECTIVES = {"min recall": "min_recall", "mean recall s.t. coverage": "mean_recall_min_coverage"}
@@ -284,7 +285,7 @@ def balanced_min_coverage(counts: torch.Tensor | None) -> float | None:
     if counts is None or bool((counts.sum(1) == 0).any()):
         return None
     counts = counts.double()
-    return float((counts / counts.sum(1, keepdim=True)).mean(0).min())
+    return float(min_coverage(counts / counts.sum(1, keepdim=True)))
 
 
 def start_record(
@@ -442,7 +443,7 @@ def main() -> None:
                         # The rates of the floor: the run's own confusion on the held-out
                         # images (the test set's if some class has no held-out image).
                         rates = test_eval.counts
-                        if balanced_min_coverage(held_out_counts) is not None:
+                        if run["held_out_min_coverage"] is not None:
                             rates = held_out_counts
                         run["val_balanced_floor"] = coverage_floor(
                             len(test) // NUM_CLASSES, NUM_CLASSES, rates=rates,
@@ -471,12 +472,6 @@ def main() -> None:
         Path(args.out).write_text(table + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
-
-
-def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{scale * values[0]:.{digits}f}"
-    return mean_spread(values, scale, digits)
 
 
 def _unique_starts(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -522,15 +517,16 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         held_out = [r.get("held_out_min_coverage") for r in group]
         floors = [r["val_balanced_floor"] for r in group if "val_balanced_floor" in r]
         delta = "" if start == REFERENCE and tuning == "none (start)" or not deltas else (
-            f"{'+' if statistics.fmean(deltas) >= 0 else ''}{_spread(deltas)}"
+            f"{'+' if statistics.fmean(deltas) >= 0 else ''}{percent_cell(deltas)}"
         )  # fmt: skip
         lines.append(
             f"| {distribution} | {start} | {tuning} | {objective} | {val} | "
-            f"{', '.join(map(str, seeds))} | {_spread([r['test']['mean_recall'] for r in group])} "
-            f"| {_spread([r['test']['min_recall'] for r in group])} | {delta} | "
-            f"{_spread(coverage, 1.0, 4)} | {min(coverage):.4f} | "
-            + ("-" if None in held_out else _spread(held_out, 1.0, 4))
-            + f" | {_spread(floors, 1.0, 4) if floors else ''} |"
+            f"{', '.join(map(str, seeds))} | "
+            f"{percent_cell([r['test']['mean_recall'] for r in group])} | "
+            f"{percent_cell([r['test']['min_recall'] for r in group])} | {delta} | "
+            f"{percent_cell(coverage, 1.0, 4)} | {min(coverage):.4f} | "
+            + ("-" if None in held_out else percent_cell(held_out, 1.0, 4))
+            + f" | {percent_cell(floors, 1.0, 4) if floors else ''} |"
         )
     return "\n".join(lines)
 
