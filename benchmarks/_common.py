@@ -3,7 +3,8 @@
 * :func:`load_start` rebuilds a starting model saved by ``selmix pretrain --out DIR`` and
   the exact data split it was trained on (from the ``config.yaml`` beside it).
 * :class:`FeatureSet` and :func:`feature_space` turn a model into "identity backbone +
-  linear head" over features computed once, so that every frozen-backbone method (SelMix,
+  linear head" over features computed once (by the library's frozen view,
+  :class:`selmix.views.FrozenFeatures`), so that every frozen-backbone method (SelMix,
   uniform and greedy mixup, post-hoc logit adjustment, cRT, logit-adjusted fine-tuning)
   shares one feature extraction instead of redoing it per run.
 """
@@ -27,7 +28,7 @@ from torch import nn
 
 from selmix import load_model, split_model
 from selmix.data import load_data
-from selmix.evaluate import extract_features
+from selmix.views import FrozenFeatures
 
 METRIC_COLUMNS = ("mean_recall", "min_recall", "g_mean", "h_mean", "min_coverage")
 METRIC_NAMES = {
@@ -116,13 +117,15 @@ class FeatureSpace:
 
 
 def feature_space(model: nn.Module, data: Any, device: str = "cpu") -> FeatureSpace:
-    """Extracts the features of ``data.train/val/test`` once (eval mode, no augmentation)."""
+    """Extracts the features of ``data.train/val/test`` once (eval mode, no augmentation),
+    with the library's frozen view (:class:`selmix.views.FrozenFeatures`)."""
     split = split_model(model)
     model.eval()
     num_classes = split.head.out_features
+    view = FrozenFeatures(split, torch.device(device))
     sets = []
     for dataset in (data.train, data.val, data.test):
-        features = extract_features(split.features, dataset, torch.device(device), 512)
+        features = view.features(dataset)
         sets.append(FeatureSet(features.cpu(), torch.as_tensor(dataset.labels), num_classes))
     head_model = nn.Sequential(nn.Identity(), copy.deepcopy(split.head)).eval()
     return FeatureSpace(head_model, *sets)

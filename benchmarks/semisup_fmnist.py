@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from selmix import confusion_matrix, split_model
+from selmix import split_model
 from selmix.baselines import classifier_retraining
 from selmix.data import (
     UNLABELLED_DISTRIBUTIONS,
@@ -65,7 +65,7 @@ from selmix.data import (
     semi_supervised_split,
     unlabelled_distribution,
 )
-from selmix.evaluate import evaluate, extract_features
+from selmix.evaluate import evaluate
 from selmix.finetune import finetune
 from selmix.metrics import min_coverage
 from selmix.models import create_model
@@ -74,6 +74,7 @@ from selmix.semisup import (
     fixmatch_pretrain,
     pseudo_label_report,
 )
+from selmix.views import FeatureCache, FrozenFeatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -264,19 +265,18 @@ class HeldOutImages:
     def __init__(self, dataset: Any, frozen_backbone: bool) -> None:
         self.dataset = dataset
         self.frozen_backbone = frozen_backbone
-        self._features: dict[str, torch.Tensor] = {}
+        self._caches: dict[str, FeatureCache] = {}
 
     def counts(self, model: torch.nn.Module, start_name: str) -> torch.Tensor:
         """LongTensor[K, K] confusion counts of ``model`` (a copy of start ``start_name``)."""
         split = split_model(model.eval())
-        features = self._features.get(start_name) if self.frozen_backbone else None
-        if features is None:
-            features = extract_features(split.features, self.dataset, torch.device("cpu"))
-            if self.frozen_backbone:
-                self._features[start_name] = features
-        with torch.no_grad():
-            predictions = split.head(features).argmax(dim=1)
-        return confusion_matrix(self.dataset.labels, predictions, NUM_CLASSES, normalize=False)
+        device = torch.device("cpu")
+        # a frozen-backbone run shares its start's backbone, so it shares its start's cache
+        cache = self._caches.get(start_name) if self.frozen_backbone else None
+        view = FrozenFeatures(split, device, cache=cache)
+        if self.frozen_backbone:
+            self._caches.setdefault(start_name, view.cache)
+        return view.evaluate(self.dataset).counts
 
 
 def balanced_min_coverage(counts: torch.Tensor | None) -> float | None:

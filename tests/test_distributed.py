@@ -44,6 +44,7 @@ from selmix.distributed import (
 from selmix.evaluate import evaluate, extract_features
 from selmix.finetune import FinetuneConfig, Trainer, _MixupForward
 from selmix.models import create_model
+from selmix.views import predict_logits
 
 WORLD_SIZE = 2
 NUM_CLASSES = 4
@@ -246,7 +247,10 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
         result["semi_weights"] = _weights(semi)
         whole = extract_features(semi.split.features, data["unlabelled"], semi.device)
         result["pseudo_single"] = semi.split.head(whole).argmax(dim=1)
-        result["pseudo_sharded"] = context.predict_sharded(semi, data["unlabelled"])
+        result["pseudo_sharded"] = context.gather(
+            lambda part: predict_logits(semi.split, part, semi.device).argmax(dim=1),
+            data["unlabelled"],
+        ).cpu()
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         context.destroy()

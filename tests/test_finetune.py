@@ -57,7 +57,7 @@ def test_frozen_backbone_leaves_backbone_untouched(demo, pretrained):
     head = model.head.weight.detach().clone()
     finetune(
         model, demo.train, demo.val, "min_recall", steps=30, frozen_backbone=True,
-        progress=False,
+        progress=False, select="last",
     )  # fmt: skip
     for key, value in model.features.state_dict().items():
         assert torch.equal(value, backbone[key]), key
@@ -72,7 +72,10 @@ def test_batch_norm_statistics_stay_frozen(demo, pretrained):
         if isinstance(m, nn.BatchNorm2d)
     }
     conv = model.features.block1[0].weight.detach().clone()
-    finetune(model, small(demo.train, 20), demo.val, "min_recall", steps=5, progress=False)
+    finetune(
+        model, small(demo.train, 20), demo.val, "min_recall", steps=5, progress=False,
+        select="last",
+    )  # fmt: skip
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
             assert torch.equal(module.running_mean, stats[name][0]), name

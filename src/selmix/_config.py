@@ -1,19 +1,272 @@
-"""The dictionary round trip shared by the run configurations (fine-tuning, pre-training,
-FixMatch): plain data for YAML and checkpoints, and unknown keys named in the error."""
+"""Run configurations declared once: dataclass fields that carry their own metadata.
+
+A setting is one dataclass field made with :func:`setting`, which records next to the
+default:
+
+* ``help``: the one-line description (CLI help, ``--help`` epilog, docs);
+* ``check``: a constraint (:class:`Int`, :class:`Real`, :class:`Choice`, :class:`Flag`,
+  :class:`Mapping`, wrapped in :class:`Optional` when None is allowed) that
+  :class:`ConfigMixin` applies to every field on construction (scikit-learn's
+  ``_parameter_constraints`` is the model);
+* ``run``: whether the field defines what a run computes, so that a resumed run must
+  agree on it (:meth:`ConfigMixin.check_resumable`);
+* ``flag``: whether the CLI gives it a ``--flag`` (every CLI setting is also a
+  ``--set``/``--config`` key); ``cli=False`` keeps a field out of the CLI altogether;
+  ``key``, ``cli_default``, ``choices`` and ``metavar`` adjust how the CLI shows it.
+
+The CLI (:mod:`selmix.cli`) builds its options, ``--set`` keys, help and the copy into the
+config from :func:`settings_of`; adding a setting is adding one field. Fields made with a
+plain default still work: their help comes from the class docstring's ``Attributes:``
+section and they are validated by the class's own ``__post_init__``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from selmix._validation import check_choice, check_in_range, check_int, check_positive
+
+__all__ = [
+    "Choice",
+    "ConfigMixin",
+    "Flag",
+    "Int",
+    "Mapping",
+    "Optional",
+    "Real",
+    "Setting",
+    "setting",
+    "settings_of",
+]
+
 ConfigT = TypeVar("ConfigT", bound="ConfigMixin")
+_KEY = "selmix"
+_UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
 
 
+# -- constraints --------------------------------------------------------------------------
+class Int:
+    """An int (not a bool), at least ``minimum`` when given."""
+
+    def __init__(self, minimum: int | None = None) -> None:
+        self.minimum = minimum
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return check_int(name, value, minimum=self.minimum)
+
+
+class Real:
+    """A number: ``> 0`` (``strict``) or ``>= 0``, or in ``[low, high]`` when ``high`` is set."""
+
+    def __init__(self, strict: bool = True, low: float = 0.0, high: float | None = None) -> None:
+        self.strict, self.low, self.high = strict, low, high
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if self.high is not None:
+            return check_in_range(name, value, self.low, self.high)
+        check_positive(name, value, strict=self.strict)
+        return value
+
+
+class Choice:
+    """One of ``choices`` (a sequence, or a function returning one for registries)."""
+
+    def __init__(self, choices: Sequence[str] | Callable[[], Sequence[str]]) -> None:
+        self._choices = choices
+
+    @property
+    def choices(self) -> Sequence[str]:
+        return self._choices() if callable(self._choices) else self._choices
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return check_choice(name, value, self.choices)
+
+
+class Flag:
+    """True or False."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+        return value
+
+
+class Mapping:
+    """A dict (e.g. an objective's hyper-parameters)."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict, got {type(value).__name__}")
+        return value
+
+
+class Optional:
+    """None, or a value ``inner`` accepts."""
+
+    def __init__(self, inner: Callable[[str, Any], Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return None if value is None else self.inner(name, value)
+
+
+# -- field metadata -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of a configuration class, as :func:`settings_of` describes it.
+
+    Attributes:
+        name: the field name (the Python API's keyword).
+        key: the CLI's ``--set``/``--config`` key (the name unless renamed).
+        default: the default (the API's; the CLI shows ``cli_default`` when set).
+        type: the field's annotated type (``int``, ``float``, ``str``, ``bool`` or another).
+        help: one line for the CLI and the docs.
+        check: the constraint, or None.
+        run: part of what a run computes (a resumed run must agree on it).
+        flag: the CLI has a ``--flag`` for it.
+        cli: the CLI exposes it (as a key at least).
+        cli_default: the CLI's default when it differs from the API's.
+        choices: the values the CLI accepts (default: those of a :class:`Choice` check).
+        metavar: the CLI's placeholder for the value.
+    """
+
+    name: str
+    key: str
+    default: Any
+    type: Any
+    help: str
+    check: Callable[[str, Any], Any] | None = None
+    run: bool = False
+    flag: bool = False
+    cli: bool = True
+    cli_default: Any = _UNSET
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+
+    @property
+    def shown_default(self) -> Any:
+        """The default the CLI starts from."""
+        return self.default if self.cli_default is _UNSET else self.cli_default
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,  # noqa: A002 - the word every CLI library uses
+    check: Callable[[str, Any], Any] | None = None,
+    run: bool = False,
+    flag: bool = False,
+    cli: bool = True,
+    key: str | None = None,
+    cli_default: Any = _UNSET,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field that declares a setting once (see the module docstring).
+
+    Example::
+
+        @dataclass
+        class MyConfig(ConfigMixin):
+            steps: int = setting(1000, help="SGD steps", check=Int(1), run=True, flag=True)
+    """
+    metadata = {
+        _KEY: {
+            "help": help, "check": check, "run": run, "flag": flag, "cli": cli, "key": key,
+            "cli_default": cli_default, "choices": choices, "metavar": metavar,
+        }
+    }  # fmt: skip
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_ATTRIBUTE = re.compile(r"^ {8}([a-z_][a-z0-9_, ]*):\s*(.*)$")
+
+
+def _docstring_help(cls: type) -> dict[str, str]:
+    """``{field: first sentence}`` from a Google-style ``Attributes:`` section."""
+    helps: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside = False
+    for line in lines:
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        match = _ATTRIBUTE.match(line)
+        if match:
+            names, text = match.groups()
+            for name in names.split(","):
+                helps[name.strip()] = text.strip()
+        elif line.startswith(" " * 12) and helps:
+            last = list(helps)[-1]
+            helps[last] += " " + line.strip()
+        elif line.strip() and not line.startswith(" " * 8):
+            break
+    return {name: text.split(". ")[0].rstrip(".") for name, text in helps.items()}
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """Every field of a configuration class as a :class:`Setting`, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    docs = _docstring_help(cls)
+    result = []
+    for item in dataclasses.fields(cls):
+        meta = dict(item.metadata.get(_KEY, {}))
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = None
+        check = meta.pop("check", None)
+        choices = meta.pop("choices", None)
+        if choices is None and isinstance(check, Choice):
+            choices = tuple(check.choices)
+        result.append(
+            Setting(
+                name=item.name,
+                key=meta.pop("key", None) or item.name,
+                default=default,
+                type=hints.get(item.name, Any),
+                help=meta.pop("help", None) or docs.get(item.name, item.name.replace("_", " ")),
+                check=check,
+                choices=choices,
+                **{k: v for k, v in meta.items()},
+            )
+        )
+    return result
+
+
+def scalar_type(annotation: Any) -> type | None:
+    """``int``, ``float``, ``str`` or ``bool`` for an annotation of one (or of one or None);
+    None for anything else (lists, dicts...)."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if len(options) == 1 and options[0] in (int, float, str, bool):
+        return options[0]
+    return None
+
+
+# -- the mixin ------------------------------------------------------------------------------
 class ConfigMixin:
-    """Mixed into a dataclass whose ``__post_init__`` validates every field."""
+    """Mixed into a configuration dataclass: validation, dict round trip, resume checks."""
 
     # how the error for an unknown key names the settings, e.g. "fine-tuning"
     settings_name = "configuration"
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            check = item.metadata.get(_KEY, {}).get("check")
+            if check is not None:
+                check(item.name, getattr(self, item.name))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for YAML and checkpoints)."""
@@ -48,3 +301,23 @@ class ConfigMixin:
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         """A copy with some fields changed (validated like the constructor)."""
         return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def run_fields(cls) -> list[str]:
+        """The fields a resumed run must agree on (declared with ``run=True``)."""
+        return [s.name for s in settings_of(cls) if s.run]
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Raises ValueError naming every run field on which ``saved`` (a config dict of an
+        earlier run) differs from this config."""
+        current = self.to_dict()
+        changed = [k for k in self.run_fields() if not _same(saved.get(k), current.get(k))]
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ValueError(f"`resume` checkpoint was made with other settings ({details})")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b

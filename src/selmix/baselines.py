@@ -22,7 +22,6 @@ Every function returns a new model and leaves the one it is given untouched.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -36,40 +35,21 @@ from torch import nn
 
 from selmix._validation import (
     as_generator,
-    check_all_classes_present,
     check_choice,
-    check_confusion,
     check_in_range,
     check_int,
     check_labels,
     check_positive,
 )
-from selmix.evaluate import as_batch_dataset, extract_features, resolve_device
+from selmix.evaluate import as_batch_dataset, resolve_device
 from selmix.finetune import FinetuneConfig, sgd_cosine
-from selmix.metrics import (
-    all_metrics,
-    confusion_matrix,
-    g_mean,
-    h_mean,
-    mean_recall,
-    min_coverage,
-    min_head_tail_coverage,
-    min_head_tail_recall,
-    min_recall,
-)
+from selmix.metrics import all_metrics, confusion_matrix
 from selmix.models import ModelSplit, split_model
-from selmix.objectives import (
-    CoverageConstrained,
-    GMean,
-    HMean,
-    MeanRecall,
-    MinHeadTailRecall,
-    MinRecall,
-    Objective,
-    as_objective,
-)
+from selmix.objectives import Objective, as_objective
 from selmix.pretrain import logit_adjustment
 from selmix.sampler import ClassPools
+from selmix.selection import ObjectiveScore, best_index, objective_score
+from selmix.views import FrozenFeatures
 
 __all__ = [
     "BASELINES",
@@ -93,128 +73,7 @@ ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
 # The post-hoc tau grid: 0 (the model as it is) to 3 in steps of 0.25.
 DEFAULT_TAUS: tuple[float, ...] = tuple(0.25 * i for i in range(13))
 
-# Coverage computed from counts is exact up to rounding; this absorbs the rounding.
-_FEASIBILITY_TOLERANCE = 1e-12
-
 _DEFAULTS = FinetuneConfig()
-
-
-# -- selection rule -----------------------------------------------------------------------
-@functools.total_ordering
-@dataclass(frozen=True, eq=False)
-class ObjectiveScore:
-    """How good a confusion matrix is for an objective; scores compare, larger is better.
-
-    Scores order by :attr:`key`: for an objective without a constraint, by the metric; for
-    a coverage-constrained one, any matrix that meets the constraint beats every matrix
-    that does not, matrices that meet it order by the metric (then the coverage) and
-    matrices that do not order by the coverage (then the metric).
-
-    Attributes:
-        metric: the objective's metric, e.g. min recall for ``"min_recall"``, mean recall
-            for ``"mean_recall_min_coverage"``.
-        coverage: the constrained quantity (min coverage, or min head/tail coverage for the
-            ``*_min_head_tail_coverage`` objectives); None without a constraint.
-        target: the constraint's target ``alpha / K``; None without a constraint.
-    """
-
-    metric: float
-    coverage: float | None = None
-    target: float | None = None
-
-    @property
-    def feasible(self) -> bool:
-        """Whether the constraint is met (always True without a constraint)."""
-        if self.coverage is None or self.target is None:
-            return True
-        return self.coverage >= self.target - _FEASIBILITY_TOLERANCE
-
-    @property
-    def key(self) -> tuple[float, ...]:
-        """The tuple the scores are ordered by."""
-        if self.coverage is None:
-            return (1.0, self.metric)
-        if self.feasible:
-            return (1.0, self.metric, self.coverage)
-        return (0.0, self.coverage, self.metric)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ObjectiveScore):
-            return NotImplemented
-        return self.key == other.key
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, ObjectiveScore):
-            return NotImplemented
-        return self.key < other.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for logs: metric, coverage, target and feasible."""
-        return {
-            "metric": self.metric,
-            "coverage": self.coverage,
-            "target": self.target,
-            "feasible": self.feasible,
-        }
-
-
-def objective_score(objective: ObjectiveLike, confusion: torch.Tensor) -> ObjectiveScore:
-    """Scores a confusion matrix for an objective: the rule that picks a model or a tau.
-
-    The metric is the one the objective stands for, computed exactly (not the objective's
-    smooth surrogate): ``mean_recall``, ``min_recall``, ``min_head_tail_recall``,
-    ``g_mean`` or ``h_mean``. A coverage-constrained objective (``*_min_coverage``,
-    ``*_min_head_tail_coverage``) scores its metric (mean recall or H-mean) subject to
-    ``min coverage >= alpha / K`` (or the head and tail mean coverages for the head/tail
-    variants), see :class:`ObjectiveScore`. Any other objective scores its own value
-    ``psi(C)``, with its multipliers (if any) refreshed from ``confusion`` on a copy.
-
-    Args:
-        objective: an objective name, an :class:`~selmix.objectives.Objective` (its
-            ``alpha`` and ``head_classes`` are used) or a differentiable callable of C.
-        confusion: Tensor[K, K] of counts or fractions, rows are true labels; every class
-            must have a sample.
-
-    Returns:
-        An :class:`ObjectiveScore`; ``max`` over scores is the best (see :func:`best_index`).
-    """
-    objective = as_objective(objective)
-    confusion = check_confusion(confusion)
-    check_all_classes_present(confusion)
-    if isinstance(objective, CoverageConstrained):
-        metric = mean_recall if objective.metric == "mean_recall" else h_mean
-        if objective.head_tail:
-            coverage = min_head_tail_coverage(confusion, objective.head_classes)
-        else:
-            coverage = min_coverage(confusion)
-        target = objective.alpha / confusion.shape[0]
-        return ObjectiveScore(float(metric(confusion)), float(coverage), target)
-    if isinstance(objective, MinHeadTailRecall):  # before MinRecall: it is a subclass
-        value = min_head_tail_recall(confusion, objective.head_classes)
-    elif isinstance(objective, MinRecall):
-        value = min_recall(confusion)
-    elif isinstance(objective, MeanRecall):
-        value = mean_recall(confusion)
-    elif isinstance(objective, GMean):
-        value = g_mean(confusion)
-    elif isinstance(objective, HMean):
-        value = h_mean(confusion)
-    else:
-        probe = copy.deepcopy(objective)  # the caller's multipliers stay as they are
-        with torch.no_grad():
-            probe.update(confusion)
-            value = probe(confusion)
-    return ObjectiveScore(float(value))
-
-
-def best_index(scores: Sequence[ObjectiveScore]) -> int:
-    """Index of the best score; the first one on ties (e.g. the smallest tau of a grid)."""
-    if len(scores) == 0:
-        raise ValueError("`scores` must hold at least one score, got none")
-    return max(range(len(scores)), key=lambda i: scores[i].key)
 
 
 # -- shared helpers -----------------------------------------------------------------------
@@ -372,9 +231,7 @@ def posthoc_logit_adjustment(
     log_prior = class_log_prior(prior, num_classes)
     val = as_batch_dataset(val, "val")
     labels = check_labels("val", val.labels, num_classes, every_class=True)
-    with torch.no_grad():
-        feats = extract_features(split.features, val, device, batch_size)
-        logits = split.head(feats).double().cpu()
+    logits = FrozenFeatures(split, device, batch_size=batch_size).logits(val).double().cpu()
     head_classes = getattr(objective, "head_classes", None)
     scores, metrics = [], []
     for tau in grid:
@@ -474,11 +331,9 @@ def classifier_retraining(
     labels = check_labels("train", train.labels, num_classes, every_class=True)
     if val is not None:
         val = as_batch_dataset(val, "val")
-        val_labels = check_labels("val", val.labels, num_classes, every_class=True)
-    train_features = extract_features(split.features, train, device, eval_batch_size)
-    val_features = (
-        None if val is None else extract_features(split.features, val, device, eval_batch_size)
-    )
+        check_labels("val", val.labels, num_classes, every_class=True)
+    view = FrozenFeatures(split, device, batch_size=eval_batch_size)
+    train_features = view.features(train)
     device_labels = labels.to(device)
     _reset_linear(split.head, generator)
     steps_per_epoch = math.ceil(labels.numel() / batch_size)
@@ -496,11 +351,7 @@ def classifier_retraining(
             loss.backward()
             optimizer.step()
             scheduler.step()
-        val_metrics = None
-        if val_features is not None:
-            with torch.no_grad():
-                preds = split.head(val_features).argmax(dim=1).cpu()
-            val_metrics = all_metrics(confusion_matrix(val_labels, preds, num_classes))
+        val_metrics = None if val is None else view.evaluate(val).metrics()
         record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "val": val_metrics}
         if callback is not None:
             callback(record)
@@ -581,11 +432,9 @@ def logit_adjusted_finetune(
     optimizer, scheduler = sgd_cosine(
         split, steps, lr_head, None if frozen_backbone else backbone_lr, momentum, weight_decay
     )
-    cached = (
-        extract_features(split.features, train, device, eval_batch_size)
-        if frozen_backbone
-        else None
-    )
+    cached = None
+    if frozen_backbone:
+        cached = FrozenFeatures(split, device, batch_size=eval_batch_size).features(train)
     device_labels = labels.to(device)
     rates = "`lr_head`" if frozen_backbone else "`lr_head` / `lr_backbone`"
     for step in range(steps):

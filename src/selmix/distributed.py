@@ -24,9 +24,10 @@ What each rank does (MATH.md section 5, issue 7):
   (seeded from the run seed and the rank); DDP averages the gradients;
 * frozen backbone: the trainer does not use DDP (it trains the head on cached features),
   so the model is broadcast from rank 0 once and the head's gradients are averaged by an
-  optimizer pre-step hook; the feature caches are extracted shard by shard and gathered;
-* pseudo-labels (semi-supervised): predicted on the rank's shard and all-gathered in the
-  original order;
+  optimizer pre-step hook; the feature caches are extracted shard by shard and gathered
+  (:meth:`DistributedContext.gather`);
+* pseudo-labels (semi-supervised): predicted on the rank's shard and gathered in the
+  original order (:meth:`DistributedContext.gather` again);
 * rank 0 alone writes logs and checkpoints; a checkpoint stores every rank's generator
   state, so a run resumes (on the same number of processes) exactly where it stopped.
 """
@@ -46,7 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from selmix._validation import check_int
 from selmix.checkpoint import capture_rng_state
-from selmix.evaluate import Evaluation, evaluate, extract_features, resolve_device
+from selmix.collective import evaluate_across
+from selmix.evaluate import Evaluation, resolve_device
 
 __all__ = [
     "DatasetShard",
@@ -141,7 +143,8 @@ class DatasetShard:
 
 
 class DistributedContext:
-    """One process of a ``torch.distributed`` job, with the hooks the :class:`Trainer` calls.
+    """One process of a ``torch.distributed`` job: the :class:`selmix.collective.Collective`
+    of a run under ``torchrun``.
 
     Build it with :func:`init_from_env` under ``torchrun``; the constructor is for a process
     group that is already initialised.
@@ -377,46 +380,27 @@ class DistributedContext:
 
         return optimizer.register_step_pre_hook(hook)
 
-    # -- engine hooks -------------------------------------------------------------------
+    # -- engine hooks (the :class:`selmix.collective.Collective` interface) ---------------
+    def process_device(self, requested: str | torch.device | None) -> torch.device:
+        """This process's own device (``cuda:LOCAL_RANK`` or the CPU), whatever the
+        configuration asks for: every rank computes on its own device."""
+        return self.device
+
     @torch.no_grad()
-    def extract_sharded(self, trainer: Any, dataset: Any) -> torch.Tensor:
-        """Features of every sample of ``dataset``: each rank extracts its shard, then all
-        ranks gather the whole, in the original order.
+    def gather(self, function: Callable[[Any], torch.Tensor], dataset: Any) -> torch.Tensor:
+        """``function`` of every sample of ``dataset``: each rank applies it to its
+        :meth:`shard`, then all ranks gather the rows, in the data set's order.
 
         Args:
-            trainer: the :class:`selmix.finetune.Trainer` (its split, device and
-                ``eval_batch_size`` are used).
+            function: maps a data set (the shard) to Tensor[n, ...], one row per sample
+                in the shard's order (e.g. its features, or its predicted labels).
             dataset: a selmix data set.
 
         Returns:
-            Tensor[N, d] on the trainer's device, identical on every rank.
+            Tensor[N, ...] on the device ``function`` returned, identical on every rank.
         """
-        trainer.model.eval()
-        shard = self.shard(dataset)
-        local = extract_features(
-            trainer.split.features, shard, trainer.device, trainer.config.eval_batch_size
-        )
+        local = function(self.shard(dataset))
         return self.all_gather_shards(local, len(torch.as_tensor(dataset.labels)))
-
-    @torch.no_grad()
-    def predict_sharded(self, trainer: Any, dataset: Any) -> torch.Tensor:
-        """Predicted labels of every sample: each rank predicts its shard, then all ranks
-        gather the whole, in the original order (the pseudo-label refresh).
-
-        Args:
-            trainer: the :class:`selmix.finetune.Trainer`.
-            dataset: the unlabelled set.
-
-        Returns:
-            LongTensor[N] on the CPU, identical on every rank.
-        """
-        trainer.model.eval()
-        shard = self.shard(dataset)
-        features = extract_features(
-            trainer.split.features, shard, trainer.device, trainer.config.eval_batch_size
-        )
-        local = trainer.split.head(features).argmax(dim=1)
-        return self.all_gather_shards(local, len(torch.as_tensor(dataset.labels))).cpu()
 
     def evaluate(
         self,
@@ -428,10 +412,7 @@ class DistributedContext:
     ) -> Evaluation:
         """:func:`selmix.evaluate` of ``dataset`` split across ranks (every rank gets the
         whole result: summed counts, prototypes of the summed feature sums)."""
-        return evaluate(
-            model, self.shard(dataset), self.device, batch_size, features=features,
-            head=head, reduce=self.all_reduce,
-        )  # fmt: skip
+        return evaluate_across(self, model, dataset, self.device, batch_size, features, head)
 
     def gather_rng_states(self, generator: torch.Generator) -> list[dict[str, Any]]:
         """Every rank's :func:`selmix.checkpoint.capture_rng_state`, in rank order."""

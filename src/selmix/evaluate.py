@@ -8,9 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from selmix.metrics import all_metrics
+from selmix.metrics import all_metrics, confusion_counts
 
-__all__ = ["Evaluation", "as_batch_dataset", "evaluate", "extract_features", "resolve_device"]
+__all__ = [
+    "Evaluation",
+    "as_batch_dataset",
+    "evaluate",
+    "extract_features",
+    "resolve_device",
+    "summarize",
+]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -54,11 +61,23 @@ class Evaluation:
         prototypes: Tensor[K, d], the mean feature of each true class (zeros for a class
             with no sample).
         class_counts: LongTensor[K], samples per true class.
+        soft_counts: float64 Tensor[K, K], row y the sum over the samples of true class y
+            of their softmax probabilities (a confusion matrix of probabilities: no entry
+            of a row with samples is exactly 0).
     """
 
     counts: torch.Tensor
     prototypes: torch.Tensor
     class_counts: torch.Tensor
+    soft_counts: torch.Tensor
+
+    @classmethod
+    def from_sums(cls, sums: tuple[torch.Tensor, ...]) -> Evaluation:
+        """The evaluation of the totals :func:`summarize` returns (summed over batches and,
+        under ``torch.distributed``, over ranks)."""
+        counts, feature_sums, class_counts, soft_counts = sums
+        prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
+        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts.cpu())
 
     @property
     def confusion(self) -> torch.Tensor:
@@ -94,17 +113,30 @@ def summarize(
     logits: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Confusion counts, per-class feature sums and class counts of one batch (or set)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sums an :class:`Evaluation` is made of, for one batch (or a whole set).
+
+    Args:
+        features: Tensor[N, d].
+        logits: Tensor[N, K], the head's output for ``features``.
+        labels: Tensor[N] of true labels.
+        num_classes: K.
+
+    Returns:
+        ``(counts LongTensor[K, K], feature sums float64 Tensor[K, d], class counts
+        LongTensor[K], soft counts float64 Tensor[K, K])``, on the logits' device; sums
+        of batches (or of ranks) add up to the sums of their union.
+    """
     labels = labels.to(logits.device).long()
-    preds = logits.argmax(dim=1)
-    counts = torch.bincount(labels * num_classes + preds, minlength=num_classes**2)
+    counts = confusion_counts(labels, logits.argmax(dim=1), num_classes)
     feature_sums = torch.zeros(
         num_classes, features.shape[1], device=features.device, dtype=torch.float64
     )
-    feature_sums.index_add_(0, labels, features.double())
+    feature_sums.index_add_(0, labels.to(features.device), features.double())
     class_counts = torch.bincount(labels, minlength=num_classes)
-    return counts.reshape(num_classes, num_classes), feature_sums, class_counts
+    soft_counts = torch.zeros(num_classes, num_classes, device=logits.device, dtype=torch.float64)
+    soft_counts.index_add_(0, labels, torch.softmax(logits.double(), dim=1))
+    return counts, feature_sums, class_counts, soft_counts
 
 
 @torch.no_grad()
@@ -164,9 +196,7 @@ def evaluate(
             )
     finally:
         model.train(was_training)
-    counts, feature_sums, class_counts = totals
     if reduce is not None:
-        for tensor in (counts, feature_sums, class_counts):
+        for tensor in totals:
             reduce(tensor)
-    prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
-    return Evaluation(counts.cpu(), prototypes.float().cpu(), class_counts.cpu())
+    return Evaluation.from_sums(totals)

@@ -2,18 +2,22 @@
 
 Every ``feedback_every`` steps: evaluate the validation set (confusion matrix C and class
 means mu), update the objective's multipliers, compute the gain matrix and the mixup
-distribution P (and, semi-supervised, refresh the pseudo-labels). Every step: draw B pairs
+distribution P (and, semi-supervised, refresh the pseudo-labels), and score the model for
+the objective (the best step is kept, the start included). Every step: draw B pairs
 (i, j) ~ P, x1 from class i and x2 from class j, mix their features with lam ~ U[lam_min, 1]
 and take an SGD step on the cross-entropy with label i. Batch norm stays in eval mode.
 
 The loop is a :class:`Trainer` composed of small parts that are tested alone: the
 objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
-:func:`selmix.mixup_distribution`, :class:`selmix.sampler.PairSampler` and
-:func:`selmix.evaluate`.
+:func:`selmix.mixup_distribution`, :class:`selmix.sampler.PairSampler`, a model view
+(:mod:`selmix.views`: frozen cached features or the full backbone), a collective
+(:mod:`selmix.collective`: one process or ``torchrun``) and the selection rule
+(:func:`selmix.selection.objective_score`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -26,14 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import ConfigMixin
-from selmix._validation import (
-    check_choice,
-    check_in_range,
-    check_int,
-    check_labels,
-    check_positive,
-)
+from selmix._config import Choice, ConfigMixin, Flag, Int, Mapping, Optional, Real, setting
+from selmix._validation import check_labels
 from selmix.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -41,108 +39,129 @@ from selmix.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from selmix.evaluate import Evaluation, as_batch_dataset, evaluate, extract_features, resolve_device
+from selmix.collective import Collective, SingleProcess
+from selmix.evaluate import Evaluation, as_batch_dataset, evaluate
 from selmix.gain import gain_matrix
-from selmix.metrics import all_metrics
+from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
 from selmix.sampler import PairSampler
+from selmix.selection import ObjectiveScore, objective_score
+from selmix.views import MixupForward, PairPools, make_view
 
 if TYPE_CHECKING:
     from selmix.models import ModelSplit
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "Trainer", "finetune"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "SELECT",
+    "Trainer",
+    "finetune",
+    "resolve_objective",
+]
 
-# Fields that change what is computed; a resumed run must agree on them.
-_RUN_FIELDS = (
-    "objective", "objective_params", "policy", "gain_scale", "normalize_gain", "steps",
-    "batch_size", "lr_head", "lr_backbone", "frozen_backbone", "momentum", "weight_decay",
-    "feedback_every", "lam_min", "confusion_smoothing", "augment", "seed",
-)  # fmt: skip
+SELECT = ("best", "last")
+
+# the old name of the training module (tests and scripts import it from here)
+_MixupForward = MixupForward
 
 
 @dataclass
 class FinetuneConfig(ConfigMixin):
     """Settings of a SelMix fine-tuning run; defaults follow MATH.md (supervised CIFAR).
 
-    Attributes:
-        objective: registered objective name (see :func:`selmix.list_objectives`).
-        objective_params: its hyper-parameters, e.g. ``{"rate": 50}`` for min recall.
-        policy: ``"selmix"``, ``"uniform"`` or ``"greedy"``.
-        gain_scale: s in ``P ∝ exp(s G)``.
-        normalize_gain: the scale-free policy ``exp(s G / max|G|)``.
-        steps: SGD steps.
-        batch_size: mixup pairs per step (the global batch).
-        lr_head: learning rate of the linear head.
-        lr_backbone: learning rate of the feature extractor; None means ``lr_head / 10``.
-        frozen_backbone: train the head only, on features computed once.
-        momentum, weight_decay: SGD settings.
-        feedback_every: E, steps between feedback (validation) steps.
-        lam_min: mixing weights are drawn from U[lam_min, 1].
-        confusion_smoothing: a pseudo-count added to every cell of the validation
-            confusion counts before the multipliers and the gain are computed. 0 is the
-            paper. A class with no correct validation prediction has zero gain under the
-            softmax parametrisation (its C[y, y] is 0), so SelMix cannot see it; a
-            pseudo-count of about 1 makes it visible (see docs/RESULTS.md).
-        augment: random crop and flip of the images (full-backbone mode only).
-        eval_batch_size: batch size of evaluation and feature extraction.
-        seed: seeds every random draw of the run.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
-        head_classes: head classes for head/tail metrics and objectives.
-        log_path: JSON-lines file that receives one record per feedback step.
-        checkpoint_path: where checkpoints go (written atomically).
-        checkpoint_every: steps between checkpoints (None: only at the end, if a path is set).
-        progress: show a progress bar.
+    Each field declares its help text, constraint, CLI flag and whether a resumed run must
+    agree on it (``run``); see :mod:`selmix._config`; :func:`selmix._config.settings_of` lists
+    them.
     """
 
     settings_name = "fine-tuning"
 
-    objective: str = "min_recall"
-    objective_params: dict[str, Any] = field(default_factory=dict)
-    policy: str = "selmix"
-    gain_scale: float = 10.0
-    normalize_gain: bool = False
-    steps: int = 1000
-    batch_size: int = 128
-    lr_head: float = 3e-3
-    lr_backbone: float | None = None
-    frozen_backbone: bool = False
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    feedback_every: int = 50
-    lam_min: float = 0.6
-    confusion_smoothing: float = 0.0
-    augment: bool = True
-    eval_batch_size: int = 512
-    seed: int = 0
-    device: str = "cpu"
-    head_classes: list[int] | None = None
-    log_path: str | None = None
-    checkpoint_path: str | None = None
-    checkpoint_every: int | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        check_choice("policy", self.policy, POLICIES)
-        check_positive("gain_scale", self.gain_scale)
-        check_int("steps", self.steps, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_positive("lr_head", self.lr_head)
-        if self.lr_backbone is not None:
-            check_positive("lr_backbone", self.lr_backbone, strict=False)
-        check_in_range("momentum", self.momentum, 0.0, 1.0)
-        check_positive("weight_decay", self.weight_decay, strict=False)
-        check_int("feedback_every", self.feedback_every, minimum=1)
-        check_in_range("lam_min", self.lam_min, 0.0, 1.0)
-        check_positive("confusion_smoothing", self.confusion_smoothing, strict=False)
-        check_int("eval_batch_size", self.eval_batch_size, minimum=1)
-        check_int("seed", self.seed)
-        if self.checkpoint_every is not None:
-            check_int("checkpoint_every", self.checkpoint_every, minimum=1)
-        if not isinstance(self.objective_params, dict):
-            raise TypeError(
-                f"`objective_params` must be a dict, got {type(self.objective_params).__name__}"
-            )
+    objective: str = setting(
+        "min_recall", help="objective to maximise (see the list below)", run=True, flag=True,
+        metavar="NAME",
+    )  # fmt: skip
+    objective_params: dict[str, Any] = setting(
+        default_factory=dict, check=Mapping(), run=True,
+        help="objective hyper-parameters, e.g. {rate: 20}",
+    )  # fmt: skip
+    policy: str = setting(
+        "selmix", help="mixup pair policy", check=Choice(POLICIES), run=True, flag=True
+    )
+    gain_scale: float = setting(
+        10.0, help="s in P ~ exp(s * gain)", check=Real(), run=True, flag=True
+    )
+    normalize_gain: bool = setting(
+        False, help="scale-free policy exp(s * G / max|G|)", check=Flag(), run=True, flag=True
+    )
+    steps: int = setting(1000, help="SGD steps", check=Int(1), run=True, flag=True)
+    batch_size: int = setting(
+        128, help="mixup pairs per step (the global batch)", check=Int(1), run=True, flag=True
+    )
+    lr_head: float = setting(
+        3e-3, help="learning rate of the linear head", check=Real(), run=True, flag=True
+    )
+    lr_backbone: float | None = setting(
+        None, help="backbone learning rate; unset: lr_head / 10",
+        check=Optional(Real(strict=False)), run=True,
+    )  # fmt: skip
+    frozen_backbone: bool = setting(
+        False, help="train the linear head only, on features computed once", check=Flag(),
+        run=True, flag=True,
+    )  # fmt: skip
+    momentum: float = setting(0.9, help="SGD momentum", check=Real(high=1.0), run=True)
+    weight_decay: float = setting(5e-4, help="SGD weight decay", check=Real(strict=False), run=True)
+    feedback_every: int = setting(
+        50, help="steps between feedback (validation) steps", check=Int(1), run=True, flag=True
+    )
+    lam_min: float = setting(
+        0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
+    )
+    confusion_smoothing: float = setting(
+        0.0, check=Real(strict=False), run=True,
+        help="pseudo-count added to each validation confusion cell before the multipliers "
+        "and the gain (0 = the paper; about 1 lets the gain see classes with zero recall)",
+    )  # fmt: skip
+    augment: bool = setting(
+        True, help="random crop and flip (full-backbone mode)", check=Flag(), run=True
+    )
+    select: str = setting(
+        "best", check=Choice(SELECT), run=True, flag=True,
+        help="the model returned: the best feedback step on the validation objective "
+        "(the start included) or the last step",
+    )  # fmt: skip
+    patience: int | None = setting(
+        None, check=Optional(Int(1)), run=True,
+        help="stop after this many feedback steps without a better validation score; "
+        "unset: never stop early",
+    )  # fmt: skip
+    eval_batch_size: int = setting(
+        512, help="batch size of evaluation and feature extraction", check=Int(1)
+    )
+    seed: int = setting(
+        0, help="random seed (model initialisation, data split, sampling)", check=Int(),
+        run=True, flag=True,
+    )  # fmt: skip
+    device: str = setting(
+        "cpu", help="where to run", cli_default="auto", choices=("cpu", "cuda", "auto"),
+        flag=True,
+    )  # fmt: skip
+    head_classes: list[int] | None = setting(
+        None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
+        "frequent training classes",
+    )  # fmt: skip
+    log_path: str | None = setting(
+        None, help="JSON-lines file of one record per feedback step", cli=False
+    )
+    checkpoint_path: str | None = setting(
+        None, help="where resume checkpoints go (written atomically)", cli=False
+    )
+    checkpoint_every: int | None = setting(
+        None, check=Optional(Int(1)),
+        help="steps between resume checkpoints (OUT/finetune_state.pt); unset: only at the end",
+    )  # fmt: skip
+    progress: bool = setting(True, help="show progress bars")
 
     @property
     def backbone_lr(self) -> float:
@@ -160,14 +179,20 @@ class FinetuneResult:
     """What :func:`finetune` returns.
 
     Attributes:
-        model: the fine-tuned model (the same object that was passed in).
+        model: the fine-tuned model (the object that was passed in), holding the weights
+            of the selected step (``config.select``).
         split: its (features, head) split.
         objective: the objective, with its last multipliers.
-        config: the resolved configuration.
-        history: one record per feedback step (validation metrics, objective value,
-            multipliers, largest gain, policy entropy, learning rates, mean loss).
+        config: the resolved configuration (head classes and objective parameters
+            filled in).
+        history: one record per feedback step (validation metrics, objective value and
+            score, multipliers, largest gain, policy entropy, learning rates, mean loss).
         gains: ``(step, Tensor[K, K])`` gain matrices of the feedback steps (all of them for
             K <= 200, else the first and the last).
+        selected_step: the step whose weights :attr:`model` holds.
+        best_step: the feedback step with the best validation score (0: the start).
+        last_step: the step the run ended at (before ``config.steps`` if it stopped early).
+        best_state, last_state: CPU ``state_dict`` copies of the best and the last weights.
     """
 
     model: nn.Module
@@ -176,6 +201,19 @@ class FinetuneResult:
     config: FinetuneConfig
     history: list[dict[str, Any]]
     gains: list[tuple[int, torch.Tensor]]
+    selected_step: int = 0
+    best_step: int = 0
+    last_step: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    last_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def model_at(self, which: str) -> nn.Module:
+        """A copy of the model with the ``"best"`` or the ``"last"`` weights."""
+        if which not in SELECT:
+            raise ValueError(f"`which` must be 'best' or 'last', got {which!r}")
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.best_state if which == "best" else self.last_state)
+        return model
 
     def evaluate(self, dataset: Any) -> Evaluation:
         """Confusion counts and prototypes of the fine-tuned model on ``dataset``."""
@@ -240,12 +278,92 @@ def sgd_cosine(
     return optimizer, scheduler
 
 
-class _FeatureCache:
-    """Features of a whole data set computed once (frozen-backbone mode)."""
+def _plain(value: Any) -> Any:
+    """Tensors and tuples as lists, recursively (for YAML, JSON and checkpoints)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features = features
-        self.labels = labels
+
+def resolve_objective(
+    config: FinetuneConfig,
+    objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str | None,
+    train_labels: Any,
+    num_classes: int,
+) -> tuple[FinetuneConfig, Objective]:
+    """The run's objective and its config with everything the run uses filled in.
+
+    The one place where a run is resolved, so that :func:`finetune`, a :class:`Trainer`
+    and the CLI get the same run from the same settings:
+
+    * ``head_classes`` unset: the 90% most frequent training classes
+      (:func:`selmix.metrics.infer_head_classes`);
+    * the objective: ``objective`` if given (a name, an :class:`Objective` or a callable),
+      else ``config.objective`` with ``config.objective_params``; an objective that uses
+      head classes and was given none gets the config's;
+    * the config records the objective's name and its hyper-parameters
+      (``objective_params``), e.g. ``{"rate": 20}`` for ``MinRecall(rate=20)``.
+
+    Args:
+        config: the settings as given.
+        objective: overrides ``config.objective`` when not None.
+        train_labels: Tensor[N] of training labels (for the head classes).
+        num_classes: K.
+
+    Returns:
+        ``(config, objective)``.
+    """
+    head_classes = config.head_classes
+    if head_classes is None:
+        head_classes = infer_head_classes(train_labels, num_classes)
+    if objective is None:
+        objective = get_objective(config.objective, **config.objective_params)
+    elif isinstance(objective, str):
+        objective = get_objective(objective, **config.objective_params)
+    else:
+        objective = as_objective(objective)
+    if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
+        objective.head_classes = list(head_classes)
+    config = config.replace(
+        objective=objective.name,
+        objective_params=_plain(objective.hyperparameters()),
+        head_classes=_plain(head_classes),
+    )
+    return config, objective
+
+
+class _BestSoFar:
+    """The best feedback step so far by validation score, with a CPU copy of its weights."""
+
+    def __init__(self) -> None:
+        self.score: ObjectiveScore | None = None
+        self.step = 0
+        self.weights: dict[str, torch.Tensor] = {}
+        self.stale = 0  # feedback steps since the best
+
+    def offer(self, score: ObjectiveScore, step: int, model: nn.Module) -> bool:
+        """Keeps ``model``'s weights if ``score`` beats the best (ties keep the earlier)."""
+        if self.score is not None and not score > self.score:
+            self.stale += 1
+            return False
+        self.score, self.step, self.stale = score, step, 0
+        self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        score = None if self.score is None else self.score.to_dict()
+        return {"score": score, "step": self.step, "weights": self.weights, "stale": self.stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        score = state["score"]
+        self.score = None if score is None else ObjectiveScore(
+            score["metric"], score["coverage"], score["target"]
+        )  # fmt: skip
+        self.step, self.weights, self.stale = state["step"], state["weights"], state["stale"]
 
 
 class Trainer:
@@ -255,13 +373,16 @@ class Trainer:
         model: the classifier to fine-tune (changed in place).
         train: labelled training set.
         val: validation set with every class present.
-        objective: objective name, :class:`Objective` or differentiable callable of C.
+        objective: objective name, :class:`Objective` or differentiable callable of C
+            (None: ``config.objective``); resolved with :func:`resolve_objective`.
         config: the run's settings.
         unlabelled: optional unlabelled set for the semi-supervised variant (its labels
             are never read).
         features, head: an explicit split of ``model``.
         callback: called with each feedback record.
-        distributed: optional :class:`selmix.distributed.DistributedContext`.
+        distributed: the :class:`selmix.collective.Collective` of the run (e.g. a
+            :class:`selmix.distributed.DistributedContext` under torchrun); default one
+            process.
     """
 
     def __init__(
@@ -275,65 +396,58 @@ class Trainer:
         features: nn.Module | None = None,
         head: nn.Linear | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
-        distributed: Any = None,
+        distributed: Collective | None = None,
     ) -> None:
         from selmix.models import split_model
 
-        if distributed is not None:  # each process computes on its own device (cuda:LOCAL_RANK)
-            config = config.replace(device=str(distributed.device))
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.distributed = distributed
+        self.collective = distributed or SingleProcess()
         self.split = split_model(model, features=features, head=head)
-        self.model = model.to(self.device)
         self.num_classes = self.split.head.out_features
-        if objective is None:
-            objective = get_objective(config.objective, **config.objective_params)
-        self.objective = as_objective(objective)
-        self.callback = callback
         self.train = as_batch_dataset(train, "train")
         self.val = as_batch_dataset(val, "val")
         self.unlabelled = None if unlabelled is None else as_batch_dataset(unlabelled, "unlabelled")
         self._check_labels()
-
-        self.generator = torch.Generator().manual_seed(self._rank_seed())
-        self.sampler = PairSampler(self._train_labels, None, self.num_classes, self.generator)
+        labels = torch.as_tensor(self.train.labels).long().cpu()
+        config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
+        self.device = self.collective.process_device(config.device)
+        self.config = config = config.replace(device=str(self.device))
+        self.model = model.to(self.device)
+        self.callback = callback
+        self.view = make_view(
+            config.frozen_backbone, self.split, self.device, self.collective,
+            config.eval_batch_size, PairPools(self.train, self.unlabelled), config.augment,
+        )  # fmt: skip
+        # distinct, reproducible streams per rank; rank 0 matches a single-process run
+        self.generator = torch.Generator().manual_seed(
+            config.seed + 1_000_003 * self.collective.rank
+        )
+        self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
         self.pseudo_labels: torch.Tensor | None = None
         self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.gains: list[tuple[int, torch.Tensor]] = []
-        self._loss_sum = 0.0
-        self._loss_count = 0
-        self._train_model = self._wrap_for_training()
-        self.optimizer, self.scheduler = self._build_optimizer()
-        if distributed is not None and config.frozen_backbone:
-            # the head trains outside DDP: same start everywhere, gradients averaged per step
-            distributed.broadcast_module(self.model)
-            distributed.average_gradients(self.optimizer)
-        self._caches: dict[str, _FeatureCache] = {}
-
-    # -- set-up -------------------------------------------------------------------------
-    @property
-    def _train_labels(self) -> torch.Tensor:
-        return torch.as_tensor(self.train.labels).long().cpu()
-
-    def _rank_seed(self) -> int:
-        rank = 0 if self.distributed is None else self.distributed.rank
-        # distinct, reproducible streams per rank; rank 0 matches a single-process run
-        return self.config.seed + 1_000_003 * rank
+        self.best = _BestSoFar()
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.optimizer, self.scheduler = sgd_cosine(
+            self.split, config.steps, config.lr_head,
+            config.backbone_lr if self.view.trains_backbone else None,
+            config.momentum, config.weight_decay,
+        )  # fmt: skip
+        self.view.attach(self.optimizer)
 
     def _check_labels(self) -> None:
-        num_classes = self.num_classes
         for name, dataset in (("train", self.train), ("val", self.val)):
-            check_labels(name, dataset.labels, num_classes)
+            check_labels(name, dataset.labels, self.num_classes)
             declared = getattr(dataset, "num_classes", None)
-            if declared is not None and declared != num_classes:
+            if declared is not None and declared != self.num_classes:
                 raise ValueError(
                     f"`{name}` has num_classes = {declared} but the model's head has "
-                    f"{num_classes} outputs"
+                    f"{self.num_classes} outputs"
                 )
-        present = torch.bincount(torch.as_tensor(self.val.labels).long(), minlength=num_classes)
+        present = torch.bincount(
+            torch.as_tensor(self.val.labels).long(), minlength=self.num_classes
+        )
         missing = (present == 0).nonzero().flatten().tolist()
         if missing:
             raise ValueError(
@@ -341,219 +455,97 @@ class Trainer:
                 "the validation set needs every class"
             )
 
-    def _wrap_for_training(self) -> nn.Module:
-        if self.distributed is not None and not self.config.frozen_backbone:
-            return self.distributed.wrap(self._mixup_module())
-        return self._mixup_module()
-
-    def _mixup_module(self) -> nn.Module:
-        return _MixupForward(self.split.features, self.split.head)
-
-    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
-        config = self.config
-        return sgd_cosine(
-            self.split, config.steps, config.lr_head,
-            None if config.frozen_backbone else config.backbone_lr,
-            config.momentum, config.weight_decay,
-        )  # fmt: skip
-
-    # -- feature caches (frozen backbone) -----------------------------------------------
-    def _cache(self, name: str, dataset: Any) -> _FeatureCache:
-        if name not in self._caches:
-            self.model.eval()
-            if self.distributed is not None:
-                features = self.distributed.extract_sharded(self, dataset)
-            else:
-                features = extract_features(
-                    self.split.features, dataset, self.device, self.config.eval_batch_size
-                )
-            labels = torch.as_tensor(dataset.labels).long()
-            self._caches[name] = _FeatureCache(features, labels)
-        return self._caches[name]
-
     # -- feedback -----------------------------------------------------------------------
     def _evaluate_val(self) -> Evaluation:
-        reduce = None if self.distributed is None else self.distributed.all_reduce
-        if not self.config.frozen_backbone:
-            val = self.val if self.distributed is None else self.distributed.shard(self.val)
-            return evaluate(
-                self.model, val, self.device, self.config.eval_batch_size,
-                features=self.split.features, head=self.split.head, reduce=reduce,
-            )  # fmt: skip
-        from selmix.evaluate import summarize
-
-        cache = self._cache("val", self.val)
-        with torch.no_grad():
-            logits = self.split.head(cache.features)
-            counts, sums, class_counts = summarize(
-                cache.features, logits, cache.labels, self.num_classes
-            )
-        prototypes = sums / class_counts.clamp_min(1)[:, None].double()
-        return Evaluation(counts.cpu(), prototypes.float().cpu(), class_counts.cpu())
-
-    @torch.no_grad()
-    def _predict_unlabelled(self) -> torch.Tensor:
-        self.model.eval()
-        if self.config.frozen_backbone:
-            cache = self._cache("unlabelled", self.unlabelled)
-            return self.split.head(cache.features).argmax(dim=1).cpu()
-        if self.distributed is not None:
-            return self.distributed.predict_sharded(self, self.unlabelled)
-        feats = extract_features(
-            self.split.features, self.unlabelled, self.device, self.config.eval_batch_size
-        )
-        return self.split.head(feats).argmax(dim=1).cpu()
+        return self.view.evaluate(self.val)
 
     def feedback(self) -> dict[str, Any]:
-        """Evaluates, updates multipliers, gain and policy; returns the logged record."""
+        """Evaluates, scores the model, updates multipliers, gain and policy; returns the
+        logged record."""
         config = self.config
         started = time.perf_counter()
         evaluation = self._evaluate_val()
-        confusion = evaluation.confusion
+        # the score (which step is best) is the objective's metric of the raw counts, the
+        # same on every rank (the counts are summed over ranks)
+        score = objective_score(self.objective, evaluation.counts)
+        self.best.offer(score, self.step, self.model)
         # the objective, multipliers and gain see the (optionally smoothed) estimate of C;
         # the logged metrics are those of the raw counts
         estimate = smoothed_confusion(evaluation.counts, config.confusion_smoothing)
         self.objective.update(estimate)
         with torch.no_grad():
             value = float(self.objective(estimate))
-        head = self.split.head
         gain = gain_matrix(
-            self.objective, estimate, evaluation.prototypes.to(self.device), head, config.mix
-        ).cpu()
+            self.objective, estimate, evaluation.prototypes.to(self.device), self.split.head,
+            config.mix,
+        ).cpu()  # fmt: skip
         self.distribution = mixup_distribution(
             gain, config.gain_scale, config.policy, config.normalize_gain
         ).cpu()
+        groups = self.optimizer.param_groups
         record: dict[str, Any] = {
             "step": self.step,
             "objective": value,
-            "metrics": all_metrics(confusion, config.head_classes),
-            "multipliers": None
-            if self.objective.multipliers is None
-            else self.objective.multipliers.tolist(),
+            "score": score.to_dict(),
+            "best_step": self.best.step,
+            "metrics": all_metrics(evaluation.confusion, config.head_classes),
+            "multipliers": _plain(self.objective.multipliers),
             "max_gain": float(gain.max()),
             "policy_entropy": policy_entropy(self.distribution),
             "effective_pairs": effective_pairs(self.distribution),
-            "lr_head": self.optimizer.param_groups[0]["lr"],
-            "lr_backbone": (
-                self.optimizer.param_groups[1]["lr"]
-                if len(self.optimizer.param_groups) > 1
-                else 0.0
-            ),
+            "lr_head": groups[0]["lr"],
+            "lr_backbone": groups[1]["lr"] if len(groups) > 1 else 0.0,
             "train_loss": self._loss_sum / self._loss_count if self._loss_count else None,
         }
         self._loss_sum, self._loss_count = 0.0, 0
         if self.unlabelled is not None:
-            self.pseudo_labels = self._predict_unlabelled()
-            self.sampler.set_second_labels(self.pseudo_labels)
-            histogram = torch.bincount(self.pseudo_labels, minlength=self.num_classes)
-            record["pseudo_label_histogram"] = histogram.tolist()
-            true_labels = getattr(self.unlabelled, "hidden_labels", None)
-            if true_labels is not None:
-                # reporting only: the hidden labels never reach the sampler or the loss
-                agree = torch.as_tensor(true_labels).long() == self.pseudo_labels
-                record["pseudo_label_accuracy"] = float(agree.double().mean())
+            record.update(self._refresh_pseudo_labels())
         record["feedback_seconds"] = time.perf_counter() - started
-        if self.num_classes <= 200 or not self.gains:
-            self.gains.append((self.step, gain))
-        elif self.step == config.steps:
+        if self.num_classes <= 200 or not self.gains or self.step == config.steps:
             self.gains.append((self.step, gain))
         self.history.append(record)
-        self._log(record)
+        if config.log_path and self.collective.is_main:
+            path = Path(config.log_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
         if self.callback is not None:
             self.callback(record)
         return record
 
-    def _is_main(self) -> bool:
-        return self.distributed is None or self.distributed.rank == 0
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.config.log_path and self._is_main():
-            path = Path(self.config.log_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+    def _refresh_pseudo_labels(self) -> dict[str, Any]:
+        self.model.eval()
+        self.pseudo_labels = self.view.predict(self.unlabelled)
+        self.sampler.set_second_labels(self.pseudo_labels)
+        histogram = torch.bincount(self.pseudo_labels, minlength=self.num_classes)
+        report: dict[str, Any] = {"pseudo_label_histogram": histogram.tolist()}
+        true_labels = getattr(self.unlabelled, "hidden_labels", None)
+        if true_labels is not None:
+            # reporting only: the hidden labels never reach the sampler or the loss
+            agree = torch.as_tensor(true_labels).long() == self.pseudo_labels
+            report["pseudo_label_accuracy"] = float(agree.double().mean())
+        return report
 
     # -- training -----------------------------------------------------------------------
-    def _images(self, dataset: Any, indices: torch.Tensor) -> torch.Tensor:
-        images, _ = dataset.batch(
-            indices, augment=self.config.augment, generator=self.generator, device=self.device
-        )
-        return images
-
-    def _second_images(self, indices: torch.Tensor, from_second: torch.Tensor) -> torch.Tensor:
-        return self._merge(
-            from_second, indices,
-            lambda index: self._images(self.unlabelled, index),
-            lambda index: self._images(self.train, index),
-        )  # fmt: skip
-
-    def _second_features(self, indices: torch.Tensor, from_second: torch.Tensor) -> torch.Tensor:
-        train = self._cache("train", self.train).features
-        if self.unlabelled is None:
-            return train[indices.to(self.device)]
-        unlabelled = self._cache("unlabelled", self.unlabelled).features
-        return self._merge(
-            from_second, indices,
-            lambda index: unlabelled[index.to(self.device)],
-            lambda index: train[index.to(self.device)],
-        )  # fmt: skip
-
-    def _merge(
-        self,
-        from_second: torch.Tensor,
-        indices: torch.Tensor,
-        second_pool: Callable[[torch.Tensor], torch.Tensor],
-        first_pool: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """Rows from the second pool where ``from_second``, from the first pool elsewhere."""
-        if not from_second.any():
-            return first_pool(indices)
-        if from_second.all():
-            return second_pool(indices)
-        from_unlabelled = second_pool(indices[from_second])
-        from_train = first_pool(indices[~from_second])
-        merged = from_unlabelled.new_empty((indices.numel(), *from_unlabelled.shape[1:]))
-        mask = from_second.to(merged.device)
-        merged[mask] = from_unlabelled
-        merged[~mask] = from_train
-        return merged
-
-    def _batch_size(self) -> int:
-        if self.distributed is None:
-            return self.config.batch_size
-        return self.distributed.local_batch_size(self.config.batch_size)
-
     def train_step(self) -> float:
         """One SGD step on a batch of mixups drawn from the current distribution."""
         config = self.config
-        batch_size = self._batch_size()
+        batch_size = self.collective.local_batch_size(config.batch_size)
         first, second, from_second, labels = self.sampler.sample(self.distribution, batch_size)
         lam = config.lam_min + (1 - config.lam_min) * torch.rand(
             batch_size, generator=self.generator
         )
-        lam = lam.to(self.device)[:, None]
-        labels = labels.to(self.device)
         self.model.eval()  # batch norm frozen: running statistics, no updates
-        if config.frozen_backbone:
-            first_features = self._cache("train", self.train).features[first.to(self.device)]
-            second_features = self._second_features(second, from_second)
-            mixed = lam * first_features + (1 - lam) * second_features
-            logits = self.split.head(mixed)
-        else:
-            first_images = self._images(self.train, first)
-            second_images = self._second_images(second, from_second)
-            logits = self._train_model(first_images, second_images, lam)
-        loss = F.cross_entropy(logits, labels)
+        logits = self.view.mixed_logits(
+            first, second, from_second, lam.to(self.device)[:, None], self.generator
+        )
+        loss = F.cross_entropy(logits, labels.to(self.device))
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            where = (
-                f"; the last good checkpoint is {self.config.checkpoint_path!r}"
-                if self.config.checkpoint_path
-                else ""
-            )
+            where = f"; the last good checkpoint is {config.checkpoint_path!r}"
             raise FloatingPointError(
                 f"non-finite loss ({loss_value}) at step {self.step}: lower `lr_head` / "
-                f"`lr_backbone` or use `frozen_backbone`{where}"
+                f"`lr_backbone` or use `frozen_backbone`{where if config.checkpoint_path else ''}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -563,20 +555,26 @@ class Trainer:
         self._loss_count += 1
         return loss_value
 
+    def _patience_spent(self) -> bool:
+        patience = self.config.patience
+        return patience is not None and self.best.stale >= patience
+
     def run(self) -> FinetuneResult:
-        """Runs from the current step to ``config.steps`` (with a last feedback at the end)."""
+        """Runs from the current step to ``config.steps`` (with a last feedback at the end,
+        or until ``patience`` feedback steps bring no better score), then selects."""
         from tqdm.auto import tqdm
 
         config = self.config
         progress = tqdm(
             total=config.steps, initial=self.step, desc=f"selmix {self.objective.name}",
-            disable=not (config.progress and self._is_main()), leave=False,
+            disable=not (config.progress and self.collective.is_main), leave=False,
         )  # fmt: skip
         try:
-            while self.step < config.steps:
+            while self.step < config.steps and not self._patience_spent():
                 if self.step % config.feedback_every == 0:
-                    record = self.feedback()
-                    progress.set_postfix(objective=f"{record['objective']:.4f}")
+                    progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
+                    if self._patience_spent():
+                        break
                 self.train_step()
                 self.step += 1
                 progress.update(1)
@@ -587,11 +585,16 @@ class Trainer:
                 self.feedback()
         finally:
             progress.close()
-        if config.checkpoint_path:
-            self.save_checkpoint()
+        self.save_checkpoint()
+        last = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        selected = self.best.step if config.select == "best" else self.step
+        if config.select == "best":
+            self.model.load_state_dict(self.best.weights)
         return FinetuneResult(
-            self.model, self.split, self.objective, config, self.history, self.gains
-        )
+            self.model, self.split, self.objective, config, self.history, self.gains,
+            selected_step=selected, best_step=self.best.step, last_step=self.step,
+            best_state=self.best.weights, last_state=last,
+        )  # fmt: skip
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -608,21 +611,18 @@ class Trainer:
             "pseudo_labels": self.pseudo_labels,
             "history": self.history,
             "gains": [(step, gain.clone()) for step, gain in self.gains],
+            "best": self.best.state_dict(),
             "rng": capture_rng_state(self.generator),
             "loss": [self._loss_sum, self._loss_count],
+            "world_size": self.collective.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved (the run settings must agree)."""
         if state.get("format") != "selmix-finetune-v1":
             raise ValueError("`resume` is not a selmix fine-tuning checkpoint")
-        saved = state["config"]
-        current = self.config.to_dict()
-        changed = [k for k in _RUN_FIELDS if saved.get(k) != current.get(k)]
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(f"`resume` checkpoint was made with other settings ({details})")
-        world_size = 1 if self.distributed is None else self.distributed.world_size
+        self.config.check_resumable(state["config"])
+        world_size = self.collective.world_size
         if int(state.get("world_size", 1)) != world_size:
             raise ValueError(
                 f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
@@ -643,40 +643,23 @@ class Trainer:
             self.sampler.set_second_labels(self.pseudo_labels)
         self.history = list(state["history"])
         self.gains = [(int(step), gain) for step, gain in state["gains"]]
+        if "best" in state:
+            self.best.load_state_dict(state["best"])
         self.step = int(state["step"])
         self._loss_sum, self._loss_count = state["loss"]
-        if self.distributed is None:
-            restore_rng_state(state["rng"], self.generator)
-        else:
-            restore_rng_state(state["rank_rng"][self.distributed.rank], self.generator)
+        rank_rng = state.get("rank_rng") or [state["rng"]]
+        restore_rng_state(rank_rng[self.collective.rank], self.generator)
 
     def save_checkpoint(self) -> None:
         """Writes the resume state to ``config.checkpoint_path`` (main process only)."""
         if not self.config.checkpoint_path:
             return
-        if self.distributed is None:
-            save_checkpoint(self.config.checkpoint_path, self.state_dict())
-            return
-        rank_rng = self.distributed.gather_rng_states(self.generator)  # every rank takes part
-        if self._is_main():
-            state = self.state_dict()
-            state.update(world_size=self.distributed.world_size, rank_rng=rank_rng)
-            save_checkpoint(self.config.checkpoint_path, state)
-        self.distributed.barrier()  # the file is complete when any rank returns
-
-
-class _MixupForward(nn.Module):
-    """Features of both images in one pass, mixed, then the head (one module for DDP)."""
-
-    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
-        super().__init__()
-        self.features = features
-        self.head = head
-
-    def forward(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        both = self.features(torch.cat([first, second]))
-        first_features, second_features = both[: first.shape[0]], both[first.shape[0] :]
-        return self.head(lam * first_features + (1 - lam) * second_features)
+        rank_rng = self.collective.gather_rng_states(self.generator)  # every rank takes part
+        if self.collective.is_main:
+            save_checkpoint(
+                self.config.checkpoint_path, {**self.state_dict(), "rank_rng": rank_rng}
+            )
+        self.collective.barrier()  # the file is complete when any rank returns
 
 
 def finetune(
@@ -691,7 +674,7 @@ def finetune(
     head: nn.Linear | None = None,
     resume: str | Path | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
-    distributed: Any = None,
+    distributed: Collective | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tunes ``model`` with SelMix for ``objective``.
@@ -709,18 +692,16 @@ def finetune(
         features, head: an explicit split of the model.
         resume: a checkpoint written by a previous run with the same settings.
         callback: called with each feedback record.
-        distributed: a :class:`selmix.distributed.DistributedContext` (under torchrun).
+        distributed: a :class:`selmix.collective.Collective`, e.g. the
+            :class:`selmix.distributed.DistributedContext` of a torchrun process.
         **overrides: any :class:`FinetuneConfig` field, e.g. ``steps=2000, device="cuda"``.
 
     Returns:
-        A :class:`FinetuneResult`.
+        A :class:`FinetuneResult`; the model holds the selected step's weights.
     """
     if isinstance(objective, str):
         overrides = {"objective": objective, **overrides}
         objective = None
-    elif objective is not None:
-        objective = as_objective(objective)
-        overrides = {"objective": objective.name, **overrides}
     config = FinetuneConfig.resolve(config, overrides)
     trainer = Trainer(
         model, train, val, objective, config, unlabelled=unlabelled, features=features,

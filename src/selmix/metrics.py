@@ -15,10 +15,12 @@ from selmix._validation import check_all_classes_present, check_confusion, check
 __all__ = [
     "accuracy",
     "all_metrics",
+    "confusion_counts",
     "confusion_matrix",
     "g_mean",
     "h_mean",
     "head_mask",
+    "infer_head_classes",
     "mean_recall",
     "min_coverage",
     "min_head_tail_coverage",
@@ -30,6 +32,20 @@ __all__ = [
 ]
 
 HEAD_FRACTION = 0.9
+
+
+def confusion_counts(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The one confusion-count update: LongTensor[K, K] of ``(label, prediction)`` pairs.
+
+    No checks (the callers validate where the data enters); ``labels`` and ``preds`` are
+    integer tensors on one device, and the counts stay there. :func:`confusion_matrix`,
+    :class:`MetricTracker`, :func:`selmix.evaluate` and the sharded evaluation all count
+    with it.
+    """
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def confusion_matrix(
@@ -68,9 +84,7 @@ def confusion_matrix(
             raise ValueError(
                 f"`{name}` must lie in [0, {num_classes}), got values in [{low}, {high}]"
             )
-    flat = labels.long() * num_classes + preds.long()
-    counts = torch.bincount(flat, minlength=num_classes * num_classes)
-    counts = counts.reshape(num_classes, num_classes)
+    counts = confusion_counts(labels, preds, num_classes)
     return counts.double() / labels.numel() if normalize else counts
 
 
@@ -169,6 +183,27 @@ def head_mask(
     return mask
 
 
+def infer_head_classes(labels: Any, num_classes: int) -> list[int]:
+    """The head classes of a training set: its :data:`HEAD_FRACTION` most frequent classes.
+
+    Ties go to the smaller class index, so data sorted most frequent first gives the
+    default of :func:`head_mask`. The CLI and :func:`selmix.finetune` both resolve
+    ``head_classes=None`` with this function.
+
+    Args:
+        labels: Tensor[N] (or sequence) of training labels in [0, K).
+        num_classes: K (>= 2).
+
+    Returns:
+        The sorted indices of the head classes.
+    """
+    check_int("num_classes", num_classes, minimum=2)
+    counts = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=num_classes)
+    num_head = int(head_mask(num_classes).sum())
+    order = torch.argsort(-counts, stable=True)
+    return sorted(order[:num_head].tolist())
+
+
 def _head_tail_means(values: torch.Tensor, head_classes: Any) -> torch.Tensor:
     mask = head_mask(values.numel(), head_classes).to(values.device)
     return torch.stack([values[mask].mean(), values[~mask].mean()])
@@ -242,10 +277,10 @@ class MetricTracker:
 
     def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
         """Adds a batch of predictions (Tensor[N]) and labels (Tensor[N])."""
-        counts = confusion_matrix(
+        # confusion_matrix validates the batch, then counts with confusion_counts
+        self.counts += confusion_matrix(
             labels.detach().cpu(), preds.detach().cpu(), self.num_classes, normalize=False
         )
-        self.counts += counts
 
     def reset(self) -> None:
         """Forgets every batch seen so far."""

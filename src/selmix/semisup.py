@@ -57,7 +57,7 @@ from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
-from selmix.evaluate import as_batch_dataset, evaluate, extract_features, resolve_device
+from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
 from selmix.pretrain import logit_adjustment
 
 __all__ = [
@@ -638,16 +638,9 @@ def predict_pseudo_labels(
         ``(labels LongTensor[N], confidence Tensor[N])`` on the CPU.
     """
     from selmix.models import split_model
+    from selmix.views import predict_logits
 
-    device = resolve_device(device)
-    split = split_model(model)
-    was_training = model.training
-    model.eval()
-    try:
-        features = extract_features(split.features, dataset, device, batch_size)
-        logits = split.head(features)
-    finally:
-        model.train(was_training)
+    logits = predict_logits(split_model(model), dataset, resolve_device(device), batch_size)
     if adjustment is not None:
         logits = logits + _checked_adjustment(adjustment, logits.shape[1]).to(logits.device)
     confidence, labels = torch.softmax(logits.float(), dim=1).max(dim=1)

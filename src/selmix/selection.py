@@ -1,0 +1,164 @@
+"""Which of several models (or taus, or fine-tuning steps) is best for an objective.
+
+:func:`objective_score` scores a confusion matrix for an objective by the metric the
+objective stands for, computed exactly, with coverage constraints ordered feasibility
+first (:class:`ObjectiveScore`); :func:`best_index` picks the best of a list. The post-hoc
+baseline tunes its tau with it and :func:`selmix.finetune` selects its best feedback step
+with it, so scores of different steps compare even though the objective's multipliers
+change between them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from selmix._validation import check_all_classes_present, check_confusion
+from selmix.metrics import (
+    g_mean,
+    h_mean,
+    mean_recall,
+    min_coverage,
+    min_head_tail_coverage,
+    min_head_tail_recall,
+    min_recall,
+)
+from selmix.objectives import (
+    CoverageConstrained,
+    GMean,
+    HMean,
+    MeanRecall,
+    MinHeadTailRecall,
+    MinRecall,
+    Objective,
+    as_objective,
+)
+
+__all__ = ["ObjectiveScore", "best_index", "objective_score"]
+
+ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
+
+# Coverage computed from counts is exact up to rounding; this absorbs the rounding.
+_FEASIBILITY_TOLERANCE = 1e-12
+
+
+@functools.total_ordering
+@dataclass(frozen=True, eq=False)
+class ObjectiveScore:
+    """How good a confusion matrix is for an objective; scores compare, larger is better.
+
+    Scores order by :attr:`key`: for an objective without a constraint, by the metric; for
+    a coverage-constrained one, any matrix that meets the constraint beats every matrix
+    that does not, matrices that meet it order by the metric (then the coverage) and
+    matrices that do not order by the coverage (then the metric).
+
+    Attributes:
+        metric: the objective's metric, e.g. min recall for ``"min_recall"``, mean recall
+            for ``"mean_recall_min_coverage"``.
+        coverage: the constrained quantity (min coverage, or min head/tail coverage for the
+            ``*_min_head_tail_coverage`` objectives); None without a constraint.
+        target: the constraint's target ``alpha / K``; None without a constraint.
+    """
+
+    metric: float
+    coverage: float | None = None
+    target: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        """Whether the constraint is met (always True without a constraint)."""
+        if self.coverage is None or self.target is None:
+            return True
+        return self.coverage >= self.target - _FEASIBILITY_TOLERANCE
+
+    @property
+    def key(self) -> tuple[float, ...]:
+        """The tuple the scores are ordered by."""
+        if self.coverage is None:
+            return (1.0, self.metric)
+        if self.feasible:
+            return (1.0, self.metric, self.coverage)
+        return (0.0, self.coverage, self.metric)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectiveScore):
+            return NotImplemented
+        return self.key == other.key
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, ObjectiveScore):
+            return NotImplemented
+        return self.key < other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for logs: metric, coverage, target and feasible."""
+        return {
+            "metric": self.metric,
+            "coverage": self.coverage,
+            "target": self.target,
+            "feasible": self.feasible,
+        }
+
+
+def objective_score(objective: ObjectiveLike, confusion: torch.Tensor) -> ObjectiveScore:
+    """Scores a confusion matrix for an objective: the rule that picks a model or a tau.
+
+    The metric is the one the objective stands for, computed exactly (not the objective's
+    smooth surrogate): ``mean_recall``, ``min_recall``, ``min_head_tail_recall``,
+    ``g_mean`` or ``h_mean``. A coverage-constrained objective (``*_min_coverage``,
+    ``*_min_head_tail_coverage``) scores its metric (mean recall or H-mean) subject to
+    ``min coverage >= alpha / K`` (or the head and tail mean coverages for the head/tail
+    variants), see :class:`ObjectiveScore`. Any other objective scores its own value
+    ``psi(C)``, with its multipliers (if any) refreshed from ``confusion`` on a copy.
+
+    Args:
+        objective: an objective name, an :class:`~selmix.objectives.Objective` (its
+            ``alpha`` and ``head_classes`` are used) or a differentiable callable of C.
+        confusion: Tensor[K, K] of counts or fractions, rows are true labels; every class
+            must have a sample.
+
+    Returns:
+        An :class:`ObjectiveScore`; ``max`` over scores is the best (see :func:`best_index`).
+    """
+    objective = as_objective(objective)
+    confusion = check_confusion(confusion)
+    check_all_classes_present(confusion)
+    if isinstance(objective, CoverageConstrained):
+        metric = mean_recall if objective.metric == "mean_recall" else h_mean
+        if objective.head_tail:
+            coverage = min_head_tail_coverage(confusion, objective.head_classes)
+        else:
+            coverage = min_coverage(confusion)
+        target = objective.alpha / confusion.shape[0]
+        return ObjectiveScore(float(metric(confusion)), float(coverage), target)
+    if isinstance(objective, MinHeadTailRecall):  # before MinRecall: it is a subclass
+        value = min_head_tail_recall(confusion, objective.head_classes)
+    elif isinstance(objective, MinRecall):
+        value = min_recall(confusion)
+    elif isinstance(objective, MeanRecall):
+        value = mean_recall(confusion)
+    elif isinstance(objective, GMean):
+        value = g_mean(confusion)
+    elif isinstance(objective, HMean):
+        value = h_mean(confusion)
+    else:
+        probe = copy.deepcopy(objective)  # the caller's multipliers stay as they are
+        with torch.no_grad():
+            probe.update(confusion)
+            value = probe(confusion)
+    return ObjectiveScore(float(value))
+
+
+def best_index(scores: Sequence[ObjectiveScore]) -> int:
+    """Index of the best score; the first one on ties (e.g. the smallest tau of a grid)."""
+    if len(scores) == 0:
+        raise ValueError("`scores` must hold at least one score, got none")
+    return max(range(len(scores)), key=lambda i: scores[i].key)

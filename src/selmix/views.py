@@ -1,0 +1,358 @@
+"""Two views of a classifier for fine-tuning: frozen cached features, or the full backbone.
+
+A :class:`ModelView` is what the :class:`selmix.Trainer` (and the baselines) see of the
+model: evaluate a data set, predict its labels, the logits of a batch of mixed pairs, and
+whether the backbone trains. Both views run on a :class:`selmix.collective.Collective`, so
+the same code serves one process and ``torchrun``.
+
+* :class:`FrozenFeatures`: the backbone never changes, so each data set's features are
+  computed once (eval mode, no augmentation; shard by shard and gathered across
+  processes) and kept in a :class:`FeatureCache`; training mixes cached features and only
+  the head learns (its gradients averaged across processes by an optimiser hook).
+* :class:`FullBackbone`: every batch goes through the backbone (augmented if asked);
+  both images of a pair pass in one forward of :class:`MixupForward`, the module
+  DistributedDataParallel wraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from selmix.collective import Collective, SingleProcess, evaluate_across
+from selmix.evaluate import Evaluation, extract_features, summarize
+
+if TYPE_CHECKING:
+    from selmix.models import ModelSplit
+
+__all__ = [
+    "FeatureCache",
+    "FrozenFeatures",
+    "FullBackbone",
+    "MixupForward",
+    "ModelView",
+    "PairPools",
+    "make_view",
+    "predict_logits",
+]
+
+
+@torch.no_grad()
+def predict_logits(
+    split: ModelSplit, dataset: Any, device: torch.device, batch_size: int = 512
+) -> torch.Tensor:
+    """The head's logits of every sample (eval mode, no augmentation): Tensor[N, K] on
+    ``device``. Every prediction from images in selmix goes through here."""
+    was_training = split.features.training, split.head.training
+    split.features.eval()
+    split.head.eval()
+    try:
+        return split.head(extract_features(split.features, dataset, device, batch_size))
+    finally:
+        split.features.train(was_training[0])
+        split.head.train(was_training[1])
+
+
+class PairPools:
+    """Where the two sides of the mixup pairs come from.
+
+    The first sample of a pair is always a training sample; the second is a training
+    sample, or (semi-supervised) an unlabelled one where the sampler says so.
+
+    Args:
+        train: the labelled training set.
+        unlabelled: the unlabelled set, or None.
+    """
+
+    def __init__(self, train: Any, unlabelled: Any = None) -> None:
+        self.train = train
+        self.unlabelled = unlabelled
+
+    def second_rows(
+        self,
+        indices: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        rows: Callable[[Any, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``rows(pool, indices)`` of the pairs' second samples, each from its own pool.
+
+        Args:
+            indices: LongTensor[B], positions in the pool of each pair.
+            from_unlabelled: BoolTensor[B], True where the sample is unlabelled.
+            rows: ``(dataset, indices) -> Tensor[b, ...]`` (images or features).
+        """
+        if self.unlabelled is None or not from_unlabelled.any():
+            return rows(self.train, indices)
+        if from_unlabelled.all():
+            return rows(self.unlabelled, indices)
+        unlabelled = rows(self.unlabelled, indices[from_unlabelled])
+        labelled = rows(self.train, indices[~from_unlabelled])
+        merged = unlabelled.new_empty((indices.numel(), *unlabelled.shape[1:]))
+        mask = from_unlabelled.to(merged.device)
+        merged[mask] = unlabelled
+        merged[~mask] = labelled
+        return merged
+
+
+@runtime_checkable
+class ModelView(Protocol):
+    """What the fine-tuning engine sees of a model (see the module docstring).
+
+    Attributes:
+        split: the model's (features, head) split.
+        device: where it computes.
+        trains_backbone: whether the backbone's parameters learn (an optimiser group).
+    """
+
+    split: ModelSplit
+    device: torch.device
+    trains_backbone: bool
+
+    def evaluate(self, dataset: Any) -> Evaluation:
+        """Confusion counts, prototypes and soft counts of ``dataset`` (the whole set)."""
+        ...
+
+    def predict(self, dataset: Any) -> torch.Tensor:
+        """Predicted labels of every sample of ``dataset``: LongTensor[N] on the CPU."""
+        ...
+
+    def mixed_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Logits of the mixed pairs ``lam * phi(x_first) + (1 - lam) * phi(x_second)``.
+
+        Args:
+            first: LongTensor[B], training-set positions of the first samples.
+            second: LongTensor[B], positions of the second samples in their pool.
+            from_unlabelled: BoolTensor[B], True where the second sample is unlabelled.
+            lam: Tensor[B, 1] on :attr:`device`, the mixing weights.
+            generator: the run's generator (augmentation draws).
+
+        Returns:
+            Tensor[B, K] on :attr:`device`, differentiable in the trainable parameters.
+        """
+        ...
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the optimiser of the trainable parameters."""
+        ...
+
+
+class FeatureCache:
+    """Each data set's backbone features, computed once (eval mode, no augmentation).
+
+    Shared by the frozen views of models with one backbone (e.g. copies of one starting
+    model with different heads). Keys are the data set objects themselves.
+
+    Args:
+        features: the backbone.
+        device: where the features are computed and kept.
+        batch_size: batch size of the extraction.
+        collective: the processes the extraction is split over.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        device: torch.device,
+        batch_size: int = 512,
+        collective: Collective | None = None,
+    ) -> None:
+        self.features = features
+        self.device = device
+        self.batch_size = batch_size
+        self.collective = collective or SingleProcess()
+        self._store: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def __call__(self, dataset: Any) -> torch.Tensor:
+        """Tensor[N, d] on :attr:`device`, the features of every sample of ``dataset``."""
+        key = id(dataset)
+        if key not in self._store:
+            self.features.eval()
+            values = self.collective.gather(
+                lambda part: extract_features(self.features, part, self.device, self.batch_size),
+                dataset,
+            )
+            # the data set is kept with its features so that its id is never reused
+            self._store[key] = (dataset, values)
+        return self._store[key][1]
+
+
+class FrozenFeatures:
+    """The head trains on cached features; the backbone never changes.
+
+    Args:
+        split: the model's split.
+        device: where to compute.
+        collective: the processes of the run.
+        batch_size: batch size of the feature extraction.
+        pools: the pair pools (needed by :meth:`mixed_logits` only).
+        cache: a :class:`FeatureCache` of the same backbone to share (default: a new one).
+    """
+
+    trains_backbone = False
+
+    def __init__(
+        self,
+        split: ModelSplit,
+        device: torch.device,
+        collective: Collective | None = None,
+        batch_size: int = 512,
+        pools: PairPools | None = None,
+        cache: FeatureCache | None = None,
+    ) -> None:
+        self.split = split
+        self.device = device
+        self.collective = collective or SingleProcess()
+        self.pools = pools
+        self.cache = cache or FeatureCache(split.features, device, batch_size, self.collective)
+
+    def features(self, dataset: Any) -> torch.Tensor:
+        """The cached features of ``dataset``, Tensor[N, d] on :attr:`device`."""
+        return self.cache(dataset)
+
+    @torch.no_grad()
+    def logits(self, dataset: Any) -> torch.Tensor:
+        """The head's logits of every sample, Tensor[N, K] on :attr:`device`."""
+        self.split.head.eval()
+        return self.split.head(self.features(dataset))
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any) -> Evaluation:
+        # every process holds all features, so the sums need no reduction
+        features = self.features(dataset)
+        num_classes = self.split.head.out_features
+        labels = torch.as_tensor(dataset.labels).long()
+        return Evaluation.from_sums(summarize(features, self.logits(dataset), labels, num_classes))
+
+    def predict(self, dataset: Any) -> torch.Tensor:
+        return self.logits(dataset).argmax(dim=1).cpu()
+
+    def mixed_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        if self.pools is None:
+            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+
+        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
+            return self.features(dataset)[index.to(self.device)]
+
+        first_features = rows(self.pools.train, first)
+        second_features = self.pools.second_rows(second, from_unlabelled, rows)
+        return self.split.head(lam * first_features + (1 - lam) * second_features)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        # the head trains outside DDP: same start everywhere, gradients averaged per step
+        self.collective.broadcast_module(self.split.head)
+        self.collective.average_gradients(optimizer)
+
+
+class MixupForward(nn.Module):
+    """Features of both images in one pass, mixed, then the head (one module for DDP)."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        both = self.features(torch.cat([first, second]))
+        first_features, second_features = both[: first.shape[0]], both[first.shape[0] :]
+        return self.head(lam * first_features + (1 - lam) * second_features)
+
+
+class FullBackbone:
+    """Every batch goes through the backbone, which trains with the head.
+
+    Args:
+        split: the model's split.
+        device: where to compute.
+        collective: the processes of the run (the training module is wrapped by it).
+        batch_size: batch size of evaluation and prediction.
+        pools: the pair pools (needed by :meth:`mixed_logits` only).
+        augment: random crop and flip of the training images.
+    """
+
+    trains_backbone = True
+
+    def __init__(
+        self,
+        split: ModelSplit,
+        device: torch.device,
+        collective: Collective | None = None,
+        batch_size: int = 512,
+        pools: PairPools | None = None,
+        augment: bool = False,
+    ) -> None:
+        self.split = split
+        self.device = device
+        self.collective = collective or SingleProcess()
+        self.batch_size = batch_size
+        self.pools = pools
+        self.augment = augment
+        self.mixup = MixupForward(split.features, split.head)
+        self.train_module = self.collective.wrap(self.mixup)
+
+    def evaluate(self, dataset: Any) -> Evaluation:
+        return evaluate_across(
+            self.collective, self.mixup, dataset, self.device, self.batch_size,
+            features=self.split.features, head=self.split.head,
+        )  # fmt: skip
+
+    def predict(self, dataset: Any) -> torch.Tensor:
+        return self.collective.gather(
+            lambda part: predict_logits(self.split, part, self.device, self.batch_size).argmax(1),
+            dataset,
+        ).cpu()
+
+    def mixed_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        if self.pools is None:
+            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+
+        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
+            images, _ = dataset.batch(
+                index, augment=self.augment, generator=generator, device=self.device
+            )
+            return images
+
+        first_images = rows(self.pools.train, first)
+        second_images = self.pools.second_rows(second, from_unlabelled, rows)
+        return self.train_module(first_images, second_images, lam)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        return None  # DistributedDataParallel (from `wrap`) averages the gradients
+
+
+def make_view(
+    frozen_backbone: bool,
+    split: ModelSplit,
+    device: torch.device,
+    collective: Collective | None = None,
+    batch_size: int = 512,
+    pools: PairPools | None = None,
+    augment: bool = False,
+) -> FrozenFeatures | FullBackbone:
+    """:class:`FrozenFeatures` when ``frozen_backbone``, else :class:`FullBackbone`."""
+    if frozen_backbone:
+        return FrozenFeatures(split, device, collective, batch_size, pools)
+    return FullBackbone(split, device, collective, batch_size, pools, augment)
