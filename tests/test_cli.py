@@ -110,9 +110,13 @@ def test_finetune_set_overrides_flag_and_reaches_the_run(
     assert _log_steps(out / "log.jsonl") == [0, 3, 6, 7]
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"before", "after"}
+    assert set(metrics) == {
+        "before", "after", "best", "last", "select", "selected_step", "best_step", "last_step",
+    }  # fmt: skip
     _check_metrics(metrics["before"])
     _check_metrics(metrics["after"])
+    assert metrics["select"] == "best" and metrics["last_step"] == 7
+    assert metrics["best"] == metrics["after"]  # select=best returns the best step
     before = json.loads((pretrained / "metrics.json").read_text())["test"]
     assert metrics["before"]["mean_recall"] == pytest.approx(before["mean_recall"])
 

@@ -56,6 +56,39 @@ class Option:
     choices: Sequence[str] | None = None
     metavar: str | None = None
     required: bool = False
+    field: str | None = None  # the config field it fills (None: a command-level setting)
+
+
+def _config_options(config_class: type, **adjust: dict[str, Any]) -> list[Option]:
+    """The options of a configuration class, generated from its fields' metadata
+    (:func:`selmix._config.settings_of`); ``adjust`` changes a field's metadata by name
+    (for classes whose fields carry none)."""
+    import dataclasses
+
+    from selmix._config import scalar_type, settings_of
+
+    options = []
+    for item in settings_of(config_class):
+        if item.name in adjust:
+            item = dataclasses.replace(item, **adjust[item.name])
+        if not item.cli:
+            continue
+        kind = scalar_type(item.type)
+        options.append(
+            Option(
+                item.key, copy.deepcopy(item.shown_default), item.help, flag=item.flag,
+                type=kind if kind in (int, float) else None, choices=item.choices,
+                metavar=item.metavar, field=item.name,
+            )
+        )  # fmt: skip
+    return options
+
+
+def _config_from(config_class: type, settings: dict[str, Any], options: list[Option]) -> Any:
+    """The configuration the settings give (validated by the class)."""
+    return config_class.from_dict(
+        {option.field: settings[option.key] for option in options if option.field}
+    )
 
 
 # -- the settings of each command ---------------------------------------------------------------
@@ -100,75 +133,38 @@ def _common_options(device: str = "auto") -> list[Option]:
 def _pretrain_options() -> list[Option]:
     from selmix.pretrain import LOSSES, PretrainConfig
 
-    d = PretrainConfig()
+    # PretrainConfig's fields carry no CLI metadata yet: their flags, the CLI key of
+    # mixup_alpha and the CLI default device are given here
+    flag = {"flag": True}
     return _data_options() + [
         Option("model", None, "registry model name (see the list below)", metavar="NAME",
                required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
-        Option("epochs", d.epochs, "training epochs", type=int),
-        Option("loss", d.loss, "training loss", choices=LOSSES),
-        Option("la_tau", d.la_tau, "logit-adjustment temperature", flag=False),
-        Option("mixup", d.mixup_alpha, "input mixup Beta(alpha, alpha); 0 turns it off",
-               type=float, metavar="ALPHA"),
-        Option("batch_size", d.batch_size, "images per step", type=int),
-        Option("lr", d.lr, "peak learning rate (SGD, cosine schedule)", type=float),
-        Option("momentum", d.momentum, "SGD momentum", flag=False),
-        Option("weight_decay", d.weight_decay, "SGD weight decay", flag=False),
-        Option("warmup_epochs", d.warmup_epochs, "linear warm-up epochs", flag=False),
-        Option("augment", d.augment, "random crop and flip", flag=False),
-        Option("eval_batch_size", d.eval_batch_size, "evaluation batch size", flag=False),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
-        Option("progress", d.progress, "show progress bars", flag=False),
-    ] + _common_options()  # fmt: skip
+    ] + _config_options(
+        PretrainConfig, epochs=flag, batch_size=flag, lr=flag, seed=flag,
+        loss={"flag": True, "choices": LOSSES},
+        mixup_alpha={"flag": True, "key": "mixup", "metavar": "ALPHA",
+                     "help": "input mixup Beta(alpha, alpha); 0 turns it off"},
+        device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto")},
+        checkpoint_path={"cli": False},
+    )  # fmt: skip
 
 
 def _finetune_options() -> list[Option]:
     from selmix.finetune import FinetuneConfig
-    from selmix.policy import POLICIES
 
-    d = FinetuneConfig()
     return _data_options() + [
         Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
                metavar="FILE", required=True),
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
-        Option("objective", d.objective, "objective to maximise (see the list below)",
-               metavar="NAME"),
-        Option("objective_params", {}, "objective hyper-parameters, e.g. {rate: 20}",
-               flag=False),
-        Option("policy", d.policy, "mixup pair policy", choices=POLICIES),
-        Option("steps", d.steps, "SGD steps", type=int),
-        Option("frozen_backbone", d.frozen_backbone, "train the linear head only"),
-        Option("batch_size", d.batch_size, "mixup pairs per step", type=int),
-        Option("lr_head", d.lr_head, "learning rate of the linear head", type=float),
-        Option("lr_backbone", d.lr_backbone, "backbone learning rate; unset: lr_head / 10",
-               flag=False),
-        Option("gain_scale", d.gain_scale, "s in P ~ exp(s * gain)", type=float),
-        Option("normalize_gain", d.normalize_gain, "scale-free policy exp(s * G / max|G|)"),
-        Option("feedback_every", d.feedback_every, "steps between feedback (validation) steps",
-               type=int),
-        Option("momentum", d.momentum, "SGD momentum", flag=False),
-        Option("weight_decay", d.weight_decay, "SGD weight decay", flag=False),
-        Option("lam_min", d.lam_min, "mixing weights lam ~ U[lam_min, 1]", flag=False),
-        Option(
-            "confusion_smoothing", d.confusion_smoothing,
-            "pseudo-count added to each validation confusion cell before the gain "
-            "(0 = the paper; about 1 lets the gain see classes with zero recall)",
-            flag=False,
-        ),  # fmt: skip
-        Option("augment", d.augment, "random crop and flip (full-backbone mode)", flag=False),
-        Option("eval_batch_size", d.eval_batch_size, "evaluation batch size", flag=False),
-        Option("head_classes", None, "head classes for head/tail metrics and objectives; "
-               "unset: the 90% most frequent training classes", flag=False),
-        Option("checkpoint_every", d.checkpoint_every, "steps between resume checkpoints "
-               "(OUT/finetune_state.pt); unset: only at the end", flag=False),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
                "the same settings", metavar="FILE"),
-        Option("progress", d.progress, "show progress bars", flag=False),
-    ] + _common_options()  # fmt: skip
+    ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
 # The settings each baseline uses; the others of this group are ignored (with a warning when
@@ -477,19 +473,14 @@ def _in_channels(dataset: Any) -> int:
 
 def _head_classes(settings: dict[str, Any], splits: Any) -> list[int] | None:
     """The configured head classes, or the 90% most frequent training classes."""
-    import torch
-
-    from selmix.metrics import head_mask
+    from selmix.metrics import infer_head_classes
 
     if settings.get("head_classes") is not None:
         return settings["head_classes"]
     num_classes = _num_classes(splits)
     if num_classes < 2:
         return None
-    counts = torch.bincount(torch.as_tensor(splits.train.labels).long(), minlength=num_classes)
-    num_head = int(head_mask(num_classes).sum())
-    order = torch.argsort(-counts, stable=True)
-    return sorted(order[:num_head].tolist())
+    return infer_head_classes(splits.train.labels, num_classes)
 
 
 def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str, Any]:
@@ -559,17 +550,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     if settings["model"] not in list_models():
         known = ", ".join(list_models())
         raise UsageError(f"unknown `model` {settings['model']!r}; expected one of {known}")
-    config = PretrainConfig.from_dict(
-        {
-            "epochs": settings["epochs"], "batch_size": settings["batch_size"],
-            "lr": settings["lr"], "momentum": settings["momentum"],
-            "weight_decay": settings["weight_decay"], "loss": settings["loss"],
-            "la_tau": settings["la_tau"], "mixup_alpha": settings["mixup"],
-            "augment": settings["augment"], "warmup_epochs": settings["warmup_epochs"],
-            "seed": settings["seed"], "device": settings["device"],
-            "eval_batch_size": settings["eval_batch_size"], "progress": settings["progress"],
-        }
-    )  # fmt: skip
+    config = _config_from(PretrainConfig, settings, _pretrain_options())
     if not isinstance(settings["model_kwargs"], dict):
         raise UsageError("`model_kwargs` must be a mapping, e.g. --set model_kwargs='{width: 2}'")
     splits = _load_data(settings)
@@ -598,61 +579,40 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
 
 def _cmd_finetune(settings: dict[str, Any]) -> int:
     from selmix.checkpoint import save_model
-    from selmix.evaluate import evaluate
-    from selmix.finetune import FinetuneConfig, finetune
+    from selmix.collective import SingleProcess, evaluate_across
+    from selmix.distributed import init_from_env
+    from selmix.finetune import FinetuneConfig, finetune, resolve_objective
     from selmix.objectives import get_objective
     from selmix.report import format_metrics_table
 
-    fields = (
-        "objective", "objective_params", "policy", "gain_scale", "normalize_gain", "steps",
-        "batch_size", "lr_head", "lr_backbone", "frozen_backbone", "momentum", "weight_decay",
-        "feedback_every", "lam_min", "confusion_smoothing", "augment", "eval_batch_size", "seed",
-        "device",
-        "checkpoint_every", "progress",
-    )  # fmt: skip
-    if not isinstance(settings["objective_params"], dict):
-        raise UsageError(
-            "`objective_params` must be a mapping, e.g. --set objective_params='{rate: 20}'"
-        )
-    # fail fast, before any data is read: the objective, the policy, every number
-    get_objective(settings["objective"], **settings["objective_params"])
-    FinetuneConfig.from_dict({key: settings[key] for key in fields})
+    # fail fast, before any data is read: every setting, the objective
+    config = _config_from(FinetuneConfig, settings, _finetune_options())
+    get_objective(config.objective, **config.objective_params)
     if settings["resume"] is not None and not Path(settings["resume"]).is_file():
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
 
     splits = _load_data(settings)
     model, _ = _load_start_model(settings, splits)
     out = _out_dir(settings)
-    settings["head_classes"] = _head_classes(settings, splits)
-    params = dict(settings["objective_params"])
-    if "head_tail" in settings["objective"] and "head_classes" not in params:
-        params["head_classes"] = settings["head_classes"]
-
+    # the library resolves the run (head classes, objective parameters) as the API does
+    config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
+    settings["head_classes"] = config.head_classes
     log_path = out / "log.jsonl"
     if settings["resume"] is None:
         log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    config = FinetuneConfig.from_dict(
-        {
-            **{key: settings[key] for key in fields},
-            "objective_params": params,
-            "head_classes": settings["head_classes"],
-            "log_path": str(log_path),
-            "checkpoint_path": str(out / "finetune_state.pt"),
-        }
-    )
-    from selmix.distributed import init_from_env
+    config = config.replace(log_path=str(log_path), checkpoint_path=str(out / "finetune_state.pt"))
 
     # under torchrun every process runs this; rank 0 alone writes files and prints
     context = init_from_env(settings["device"])
+    collective = context or SingleProcess()
     try:
-        if context is not None:
-            context.local_batch_size(config.batch_size)  # fail fast on an uneven split
+        collective.local_batch_size(config.batch_size)  # fail fast on an uneven split
+        device = collective.process_device(config.device)
 
         def test_metrics(trained: Any) -> dict[str, Any]:
-            if context is not None:
-                evaluation = context.evaluate(trained, splits.test, config.eval_batch_size)
-            else:
-                evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)
+            evaluation = evaluate_across(
+                collective, trained, splits.test, device, config.eval_batch_size
+            )
             return evaluation.metrics(config.head_classes)
 
         before = test_metrics(model)
@@ -662,20 +622,34 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             distributed=context,
         )  # fmt: skip
         after = test_metrics(result.model)
-        if context is None or context.is_main:
+        metrics = {
+            "before": before,
+            "after": after,
+            "select": config.select,
+            "selected_step": result.selected_step,
+            "best_step": result.best_step,
+            "last_step": result.last_step,
+        }
+        for which, step in (("best", result.best_step), ("last", result.last_step)):
+            same = step == result.selected_step
+            metrics[which] = after if same else test_metrics(result.model_at(which))
+        if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             save_model(out / "model.pt", result.model, meta)
-            _write_json(out / "metrics.json", {"before": before, "after": after})
+            _write_json(out / "metrics.json", metrics)
             _write_yaml(out / "config.yaml", settings)
-        if context is not None:
-            # all ranks leave together: gloo aborts a process whose peer hung up first
-            context.barrier()
+        # all ranks leave together: gloo aborts a process whose peer hung up first
+        collective.barrier()
     finally:
         if context is not None:
             context.destroy()
-    if context is not None and not context.is_main:
+    if not collective.is_main:
         return 0
-    print(f"objective: {settings['objective']} ({config.steps} steps, policy {config.policy})")
+    print(f"objective: {config.objective} ({config.steps} steps, policy {config.policy})")
+    print(
+        f"selected step {result.selected_step} ({config.select}; best {result.best_step}, "
+        f"last {result.last_step})"
+    )
     print(format_metrics_table({"before": before, "after": after}))
     written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
     print(f"wrote {written}, {out / 'config.yaml'}")
