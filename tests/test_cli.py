@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,6 +148,47 @@ def test_config_file_reaches_the_run_below_explicit_flags(
     assert yaml.safe_load((again / "config.yaml").read_text())["steps"] == 4
 
 
+@pytest.mark.parametrize("head_classes", [[0], None])
+def test_cli_and_api_resolve_the_same_head_tail_run(
+    pretrained: Path, tree: Path, data_args: list[str], tmp_path: Path, head_classes: Any
+) -> None:
+    import torch
+
+    from selmix.checkpoint import load_checkpoint, load_model
+    from selmix.data import load_data
+    from selmix.finetune import finetune
+
+    settings = {"steps": 4, "feedback_every": 2, "batch_size": 8, "seed": 3}
+    out = tmp_path / "cli"
+    argv = ["finetune", *data_args, "--checkpoint", str(pretrained / "model.pt"),
+            "--out", str(out), "--objective", "mean_recall_min_head_tail_coverage",
+            "--set", "objective_params={alpha: 0.9}", "--frozen-backbone", "--select", "last",
+            *QUIET]  # fmt: skip
+    argv += [f"--set={key}={value}" for key, value in settings.items()]
+    if head_classes is not None:
+        argv += ["--set", f"head_classes={head_classes}"]
+    assert main(argv) == 0
+    cli_config = load_checkpoint(out / "finetune_state.pt")["config"]
+
+    data = load_data(f"imagefolder:{tree}", val_per_class=4, seed=3)
+    model, _ = load_model(pretrained / "model.pt")
+    result = finetune(
+        model, data.train, data.val, "mean_recall_min_head_tail_coverage", **settings,
+        objective_params={"alpha": 0.9}, head_classes=head_classes, frozen_backbone=True,
+        select="last", progress=False,
+    )  # fmt: skip
+    api_config = result.config.to_dict()
+    for key in ("log_path", "checkpoint_path", "device"):
+        cli_config.pop(key), api_config.pop(key)
+    assert cli_config == api_config
+    expected = [0] if head_classes is not None else [0, 1]  # inferred: the 2 largest classes
+    assert api_config["head_classes"] == expected
+    assert api_config["objective_params"]["head_classes"] == expected
+    saved, _ = load_model(out / "model.pt")
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, saved.state_dict()[key]), key
+
+
 def test_evaluate_prints_table_and_writes_test_metrics(
     pretrained: Path, data_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -183,6 +225,37 @@ def test_precedence_defaults_config_flags_set(tmp_path: Path) -> None:
     assert settings["steps"] == 13
     assert settings["objective_params"] == {"rate": 20}
     assert settings["frozen_backbone"] is True
+
+
+def test_finetune_settings_are_generated_from_the_config_fields() -> None:
+    import dataclasses
+
+    from selmix._config import settings_of
+    from selmix.finetune import FinetuneConfig
+
+    base = ["finetune", "--data", "demo", "--checkpoint", "m.pt", "--out", "o"]
+    defaults = resolve_settings("finetune", base)
+    for item in settings_of(FinetuneConfig):
+        if not item.cli:
+            assert item.key not in defaults
+            continue
+        assert defaults[item.key] == item.shown_default, item.name
+        if item.flag and item.type is bool:
+            flag = ["--no-" + item.key.replace("_", "-")] if item.default else []
+            flag = flag or ["--" + item.key.replace("_", "-")]
+        elif item.flag:
+            others = [c for c in item.choices or () if c != item.shown_default]
+            flag = ["--" + item.key.replace("_", "-"), str(others[0] if others else 7)]
+        else:
+            continue
+        assert resolve_settings("finetune", [*base, *flag])[item.key] != item.shown_default
+    # the resume check covers exactly the fields declared run-defining
+    run = FinetuneConfig.run_fields()
+    assert {"steps", "objective_params", "select", "patience"} <= set(run)
+    assert not {"device", "eval_batch_size", "log_path", "progress"} & set(run)
+    changed = dataclasses.replace(FinetuneConfig(), patience=3)
+    with pytest.raises(ValueError, match="patience: None -> 3"):
+        changed.check_resumable(FinetuneConfig().to_dict())
 
 
 def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
