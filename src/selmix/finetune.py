@@ -354,6 +354,10 @@ class _BestSoFar:
         self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return True
 
+    def exhausted(self, patience: int | None) -> bool:
+        """Whether ``patience`` feedback steps in a row failed to beat the best."""
+        return patience is not None and self.stale >= patience
+
     def state_dict(self) -> dict[str, Any]:
         score = None if self.score is None else self.score.to_dict()
         return {"score": score, "step": self.step, "weights": self.weights, "stale": self.stale}
@@ -366,6 +370,65 @@ class _BestSoFar:
         self.step, self.weights, self.stale = state["step"], state["weights"], state["stale"]
 
 
+def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
+    """Labels in range, declared class counts that match the head, every class in ``val``."""
+    for name, dataset in (("train", train), ("val", val)):
+        check_labels(name, dataset.labels, num_classes)
+        declared = getattr(dataset, "num_classes", None)
+        if declared is not None and declared != num_classes:
+            raise ValueError(
+                f"`{name}` has num_classes = {declared} but the model's head has "
+                f"{num_classes} outputs"
+            )
+    present = torch.bincount(torch.as_tensor(val.labels).long(), minlength=num_classes)
+    missing = (present == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"`val` has no samples of class(es) {missing}: their recall is undefined; "
+            "the validation set needs every class"
+        )
+
+
+def _append_json_line(path: str, record: dict[str, Any]) -> None:
+    file_path = Path(path)
+    file_path.parent.mkdir(parents=True, exist_ok=True)
+    with file_path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _pseudo_label_report(pseudo_labels: torch.Tensor, unlabelled: Any, num_classes: int) -> dict:
+    """The feedback record's pseudo-label histogram (and accuracy, if the labels are known)."""
+    histogram = torch.bincount(pseudo_labels, minlength=num_classes)
+    report: dict[str, Any] = {"pseudo_label_histogram": histogram.tolist()}
+    true_labels = getattr(unlabelled, "hidden_labels", None)
+    if true_labels is not None:
+        # reporting only: the hidden labels never reach the sampler or the loss
+        agree = torch.as_tensor(true_labels).long() == pseudo_labels
+        report["pseudo_label_accuracy"] = float(agree.double().mean())
+    return report
+
+
+def _check_finite(loss: float, step: int, checkpoint_path: str | None) -> None:
+    if not math.isfinite(loss):
+        where = f"; the last good checkpoint is {checkpoint_path!r}" if checkpoint_path else ""
+        raise FloatingPointError(
+            f"non-finite loss ({loss}) at step {step}: lower `lr_head` / "
+            f"`lr_backbone` or use `frozen_backbone`{where}"
+        )
+
+
+def _check_resume_state(state: dict[str, Any], config: FinetuneConfig, world_size: int) -> None:
+    """A fine-tuning checkpoint of a run with the same settings and world size."""
+    if state.get("format") != "selmix-finetune-v1":
+        raise ValueError("`resume` is not a selmix fine-tuning checkpoint")
+    config.check_resumable(state["config"])
+    if int(state.get("world_size", 1)) != world_size:
+        raise ValueError(
+            f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
+            f"but this run has {world_size} (world size): resume on as many processes"
+        )
+
+
 class Trainer:
     """One SelMix fine-tuning run; :func:`finetune` is the usual entry point.
 
@@ -376,13 +439,10 @@ class Trainer:
         objective: objective name, :class:`Objective` or differentiable callable of C
             (None: ``config.objective``); resolved with :func:`resolve_objective`.
         config: the run's settings.
-        unlabelled: optional unlabelled set for the semi-supervised variant (its labels
-            are never read).
+        unlabelled: optional unlabelled set (semi-supervised); its labels are never read.
         features, head: an explicit split of ``model``.
         callback: called with each feedback record.
-        distributed: the :class:`selmix.collective.Collective` of the run (e.g. a
-            :class:`selmix.distributed.DistributedContext` under torchrun); default one
-            process.
+        distributed: the run's :class:`selmix.collective.Collective` (default: one process).
     """
 
     def __init__(
@@ -406,7 +466,7 @@ class Trainer:
         self.train = as_batch_dataset(train, "train")
         self.val = as_batch_dataset(val, "val")
         self.unlabelled = None if unlabelled is None else as_batch_dataset(unlabelled, "unlabelled")
-        self._check_labels()
+        _check_datasets(self.train, self.val, self.num_classes)
         labels = torch.as_tensor(self.train.labels).long().cpu()
         config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
         self.device = self.collective.process_device(config.device)
@@ -435,25 +495,6 @@ class Trainer:
             config.momentum, config.weight_decay,
         )  # fmt: skip
         self.view.attach(self.optimizer)
-
-    def _check_labels(self) -> None:
-        for name, dataset in (("train", self.train), ("val", self.val)):
-            check_labels(name, dataset.labels, self.num_classes)
-            declared = getattr(dataset, "num_classes", None)
-            if declared is not None and declared != self.num_classes:
-                raise ValueError(
-                    f"`{name}` has num_classes = {declared} but the model's head has "
-                    f"{self.num_classes} outputs"
-                )
-        present = torch.bincount(
-            torch.as_tensor(self.val.labels).long(), minlength=self.num_classes
-        )
-        missing = (present == 0).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(
-                f"`val` has no samples of class(es) {missing}: their recall is undefined; "
-                "the validation set needs every class"
-            )
 
     # -- feedback -----------------------------------------------------------------------
     def _evaluate_val(self) -> Evaluation:
@@ -505,10 +546,7 @@ class Trainer:
             self.gains.append((self.step, gain))
         self.history.append(record)
         if config.log_path and self.collective.is_main:
-            path = Path(config.log_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+            _append_json_line(config.log_path, record)
         if self.callback is not None:
             self.callback(record)
         return record
@@ -517,14 +555,7 @@ class Trainer:
         self.model.eval()
         self.pseudo_labels = self.view.predict(self.unlabelled)
         self.sampler.set_second_labels(self.pseudo_labels)
-        histogram = torch.bincount(self.pseudo_labels, minlength=self.num_classes)
-        report: dict[str, Any] = {"pseudo_label_histogram": histogram.tolist()}
-        true_labels = getattr(self.unlabelled, "hidden_labels", None)
-        if true_labels is not None:
-            # reporting only: the hidden labels never reach the sampler or the loss
-            agree = torch.as_tensor(true_labels).long() == self.pseudo_labels
-            report["pseudo_label_accuracy"] = float(agree.double().mean())
-        return report
+        return _pseudo_label_report(self.pseudo_labels, self.unlabelled, self.num_classes)
 
     # -- training -----------------------------------------------------------------------
     def train_step(self) -> float:
@@ -541,12 +572,7 @@ class Trainer:
         )
         loss = F.cross_entropy(logits, labels.to(self.device))
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            where = f"; the last good checkpoint is {config.checkpoint_path!r}"
-            raise FloatingPointError(
-                f"non-finite loss ({loss_value}) at step {self.step}: lower `lr_head` / "
-                f"`lr_backbone` or use `frozen_backbone`{where if config.checkpoint_path else ''}"
-            )
+        _check_finite(loss_value, self.step, config.checkpoint_path)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -554,10 +580,6 @@ class Trainer:
         self._loss_sum += loss_value
         self._loss_count += 1
         return loss_value
-
-    def _patience_spent(self) -> bool:
-        patience = self.config.patience
-        return patience is not None and self.best.stale >= patience
 
     def run(self) -> FinetuneResult:
         """Runs from the current step to ``config.steps`` (with a last feedback at the end,
@@ -570,10 +592,10 @@ class Trainer:
             disable=not (config.progress and self.collective.is_main), leave=False,
         )  # fmt: skip
         try:
-            while self.step < config.steps and not self._patience_spent():
+            while self.step < config.steps and not self.best.exhausted(config.patience):
                 if self.step % config.feedback_every == 0:
                     progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
-                    if self._patience_spent():
+                    if self.best.exhausted(config.patience):
                         break
                 self.train_step()
                 self.step += 1
@@ -619,15 +641,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved (the run settings must agree)."""
-        if state.get("format") != "selmix-finetune-v1":
-            raise ValueError("`resume` is not a selmix fine-tuning checkpoint")
-        self.config.check_resumable(state["config"])
-        world_size = self.collective.world_size
-        if int(state.get("world_size", 1)) != world_size:
-            raise ValueError(
-                f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
-                f"but this run has {world_size} (world size): resume on as many processes"
-            )
+        _check_resume_state(state, self.config, self.collective.world_size)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:

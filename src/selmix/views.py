@@ -186,7 +186,48 @@ class FeatureCache:
         return self._store[key][1]
 
 
-class FrozenFeatures:
+class _PairMixing:
+    """:meth:`ModelView.mixed_logits` from a view's ``_rows`` (the inputs of some samples
+    of a pool) and ``_mix`` (the logits of the mixed inputs)."""
+
+    def __init__(
+        self,
+        split: ModelSplit,
+        device: torch.device,
+        collective: Collective | None,
+        pools: PairPools | None,
+    ) -> None:
+        self.split = split
+        self.device = device
+        self.collective = collective or SingleProcess()
+        self.pools = pools
+
+    def _rows(self, dataset: Any, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mixed_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """See :meth:`ModelView.mixed_logits`."""
+        if self.pools is None:
+            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+
+        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
+            return self._rows(dataset, index, generator)
+
+        first_rows = rows(self.pools.train, first)
+        return self._mix(first_rows, self.pools.second_rows(second, from_unlabelled, rows), lam)
+
+
+class FrozenFeatures(_PairMixing):
     """The head trains on cached features; the backbone never changes.
 
     Args:
@@ -209,10 +250,7 @@ class FrozenFeatures:
         pools: PairPools | None = None,
         cache: FeatureCache | None = None,
     ) -> None:
-        self.split = split
-        self.device = device
-        self.collective = collective or SingleProcess()
-        self.pools = pools
+        super().__init__(split, device, collective, pools)
         self.cache = cache or FeatureCache(split.features, device, batch_size, self.collective)
 
     def features(self, dataset: Any) -> torch.Tensor:
@@ -236,23 +274,11 @@ class FrozenFeatures:
     def predict(self, dataset: Any) -> torch.Tensor:
         return self.logits(dataset).argmax(dim=1).cpu()
 
-    def mixed_logits(
-        self,
-        first: torch.Tensor,
-        second: torch.Tensor,
-        from_unlabelled: torch.Tensor,
-        lam: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        if self.pools is None:
-            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+    def _rows(self, dataset: Any, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.features(dataset)[index.to(self.device)]
 
-        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
-            return self.features(dataset)[index.to(self.device)]
-
-        first_features = rows(self.pools.train, first)
-        second_features = self.pools.second_rows(second, from_unlabelled, rows)
-        return self.split.head(lam * first_features + (1 - lam) * second_features)
+    def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return self.split.head(lam * first + (1 - lam) * second)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         # the head trains outside DDP: same start everywhere, gradients averaged per step
@@ -274,7 +300,7 @@ class MixupForward(nn.Module):
         return self.head(lam * first_features + (1 - lam) * second_features)
 
 
-class FullBackbone:
+class FullBackbone(_PairMixing):
     """Every batch goes through the backbone, which trains with the head.
 
     Args:
@@ -297,11 +323,8 @@ class FullBackbone:
         pools: PairPools | None = None,
         augment: bool = False,
     ) -> None:
-        self.split = split
-        self.device = device
-        self.collective = collective or SingleProcess()
+        super().__init__(split, device, collective, pools)
         self.batch_size = batch_size
-        self.pools = pools
         self.augment = augment
         self.mixup = MixupForward(split.features, split.head)
         self.train_module = self.collective.wrap(self.mixup)
@@ -318,26 +341,14 @@ class FullBackbone:
             dataset,
         ).cpu()
 
-    def mixed_logits(
-        self,
-        first: torch.Tensor,
-        second: torch.Tensor,
-        from_unlabelled: torch.Tensor,
-        lam: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        if self.pools is None:
-            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+    def _rows(self, dataset: Any, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images, _ = dataset.batch(
+            index, augment=self.augment, generator=generator, device=self.device
+        )
+        return images
 
-        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
-            images, _ = dataset.batch(
-                index, augment=self.augment, generator=generator, device=self.device
-            )
-            return images
-
-        first_images = rows(self.pools.train, first)
-        second_images = self.pools.second_rows(second, from_unlabelled, rows)
-        return self.train_module(first_images, second_images, lam)
+    def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return self.train_module(first, second, lam)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         return None  # DistributedDataParallel (from `wrap`) averages the gradients
