@@ -515,3 +515,25 @@ def test_out_of_range_labels_and_bad_matrices_are_named(ce_model):
         objective_score("mean_recall", torch.ones(2, 3))
     with pytest.raises(ValueError, match="`scores` must hold at least one score"):
         best_index([])
+
+
+def test_baseline_config_runs_the_same_as_the_function_options(data, ce_model):
+    from selmix.baselines import BaselineConfig, baseline
+
+    train, val = data["train"], data["val"]
+    result = baseline("crt", ce_model, train, val, epochs=2, seed=1)
+    assert isinstance(result.config, BaselineConfig) and result.config.epochs == 2
+    assert result.config.head_classes == selmix.metrics.infer_head_classes(train.labels, K)
+    direct = classifier_retraining(ce_model, train, val, epochs=2, seed=1)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value), key
+    # la_tau is the function's tau; fields another baseline uses are left out
+    options = BaselineConfig(la_tau=0.5, epochs=3).options("la_finetune")
+    assert options["tau"] == 0.5 and "epochs" not in options and "la_tau" not in options
+    assert BaselineConfig().options("posthoc_la") == {
+        "taus": None,
+        "batch_size": 512,
+        "device": "cpu",
+    }
+    with pytest.raises(ValueError, match="taus"):
+        BaselineConfig(taus=[1.0, -1.0])

@@ -5,7 +5,7 @@ default:
 
 * ``help``: the one-line description (CLI help, ``--help`` epilog, docs);
 * ``check``: a constraint (:class:`Int`, :class:`Real`, :class:`Choice`, :class:`Flag`,
-  :class:`Mapping`, wrapped in :class:`Optional` when None is allowed) that
+  :class:`Dict`, wrapped in :class:`Optional` when None is allowed) that
   :class:`ConfigMixin` applies to every field on construction (scikit-learn's
   ``_parameter_constraints`` is the model);
 * ``run``: whether the field defines what a run computes, so that a resumed run must
@@ -36,7 +36,7 @@ __all__ = [
     "ConfigMixin",
     "Flag",
     "Int",
-    "Mapping",
+    "Dict",
     "Optional",
     "Real",
     "Setting",
@@ -96,7 +96,7 @@ class Flag:
         return value
 
 
-class Mapping:
+class Dict:
     """A dict (e.g. an objective's hyper-parameters)."""
 
     def __call__(self, name: str, value: Any) -> Any:
@@ -133,6 +133,8 @@ class Setting:
         cli_default: the CLI's default when it differs from the API's.
         choices: the values the CLI accepts (default: those of a :class:`Choice` check).
         metavar: the CLI's placeholder for the value.
+        extra: anything else a configuration class declares per field (e.g. which
+            baselines use it).
     """
 
     name: str
@@ -147,6 +149,7 @@ class Setting:
     cli_default: Any = _UNSET
     choices: Sequence[str] | None = None
     metavar: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def shown_default(self) -> Any:
@@ -166,6 +169,7 @@ def setting(
     cli_default: Any = _UNSET,
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
+    extra: dict[str, Any] | None = None,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field that declares a setting once (see the module docstring).
@@ -180,6 +184,7 @@ def setting(
         _KEY: {
             "help": help, "check": check, "run": run, "flag": flag, "cli": cli, "key": key,
             "cli_default": cli_default, "choices": choices, "metavar": metavar,
+            "extra": dict(extra or {}),
         }
     }  # fmt: skip
     if default_factory is not dataclasses.MISSING:

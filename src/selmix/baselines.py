@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selmix._config import ConfigMixin, Dict, Flag, Int, Optional, Real, setting, settings_of
 from selmix._validation import (
     as_generator,
     check_choice,
@@ -54,10 +55,12 @@ from selmix.views import FrozenFeatures
 __all__ = [
     "BASELINES",
     "DEFAULT_TAUS",
+    "BaselineConfig",
     "BaselineResult",
     "ClassBalancedSampler",
     "ObjectiveScore",
     "PosthocResult",
+    "baseline",
     "best_index",
     "class_log_prior",
     "classifier_retraining",
@@ -466,11 +469,14 @@ class BaselineResult:
         details: plain data about the run: for ``"posthoc_la"`` the chosen ``tau``, the
             grid ``taus``, the per-tau ``scores`` (:meth:`ObjectiveScore.to_dict`) and
             ``val_metrics``; for ``"crt"`` the per-epoch ``history``; empty otherwise.
+        config: the resolved :class:`BaselineConfig` (from :func:`baseline`; None from
+            :func:`run_baseline`).
     """
 
     name: str
     model: nn.Module
     details: dict[str, Any] = field(default_factory=dict)
+    config: BaselineConfig | None = None
 
 
 def _start(model: nn.Module, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -561,3 +567,169 @@ def run_baseline(
         new = function(model, train, val, callback=record, **options)
         return BaselineResult(name, new, {"history": history})
     return BaselineResult(name, function(model, train, **options))
+
+
+# -- one configuration for every baseline -----------------------------------------------------
+_ALL = ("posthoc_la", "crt", "la_finetune")
+_LA, _CRT, _POSTHOC = (
+    {"methods": ("la_finetune",)},
+    {"methods": ("crt",)},
+    {"methods": ("posthoc_la",)},
+)
+_TRAINED = {"methods": ("crt", "la_finetune")}
+
+
+class _Taus:
+    """None (the default grid) or a non-empty sequence of finite taus >= 0."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return value if value is None else _check_taus(value)
+
+
+@dataclass
+class BaselineConfig(ConfigMixin):
+    """Settings of the baselines, like :class:`selmix.FinetuneConfig` for SelMix.
+
+    Each field declares which baselines use it (``extra={"methods": ...}``; the others
+    ignore it) next to its help text and constraint; :meth:`options` turns the config into
+    the keyword arguments of one baseline's function.
+    """
+
+    settings_name = "baseline"
+
+    objective: str = setting(
+        _DEFAULTS.objective, flag=True, metavar="NAME", extra=_POSTHOC,
+        help="objective tau is tuned for (posthoc_la; ignored by the other methods, see the "
+        "list below)",
+    )  # fmt: skip
+    objective_params: dict[str, Any] = setting(
+        default_factory=dict, check=Dict(), extra=_POSTHOC,
+        help="objective hyper-parameters, e.g. {rate: 20} (posthoc_la)",
+    )  # fmt: skip
+    taus: list[float] | None = setting(
+        None, check=_Taus(), extra=_POSTHOC,
+        help="the tau grid of posthoc_la, e.g. [0, 0.5, 1]; unset: 0 to 3 by 0.25",
+    )  # fmt: skip
+    epochs: int = setting(
+        10, help="training epochs of the head (crt only)", check=Int(1), flag=True, extra=_CRT
+    )
+    lr: float = setting(
+        0.1, help="learning rate of the head (crt only)", check=Real(), flag=True, extra=_CRT
+    )
+    steps: int = setting(
+        _DEFAULTS.steps, help="SGD steps (la_finetune only)", check=Int(1), flag=True, extra=_LA
+    )
+    lr_head: float = setting(
+        _DEFAULTS.lr_head, help="learning rate of the linear head (la_finetune only)",
+        check=Real(), flag=True, extra=_LA,
+    )  # fmt: skip
+    lr_backbone: float | None = setting(
+        None, help="backbone learning rate (la_finetune); unset: lr_head / 10",
+        check=Optional(Real(strict=False)), extra=_LA,
+    )  # fmt: skip
+    frozen_backbone: bool = setting(
+        False, help="train the linear head only (la_finetune only)", check=Flag(), flag=True,
+        extra=_LA,
+    )  # fmt: skip
+    la_tau: float = setting(
+        1.0, help="logit-adjustment temperature of the loss (la_finetune only)",
+        check=Real(strict=False), flag=True, metavar="TAU", extra=_LA,
+    )  # fmt: skip
+    batch_size: int = setting(
+        _DEFAULTS.batch_size, help="samples per step (crt and la_finetune)", check=Int(1),
+        flag=True, extra=_TRAINED,
+    )  # fmt: skip
+    momentum: float = setting(
+        _DEFAULTS.momentum, help="SGD momentum (crt and la_finetune)", check=Real(high=1.0),
+        extra=_TRAINED,
+    )  # fmt: skip
+    weight_decay: float = setting(
+        _DEFAULTS.weight_decay, help="SGD weight decay (crt and la_finetune)",
+        check=Real(strict=False), extra=_TRAINED,
+    )  # fmt: skip
+    augment: bool = setting(
+        _DEFAULTS.augment, help="random crop and flip (la_finetune, full backbone)",
+        check=Flag(), extra=_LA,
+    )  # fmt: skip
+    eval_batch_size: int = setting(
+        _DEFAULTS.eval_batch_size, help="batch size of feature extraction and evaluation",
+        check=Int(1),
+    )  # fmt: skip
+    head_classes: list[int] | None = setting(
+        None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
+        "frequent training classes",
+    )  # fmt: skip
+    seed: int = setting(
+        0, help="random seed (model initialisation, data split, sampling)", check=Int(),
+        flag=True,
+    )  # fmt: skip
+    device: str = setting(
+        "cpu", help="where to run", cli_default="auto", choices=("cpu", "cuda", "auto"),
+        flag=True,
+    )  # fmt: skip
+
+    @classmethod
+    def used_by(cls, method: str) -> list[str]:
+        """The fields ``method`` uses (the others are ignored by it)."""
+        return [item.name for item in settings_of(cls) if method in item.extra.get("methods", _ALL)]
+
+    def options(self, method: str) -> dict[str, Any]:
+        """The keyword arguments of :data:`BASELINES` ``[method]`` (for :func:`run_baseline`)."""
+        check_choice("method", method, list_baselines())
+        values = self.to_dict()
+        if method == "start":
+            return {"device": self.device}
+        if method == "posthoc_la":
+            return {"taus": self.taus, "batch_size": self.eval_batch_size, "device": self.device}
+        renamed = {"la_tau": "tau"}
+        skipped = {"objective", "objective_params", "taus", "head_classes"}
+        return {
+            renamed.get(name, name): values[name]
+            for name in self.used_by(method)
+            if name not in skipped
+        }
+
+
+def baseline(
+    method: str,
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    config: BaselineConfig | dict[str, Any] | None = None,
+    *,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+    **overrides: Any,
+) -> BaselineResult:
+    """Runs a baseline with a :class:`BaselineConfig`, as :func:`selmix.finetune` runs SelMix.
+
+    The objective and the head classes are resolved as for fine-tuning
+    (:func:`selmix.finetune.resolve_objective`: head classes inferred from the training
+    labels when unset, and given to head/tail objectives), so a baseline and a SelMix run
+    with the same settings tune for the same objective.
+
+    Args:
+        method: one of :func:`list_baselines`.
+        model: the trained classifier (not modified).
+        train: the labelled training set.
+        val: the validation set.
+        config: a :class:`BaselineConfig` or a dict of its fields.
+        features, head: an explicit split of ``model``.
+        **overrides: any :class:`BaselineConfig` field.
+
+    Returns:
+        A :class:`BaselineResult` whose ``config`` is the resolved configuration.
+    """
+    from selmix.finetune import resolve_objective
+
+    check_choice("method", method, list_baselines())
+    config = BaselineConfig.resolve(config, overrides)
+    num_classes = split_model(model, features=features, head=head).head.out_features
+    labels = as_batch_dataset(train, "train").labels
+    config, objective = resolve_objective(config, None, labels, num_classes)
+    options = config.options(method)
+    if method != "start" and (features is not None or head is not None):
+        options.update(features=features, head=head)
+    result = run_baseline(method, model, train, val, objective, **options)
+    result.config = config
+    return result

@@ -167,19 +167,6 @@ def _finetune_options() -> list[Option]:
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
-# The settings each baseline uses; the others of this group are ignored (with a warning when
-# they differ from their defaults). Data, checkpoint, out, seed, device, eval_batch_size and
-# head_classes apply to every method.
-_BASELINE_USES: dict[str, tuple[str, ...]] = {
-    "posthoc_la": ("objective", "objective_params", "taus"),
-    "crt": ("epochs", "lr", "batch_size", "momentum", "weight_decay"),
-    "la_finetune": (
-        "steps", "lr_head", "lr_backbone", "frozen_backbone", "la_tau", "batch_size",
-        "momentum", "weight_decay", "augment",
-    ),
-}  # fmt: skip
-
-
 def _baseline_methods() -> list[str]:
     from selmix.baselines import list_baselines
 
@@ -187,14 +174,8 @@ def _baseline_methods() -> list[str]:
 
 
 def _baseline_options() -> list[Option]:
-    import inspect
+    from selmix.baselines import BaselineConfig
 
-    from selmix.baselines import classifier_retraining, logit_adjusted_finetune
-    from selmix.finetune import FinetuneConfig
-
-    d = FinetuneConfig()
-    crt = {k: p.default for k, p in inspect.signature(classifier_retraining).parameters.items()}
-    la = {k: p.default for k, p in inspect.signature(logit_adjusted_finetune).parameters.items()}
     return _data_options() + [
         Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
                metavar="FILE", required=True),
@@ -205,34 +186,7 @@ def _baseline_options() -> list[Option]:
                "frozen backbone) or la_finetune (fine-tuning with the logit-adjusted loss); "
                "the settings of the other methods are ignored (with a warning)",
                choices=_baseline_methods(), required=True),
-        Option("objective", d.objective, "objective tau is tuned for (posthoc_la; ignored by "
-               "the other methods, see the list below)", metavar="NAME"),
-        Option("objective_params", {}, "objective hyper-parameters, e.g. {rate: 20} "
-               "(posthoc_la)", flag=False),
-        Option("taus", None, "the tau grid of posthoc_la, e.g. [0, 0.5, 1]; unset: 0 to 3 "
-               "by 0.25", flag=False),
-        Option("epochs", crt["epochs"], "training epochs of the head (crt only)", type=int),
-        Option("lr", crt["lr"], "learning rate of the head (crt only)", type=float),
-        Option("steps", la["steps"], "SGD steps (la_finetune only)", type=int),
-        Option("lr_head", la["lr_head"], "learning rate of the linear head (la_finetune only)",
-               type=float),
-        Option("lr_backbone", la["lr_backbone"], "backbone learning rate (la_finetune); "
-               "unset: lr_head / 10", flag=False),
-        Option("frozen_backbone", la["frozen_backbone"], "train the linear head only "
-               "(la_finetune only)"),
-        Option("la_tau", la["tau"], "logit-adjustment temperature of the loss (la_finetune "
-               "only)", type=float, metavar="TAU"),
-        Option("batch_size", d.batch_size, "samples per step (crt and la_finetune)", type=int),
-        Option("momentum", d.momentum, "SGD momentum (crt and la_finetune)", flag=False),
-        Option("weight_decay", d.weight_decay, "SGD weight decay (crt and la_finetune)",
-               flag=False),
-        Option("augment", la["augment"], "random crop and flip (la_finetune, full backbone)",
-               flag=False),
-        Option("eval_batch_size", d.eval_batch_size, "batch size of feature extraction and "
-               "evaluation", flag=False),
-        Option("head_classes", None, "head classes for head/tail metrics and objectives; "
-               "unset: the 90% most frequent training classes", flag=False),
-    ] + _common_options()  # fmt: skip
+    ] + _config_options(BaselineConfig)  # fmt: skip
 
 
 def _evaluate_options() -> list[Option]:
@@ -656,87 +610,50 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     return 0
 
 
-def _warn_ignored_settings(settings: dict[str, Any]) -> None:
+def _warn_ignored_settings(settings: dict[str, Any], options: list[Option]) -> None:
     """One warning naming the other methods' settings that differ from their defaults."""
+    from selmix.baselines import BaselineConfig
+
     method = settings["method"]
-    defaults = {option.key: option.default for option in _baseline_options()}
-    others = {key for keys in _BASELINE_USES.values() for key in keys} - set(_BASELINE_USES[method])
-    ignored = sorted(key for key in others if settings[key] != defaults[key])
+    used = set(BaselineConfig.used_by(method))
+    ignored = sorted(
+        option.key
+        for option in options
+        if option.field and option.field not in used and settings[option.key] != option.default
+    )
     if ignored:
         warnings.warn(f"method {method} ignores the setting(s) {', '.join(ignored)}", stacklevel=2)
 
 
-def _check_baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Checks the settings the chosen baseline uses; returns its keyword options."""
-    from selmix._validation import check_in_range, check_int, check_positive
-    from selmix.baselines import _check_taus
-
-    method = settings["method"]
-    check_int("eval_batch_size", settings["eval_batch_size"], minimum=1)
-    options: dict[str, Any] = {"device": settings["device"]}
-    if method == "posthoc_la":
-        options["taus"] = _check_taus(settings["taus"])
-        options["batch_size"] = settings["eval_batch_size"]
-        return options
-    check_int("batch_size", settings["batch_size"], minimum=1)
-    check_in_range("momentum", settings["momentum"], 0.0, 1.0)
-    check_positive("weight_decay", settings["weight_decay"], strict=False)
-    options.update(
-        {key: settings[key] for key in ("batch_size", "momentum", "weight_decay", "seed")},
-        eval_batch_size=settings["eval_batch_size"],
-    )
-    if method == "crt":
-        options["epochs"] = check_int("epochs", settings["epochs"], minimum=1)
-        options["lr"] = check_positive("lr", settings["lr"])
-        return options
-    options["steps"] = check_int("steps", settings["steps"], minimum=1)
-    options["lr_head"] = check_positive("lr_head", settings["lr_head"])
-    if settings["lr_backbone"] is not None:
-        check_positive("lr_backbone", settings["lr_backbone"], strict=False)
-    options["lr_backbone"] = settings["lr_backbone"]
-    options["tau"] = check_positive("la_tau", settings["la_tau"], strict=False)
-    for key in ("frozen_backbone", "augment"):
-        if not isinstance(settings[key], bool):
-            raise TypeError(f"`{key}` must be true or false, got {settings[key]!r}")
-        options[key] = settings[key]
-    return options
-
-
 def _cmd_baseline(settings: dict[str, Any]) -> int:
-    from selmix.baselines import run_baseline
+    from selmix.baselines import BaselineConfig, baseline
     from selmix.checkpoint import save_model
     from selmix.evaluate import evaluate
+    from selmix.finetune import resolve_objective
     from selmix.objectives import get_objective
     from selmix.report import format_metrics_table
 
     method = settings["method"]
+    options = _baseline_options()
     # fail fast, before any data is read
-    options = _check_baseline_settings(settings)
+    config = _config_from(BaselineConfig, settings, options)
     if method == "posthoc_la":
-        if not isinstance(settings["objective_params"], dict):
-            raise UsageError(
-                "`objective_params` must be a mapping, e.g. --set objective_params='{rate: 20}'"
-            )
-        get_objective(settings["objective"], **settings["objective_params"])
-    _warn_ignored_settings(settings)
+        get_objective(config.objective, **config.objective_params)
+    _warn_ignored_settings(settings, options)
 
     splits = _load_data(settings)
     model, _ = _load_start_model(settings, splits)
     out = _out_dir(settings)
-    settings["head_classes"] = _head_classes(settings, splits)
-    objective: Any = settings["objective"]
-    if method == "posthoc_la":
-        params = dict(settings["objective_params"])
-        if "head_tail" in objective and "head_classes" not in params:
-            params["head_classes"] = settings["head_classes"]
-        objective = get_objective(objective, **params)
+    # the library resolves the run (head classes, objective parameters) as the API does
+    config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
+    settings["head_classes"] = config.head_classes
 
     def test_metrics(trained: Any) -> dict[str, Any]:
-        evaluation = evaluate(trained, splits.test, settings["device"], settings["eval_batch_size"])
-        return evaluation.metrics(settings["head_classes"])
+        evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)
+        return evaluation.metrics(config.head_classes)
 
     before = test_metrics(model)
-    result = run_baseline(method, model, splits.train, splits.val, objective, **options)
+    result = baseline(method, model, splits.train, splits.val, config)
     after = test_metrics(result.model)
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "baseline"))
     _write_json(out / "metrics.json", {"before": before, "after": after})
@@ -755,10 +672,10 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
             f"{settings['objective']})"
         )
     elif method == "crt":
-        print(f"method: crt ({options['epochs']} epochs, lr {options['lr']:g})")
+        print(f"method: crt ({config.epochs} epochs, lr {config.lr:g})")
     else:
-        part = "head only" if options["frozen_backbone"] else "full backbone"
-        print(f"method: la_finetune ({options['steps']} steps, tau {options['tau']:g}, {part})")
+        part = "head only" if config.frozen_backbone else "full backbone"
+        print(f"method: la_finetune ({config.steps} steps, tau {config.la_tau:g}, {part})")
     print(format_metrics_table({"before": before, "after": after}))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0

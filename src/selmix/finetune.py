@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import Choice, ConfigMixin, Flag, Int, Mapping, Optional, Real, setting
+from selmix._config import Choice, ConfigMixin, Dict, Flag, Int, Optional, Real, setting
 from selmix._validation import check_labels
 from selmix.checkpoint import (
     capture_rng_state,
@@ -63,6 +63,8 @@ __all__ = [
 
 SELECT = ("best", "last")
 
+RunConfig = TypeVar("RunConfig", bound=ConfigMixin)
+
 # the old name of the training module (tests and scripts import it from here)
 _MixupForward = MixupForward
 
@@ -83,7 +85,7 @@ class FinetuneConfig(ConfigMixin):
         metavar="NAME",
     )  # fmt: skip
     objective_params: dict[str, Any] = setting(
-        default_factory=dict, check=Mapping(), run=True,
+        default_factory=dict, check=Dict(), run=True,
         help="objective hyper-parameters, e.g. {rate: 20}",
     )  # fmt: skip
     policy: str = setting(
@@ -290,11 +292,11 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_objective(
-    config: FinetuneConfig,
+    config: RunConfig,
     objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str | None,
     train_labels: Any,
     num_classes: int,
-) -> tuple[FinetuneConfig, Objective]:
+) -> tuple[RunConfig, Objective]:
     """The run's objective and its config with everything the run uses filled in.
 
     The one place where a run is resolved, so that :func:`finetune`, a :class:`Trainer`
@@ -309,7 +311,9 @@ def resolve_objective(
       (``objective_params``), e.g. ``{"rate": 20}`` for ``MinRecall(rate=20)``.
 
     Args:
-        config: the settings as given.
+        config: the settings as given: a :class:`FinetuneConfig` or any configuration
+            with ``objective``, ``objective_params`` and ``head_classes`` fields (e.g.
+            :class:`selmix.baselines.BaselineConfig`).
         objective: overrides ``config.objective`` when not None.
         train_labels: Tensor[N] of training labels (for the head classes).
         num_classes: K.
