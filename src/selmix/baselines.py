@@ -96,6 +96,21 @@ def _copied_split(
     return model, split
 
 
+def _copy_for_training(
+    model: nn.Module,
+    train: Any,
+    features: nn.Module | None,
+    head: nn.Linear | None,
+    device: torch.device,
+) -> tuple[nn.Module, ModelSplit, Any, torch.Tensor]:
+    """The copied model and split (:func:`_copied_split`), the training set and its checked
+    labels (every class present)."""
+    copied, split = _copied_split(model, features, head, device)
+    train = as_batch_dataset(train, "train")
+    labels = check_labels("train", train.labels, split.head.out_features, every_class=True)
+    return copied, split, train, labels
+
+
 def _check_finite(loss: torch.Tensor, where: str, rates: str) -> float:
     value = float(loss.detach())
     if not math.isfinite(value):
@@ -328,10 +343,8 @@ def classifier_retraining(
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     generator = as_generator(seed)
     device = resolve_device(device)
-    retrained, split = _copied_split(model, features, head, device)
+    retrained, split, train, labels = _copy_for_training(model, train, features, head, device)
     num_classes = split.head.out_features
-    train = as_batch_dataset(train, "train")
-    labels = check_labels("train", train.labels, num_classes, every_class=True)
     if val is not None:
         val = as_batch_dataset(val, "val")
         check_labels("val", val.labels, num_classes, every_class=True)
@@ -426,10 +439,8 @@ def logit_adjusted_finetune(
             raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
     generator = as_generator(seed)
     device = resolve_device(device)
-    tuned, split = _copied_split(model, features, head, device)
+    tuned, split, train, labels = _copy_for_training(model, train, features, head, device)
     num_classes = split.head.out_features
-    train = as_batch_dataset(train, "train")
-    labels = check_labels("train", train.labels, num_classes, every_class=True)
     adjustment = logit_adjustment(labels, num_classes, tau).to(device)
     backbone_lr = lr_head / 10 if lr_backbone is None else lr_backbone
     optimizer, scheduler = sgd_cosine(
