@@ -445,3 +445,17 @@ def test_init_from_env_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_run_on_main_without_a_context_just_calls() -> None:
     assert run_on_main(None, lambda: 7) == 7
+
+
+def test_single_process_and_torchrun_contexts_are_collectives() -> None:
+    from selmix.collective import Collective, SingleProcess
+
+    single = SingleProcess()
+    assert isinstance(single, Collective)
+    assert isinstance(DistributedContext(0, 1, 0, "cpu", "gloo"), Collective)
+    data = _make_data()["val"]
+    tensor = torch.arange(4.0)
+    assert single.all_reduce(tensor) is tensor and single.shard(data) is data
+    assert torch.equal(single.gather(lambda part: part.labels * 2, data), data.labels * 2)
+    assert (single.rank, single.world_size, single.is_main) == (0, 1, True)
+    assert single.local_batch_size(6) == 6 and len(single.gather_rng_states(torch.Generator())) == 1

@@ -216,7 +216,8 @@ def _docstring_help(cls: type) -> dict[str, str]:
             helps[last] += " " + line.strip()
         elif line.strip() and not line.startswith(" " * 8):
             break
-    return {name: text.split(". ")[0].rstrip(".") for name, text in helps.items()}
+    plain = {name: text.replace("``", "").replace(":func:", "") for name, text in helps.items()}
+    return {name: text.split(". ")[0].rstrip(".") for name, text in plain.items()}
 
 
 def settings_of(cls: type) -> list[Setting]:

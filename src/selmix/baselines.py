@@ -9,9 +9,12 @@
   instance-balanced sampling under SelMix fine-tuning's optimiser (SGD with momentum, weight
   decay, cosine decay, batch norm frozen), i.e. SelMix's fine-tuning without the mixup.
 
-:func:`objective_score` is the post-hoc baseline's selection rule as a pure function of a
-confusion matrix (reusable to pick checkpoints), and :func:`run_baseline` runs a baseline
-by name (:func:`list_baselines`; ``"start"`` is an unchanged copy of the model).
+:func:`objective_score` (from :mod:`selmix.selection`, re-exported here) is the post-hoc
+baseline's rule for tau, the same rule that picks fine-tuning's best step.
+:func:`baseline` runs one by name with a :class:`BaselineConfig` (as :func:`selmix.finetune`
+runs SelMix with a :class:`selmix.FinetuneConfig`); :func:`run_baseline` runs one by name
+with its function's keyword arguments (:func:`list_baselines`; ``"start"`` is an unchanged
+copy of the model).
 
 Uniform and greedy mixup, and SelMix itself, are not in this registry: they are
 :func:`selmix.finetune` with ``policy="uniform"``, ``"greedy"`` or ``"selmix"``.

@@ -146,10 +146,11 @@ def _pretrain_options() -> list[Option]:
                "most frequent training classes", flag=False),
     ] + _config_options(
         PretrainConfig, epochs=flag, batch_size=flag, lr=flag, seed=flag,
-        loss={"flag": True, "choices": LOSSES},
+        loss={"flag": True, "choices": LOSSES, "help": "training loss"},
         mixup_alpha={"flag": True, "key": "mixup", "metavar": "ALPHA",
                      "help": "input mixup Beta(alpha, alpha); 0 turns it off"},
-        device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto")},
+        device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto"),
+                "help": "where to run"},
         checkpoint_path={"cli": False},
     )  # fmt: skip
 
