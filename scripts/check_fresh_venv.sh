@@ -46,7 +46,9 @@ bash -c "$demo_command" > "$work/demo.log" 2>&1 || {
     echo "FAIL: the demo command exited with an error" >&2
     exit 1
 }
-grep -v -e '^Requirement already satisfied' -e '^  ' "$work/demo.log" | tail -n 25
+# progress bars redraw with \r: keep only the lines a reader needs
+tr '\r' '\n' < "$work/demo.log" | grep -v -e '^Requirement already satisfied' -e '^  ' -e '%|' \
+    | grep -v '^ *$' | tail -n 25
 echo "(demo command: $((SECONDS - start)) s)"
 
 report="$work/repo/selmix-demo/index.html"

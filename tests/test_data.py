@@ -534,18 +534,21 @@ def test_read_data_pickle_refuses_other_codecs_and_builtins(tmp_path):
         read_data_pickle(tmp_path / "nowhere")
 
 
+_GOOD_BATCH = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
         (b"", "data_batch_1 is empty"),
-        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})[:-40], "data_batch_1 is not readable"),
+        (pickle.dumps(_GOOD_BATCH)[:-40], "data_batch_1 is not readable"),
         (b"\x00garbage bytes", "data_batch_1 is not readable data"),
         (pickle.dumps([1, 2, 3]), "data_batch_1 does not hold a CIFAR batch"),
-        (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), "does not hold a CIFAR batch"),
-        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "2 images but 1 labels"),
+        (pickle.dumps({**_GOOD_BATCH, b"data": np.zeros((2, 100), np.uint8)}), "CIFAR batch"),
+        (pickle.dumps({**_GOOD_BATCH, b"labels": [0]}), "2 images but 1 labels"),
     ],
     ids=["empty", "truncated", "garbage", "a list", "wrong image size", "labels short"],
-)  # fmt: skip
+)
 def test_corrupt_cifar_pickles_give_one_line_naming_the_file(tmp_path, content, match):
     folder = _cifar_folder_with(tmp_path, content)
     with pytest.raises(ValueError, match=match) as raised:

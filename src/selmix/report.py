@@ -166,7 +166,8 @@ def _require_matplotlib() -> Any:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
-            "the report needs matplotlib: pip install 'selmix[plot]' (or pip install matplotlib)"
+            "the report needs matplotlib, a dependency of selmix that is missing from this "
+            "environment: pip install matplotlib (or reinstall selmix)"
         ) from None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
