@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import math
+import os
 import pickle
 import random
 import struct
@@ -34,6 +35,7 @@ from selmix.data import (
     semi_supervised_split,
 )
 from selmix.data import sources as sources_module
+from selmix.data.sources import read_data_pickle
 
 torch.set_num_threads(1)
 
@@ -435,19 +437,32 @@ def test_load_cifar10_decodes_jpeg(tmp_path):
     assert abs(int(data.images[0, 0, 16, 16]) - 200) <= 3
 
 
-def test_load_cifar10_from_torchvision_pickles(tmp_path):
+def _numpy1_names(data: bytes) -> bytes:
+    """A protocol-2 pickle as NumPy 1 (which wrote the original CIFAR files) names its types."""
+    return data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5, "numpy1"])
+def test_load_cifar10_from_torchvision_pickles(tmp_path, protocol):
+    def dumps(value) -> bytes:
+        if protocol == "numpy1":
+            return _numpy1_names(pickle.dumps(value, protocol=2))
+        return pickle.dumps(value, protocol=protocol)
+
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {
+            b"batch_label": b"training batch",
             b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
             b"labels": [int(name[-1]) % 10 if name != "test_batch" else 9, 0],
+            b"filenames": [b"a.png", b"b.png"],
         }
-        (folder / name).write_bytes(pickle.dumps(batch))
+        (folder / name).write_bytes(dumps(batch))
     names = [n.encode() for n in ["plane", "car", "bird", "cat", "deer"]]
     names += [n.encode() for n in ["dog", "frog", "horse", "ship", "truck"]]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    (folder / "batches.meta").write_bytes(dumps({b"label_names": names, b"num_vis": 3072}))
     train = load_cifar10(tmp_path, train=True)
     test = load_cifar10(folder, train=False)
     assert train.images.shape == (10, 3, 32, 32) and test.images.shape == (2, 3, 32, 32)
@@ -465,6 +480,106 @@ def test_load_cifar10_errors(tmp_path):
     make_tree(tmp_path / "small", [("train", "cat", "a.png", 1)], size=(8, 8))
     with pytest.raises(ValueError, match="3x32x32, got 3x8x8"):
         load_cifar10(tmp_path / "small", cache_dir=tmp_path / "cache")
+
+
+class _RunsCode:
+    """Pickles as a call to ``function(*args)``: what a malicious data file does."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def _cifar_folder_with(tmp_path, batch_1: bytes) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+    for name in [f"data_batch_{i}" for i in range(2, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(good)
+    (folder / "data_batch_1").write_bytes(batch_1)
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("where", ["top", "inside the dict", "as an array dtype"])
+def test_cifar_pickle_that_runs_code_is_refused_without_running_it(tmp_path, protocol, where):
+    marker = tmp_path / "code-ran"
+    payload = _RunsCode(os.system, f"touch {marker}")
+    if where == "top":
+        value = payload
+    elif where == "inside the dict":
+        value = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [payload]}
+    else:  # an object array unpickles its elements: a place to hide a call
+        value = {b"data": np.array([payload], dtype=object), b"labels": [0]}
+    folder = _cifar_folder_with(tmp_path, pickle.dumps(value, protocol=protocol))
+    with pytest.raises(ValueError, match="data_batch_1 is not readable data") as raised:
+        load_cifar10(folder)
+    assert not marker.exists(), "the pickle ran code"
+    assert "\n" not in str(raised.value)
+    assert "posix.system" in str(raised.value) or "object" in str(raised.value)
+
+
+def test_read_data_pickle_refuses_other_codecs_and_builtins(tmp_path):
+    # _codecs.encode is allowed for bytes, but only with latin1
+    path = tmp_path / "codec.pkl"
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x03\x00\x00\x00hex\x86R.")
+    with pytest.raises(ValueError, match="encoding 'hex' is not allowed"):
+        read_data_pickle(path)
+    path.write_bytes(pickle.dumps(_RunsCode(eval, "1 + 1")))
+    with pytest.raises(ValueError, match="builtins.eval"):
+        read_data_pickle(path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_data_pickle(tmp_path / "nowhere")
+
+
+_GOOD_BATCH = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "data_batch_1 is empty"),
+        (pickle.dumps(_GOOD_BATCH)[:-40], "data_batch_1 is not readable"),
+        (b"\x00garbage bytes", "data_batch_1 is not readable data"),
+        (pickle.dumps([1, 2, 3]), "data_batch_1 does not hold a CIFAR batch"),
+        (pickle.dumps({**_GOOD_BATCH, b"data": np.zeros((2, 100), np.uint8)}), "CIFAR batch"),
+        (pickle.dumps({**_GOOD_BATCH, b"labels": [0]}), "2 images but 1 labels"),
+    ],
+    ids=["empty", "truncated", "garbage", "a list", "wrong image size", "labels short"],
+)
+def test_corrupt_cifar_pickles_give_one_line_naming_the_file(tmp_path, content, match):
+    folder = _cifar_folder_with(tmp_path, content)
+    with pytest.raises(ValueError, match=match) as raised:
+        load_cifar10(folder)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.98])
+def test_truncated_fashion_mnist_gz_names_the_file(tmp_path, cut):
+    payload = struct.pack(">BBBBI", 0, 0, 0x08, 1, 5000) + bytes(range(256)) * 19 + bytes(136)
+    data = gzip.compress(payload)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz is truncated or corrupt"):
+        read_idx(path)
+    path.write_bytes(data[:2] + b"\xff" * 40)  # gzip magic, then garbage
+    with pytest.raises(ValueError, match="is truncated or corrupt"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9])
+def test_truncated_cifar_archive_names_the_file(tmp_path, cut):
+    whole = tmp_path / "whole.tar.gz"
+    make_archive(whole, TREE)
+    data = whole.read_bytes()
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ValueError, match="cut.tar.gz is truncated or corrupt") as raised:
+        load_cifar10(archive, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(raised.value)
+    assert not list((tmp_path / "cache").glob("*.npz")), "a cut archive must leave no cache"
 
 
 def test_load_image_folder_splits_and_grey_images(tmp_path):

@@ -10,7 +10,16 @@ import pytest
 from selmix.cli import main
 from selmix.demo import DEMO_OBJECTIVES, demo_settings, run_demo
 
-pytest.importorskip("matplotlib")
+
+def test_the_report_dependency_is_a_core_dependency() -> None:
+    # `pip install -e . && selmix demo` (the README's command) must write the report
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    core = {
+        requirement.split(">")[0].split("=")[0].strip() for requirement in project["dependencies"]
+    }
+    assert "matplotlib" in core
 
 
 @pytest.mark.slow

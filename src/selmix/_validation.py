@@ -6,38 +6,121 @@ was received, so a user can fix the call without reading the source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.number))
+
+
+def check_finite(name: str, value: Any) -> float:
+    """Checks that ``value`` is a real number other than ``inf``, ``-inf`` and ``nan``."""
+    if not _is_number(value):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value}")
+    return value
+
+
 def check_positive(name: str, value: float, *, strict: bool = True) -> float:
-    """Checks that a number is positive (or non-negative with ``strict=False``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Checks that a number is finite and positive (or non-negative with ``strict=False``).
+
+    ``inf`` and ``nan`` are rejected: no learning rate, scale or smoothing is meaningful at
+    infinity, and they turn into NaN losses or invalid sampling distributions much later.
+    """
+    if not _is_number(value):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
     value = float(value)
-    if value != value or (value <= 0 if strict else value < 0):
-        bound = "> 0" if strict else ">= 0"
+    bound = "> 0" if strict else ">= 0"
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value}")
+    if value <= 0 if strict else value < 0:
         raise ValueError(f"`{name}` must be {bound}, got {value}")
     return value
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """Checks that ``value`` is an integer, at least ``minimum`` when given."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
     return value
 
 
 def check_in_range(name: str, value: float, low: float, high: float) -> float:
-    """Checks ``low <= value <= high``."""
-    value = check_positive(name, value, strict=False) if low >= 0 else float(value)
+    """Checks ``low <= value <= high`` for a finite number."""
+    value = check_positive(name, value, strict=False) if low >= 0 else check_finite(name, value)
     if not low <= value <= high:
         raise ValueError(f"`{name}` must be in [{low}, {high}], got {value}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Checks that a setting is a boolean (``true`` / ``false`` in YAML), not 2 or "maybe"."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be true or false, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+# torch.manual_seed accepts [-2**63, 2**64) and raises a multi-line RuntimeError outside it
+SEED_RANGE = (-(2**63), 2**64)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Checks a random seed: an int that ``torch.manual_seed`` accepts."""
+    value = check_int(name, value)
+    low, high = SEED_RANGE
+    if not low <= value < high:
+        raise ValueError(
+            f"`{name}` must be an integer in [-2**63, 2**64) (what torch accepts as a seed), "
+            f"got {value}"
+        )
+    return value
+
+
+def check_head_classes(value: Any, num_classes: int, name: str = "head_classes") -> list[int]:
+    """Checks a list of head-class indices against K classes; returns it sorted.
+
+    Args:
+        value: e.g. ``[0, 1, 2]``: distinct class indices in ``[0, K)``, leaving at least one
+            head and one tail class.
+        num_classes: K.
+        name: the argument's name for error messages.
+
+    Returns:
+        The sorted list of ints.
+    """
+    example = "e.g. [0, 1, 2]"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"`{name}` must be a list of class indices ({example}), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    bad = [item for item in value if isinstance(item, bool) or not isinstance(item, int)]
+    if bad:
+        raise TypeError(f"`{name}` must hold integer class indices ({example}), got {bad[0]!r}")
+    outside = [item for item in value if not 0 <= item < num_classes]
+    if outside:
+        raise ValueError(
+            f"`{name}` must hold class indices in [0, {num_classes}), got {outside[0]}"
+        )
+    if len(set(value)) != len(value):
+        repeated = sorted({item for item in value if value.count(item) > 1})
+        raise ValueError(f"`{name}` lists class(es) {repeated} more than once")
+    if not 0 < len(value) < num_classes:
+        raise ValueError(
+            f"`{name}` must leave at least one head and one tail class among the "
+            f"{num_classes} classes, got {len(value)} head classes"
+        )
+    return sorted(value)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -101,9 +184,15 @@ def check_labels(
         num_classes: K.
         every_class: also require at least one sample of every class.
     """
-    labels = torch.as_tensor(labels).long().cpu()
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # .long() would truncate 2.7 to 2 without a word
+        raise TypeError(f"`{name}` labels must be integers, got {labels.dtype}")
+    labels = labels.long().cpu()
     if labels.numel() == 0:
         raise ValueError(f"`{name}` is empty")
+    if labels.dim() != 1:
+        raise ValueError(f"`{name}` labels must be a 1-D tensor, got shape {tuple(labels.shape)}")
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(
@@ -132,4 +221,4 @@ def as_generator(seed: int | torch.Generator, name: str = "seed") -> torch.Gener
         return seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"`{name}` must be an int or a torch.Generator, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(check_seed(name, seed))

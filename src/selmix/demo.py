@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selmix._io import write_json
+
 __all__ = ["DEMO_OBJECTIVES", "demo_settings", "run_demo"]
 
 #: The objectives the demo fine-tunes for.
@@ -95,7 +97,7 @@ def run_demo(
     Returns:
         A dict with ``before`` (test metrics of the pre-trained model), ``after``
         (objective -> test metrics of its fine-tuned model), ``table`` (the printed table),
-        ``report`` (path of ``index.html``, or None without matplotlib), ``metrics_path``,
+        ``report`` (path of ``index.html``), ``metrics_path``,
         ``model_path`` (the pre-trained model), ``settings`` and ``wall_time_s``.
     """
     import torch
@@ -185,6 +187,7 @@ def _run_demo(
     train_time = time.perf_counter() - started
     mode = "head only" if settings["finetune"]["frozen_backbone"] else "whole network"
     report = None
+    report_error: Exception | None = None
     try:
         report = write_report(
             out, runs, title="SelMix demo: Fashion-MNIST-LT, small CNN",
@@ -205,14 +208,17 @@ def _run_demo(
             },
         )  # fmt: skip
     except ImportError as error:
-        say(f"no report: {error}")
+        report_error = error
     wall_time = time.perf_counter() - started
     metrics_path = out / "metrics.json"
-    _write_json(
+    write_json(
         metrics_path,
         {"before": before, "after": after, "settings": settings, "seed": seed,
          "device": device, "threads": torch.get_num_threads(), "wall_time_s": wall_time},
     )  # fmt: skip
+    if report is None:
+        # the report is the demo's output: a missing one is a failure, not a footnote
+        raise RuntimeError(f"wrote {metrics_path} but no report: {report_error}")
     say(f"\nwrote {metrics_path}" + (f" and the report {report}" if report else ""))
     say(f"demo finished in {wall_time:.0f} s")
     return {
@@ -225,9 +231,3 @@ def _run_demo(
         "settings": settings,
         "wall_time_s": wall_time,
     }
-
-
-def _write_json(path: Path, data: Any) -> None:
-    import json
-
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

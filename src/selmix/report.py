@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from selmix._io import atomic_write_text
+
 __all__ = ["METRIC_LABELS", "format_metrics_table", "format_per_class_table", "write_report"]
 
 #: The scalar metrics of :func:`selmix.all_metrics`, in display order, with their labels.
@@ -166,7 +168,8 @@ def _require_matplotlib() -> Any:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
-            "the report needs matplotlib: pip install 'selmix[plot]' (or pip install matplotlib)"
+            "the report needs matplotlib, a dependency of selmix that is missing from this "
+            "environment: pip install matplotlib (or reinstall selmix)"
         ) from None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -531,5 +534,6 @@ the share of test predictions that fall in it (fair share = 1/K).</p>
 </html>
 """
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    # written last and atomically: a report that exists refers only to finished images
+    atomic_write_text(index, page)
     return index

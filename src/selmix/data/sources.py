@@ -19,6 +19,7 @@ import pickle
 import struct
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -84,8 +85,12 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     with open(path, "rb") as file:
         compressed = file.read(2) == b"\x1f\x8b"
     opener = gzip.open if compressed else open
-    with opener(path, "rb") as file:
-        data = file.read()
+    try:
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError, zlib.error) as error:
+        # a truncated download or a damaged disk: gzip raises EOFError, BadGzipFile or zlib.error
+        raise ValueError(f"IDX file {path} is truncated or corrupt: {error}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file: bad magic number {data[:4].hex()}")
     ndim = data[3]
@@ -159,7 +164,8 @@ def load_cifar10(
     ``root`` may be:
 
     * torchvision's pickle format: the ``cifar-10-batches-py`` folder or its parent (read
-      directly, no cache; the pickles are torchvision's download and are trusted);
+      directly, no cache, by :func:`read_data_pickle`, which builds only plain data and
+      never runs code from the files);
     * an image tree ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``, in ``root`` or in
       ``root/cifar10``;
     * a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive of that tree (or a folder holding
@@ -211,22 +217,115 @@ def _find_cifar_pickles(root: Path) -> Path | None:
     return None
 
 
+def _only_latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 pickles bytes (protocol 2) as _codecs.encode(text, "latin1"); other codecs
+    # are never needed by a data file, so they are not callable from one.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)  # type: ignore[call-overload]
+    if dtype.hasobject:
+        # object arrays would unpickle arbitrary Python objects as their elements
+        raise pickle.UnpicklingError(f"numpy arrays of dtype {dtype} are not allowed")
+    return dtype
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that can only build plain data: containers, numbers, text, numpy arrays.
+
+    Pickle runs whatever callable a file names; a data file needs none but numpy's array
+    reconstruction (and ``_codecs.encode`` for bytes in Python 3 pickles), so every other
+    global is refused and no code from the file can run.
+    """
+
+    # numpy's array constructor under its NumPy 1 and NumPy 2 module names (the CIFAR files
+    # were written by NumPy 1); taken from __reduce__ so no private module is imported
+    _reconstruct = np.zeros(0).__reduce__()[0]
+    _frombuffer = np.zeros(0).__reduce_ex__(5)[0]  # protocol 5's array constructor
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _plain_dtype,
+        ("_codecs", "encode"): _only_latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a data file never needs (refused: "
+                "a pickle can run code when loaded)"
+            ) from None
+
+
+def read_data_pickle(path: str | os.PathLike, what: str = "data file") -> object:
+    """Loads a pickled data file (CIFAR-10/100 batches) without running code from it.
+
+    Only dicts, lists, tuples, bytes, str, numbers and plain (non-object) numpy arrays can be
+    built; Python 2 strings come back as ``bytes`` (``encoding="bytes"``), as in the
+    original CIFAR files.
+
+    Args:
+        path: the pickle file.
+        what: how error messages name the file, e.g. ``"CIFAR-10 batch file"``.
+
+    Returns:
+        The unpickled object.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is truncated, corrupt, or refers to anything but plain data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty")
+    try:
+        with open(path, "rb") as file:
+            return _DataUnpickler(file, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{what} {path} is not readable data: {detail}") from None
+
+
 def _read_cifar_pickles(folder: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     images, labels = [], []
     for name in names:
         path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"CIFAR-10 batch file not found: {path}")
-        with open(path, "rb") as file:
-            batch = pickle.load(file, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[b"labels"])
+        batch = read_data_pickle(path, "CIFAR-10 batch file")
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # type: ignore[index]
+            batch_labels = [int(label) for label in batch[b"labels"]]  # type: ignore[index]
+        except (TypeError, KeyError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"CIFAR-10 batch file {path} does not hold a CIFAR batch (a dict with "
+                f"b'data' of N x 3072 bytes and b'labels'): {type(error).__name__}: {error}"
+            ) from None
+        if len(batch_labels) != len(data):
+            raise ValueError(
+                f"CIFAR-10 batch file {path} has {len(data)} images but {len(batch_labels)} labels"
+            )
+        images.append(data)
+        labels.extend(batch_labels)
     classes = [str(k) for k in range(10)]
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as file:
-            classes = [n.decode() for n in pickle.load(file, encoding="bytes")[b"label_names"]]
+        meta_data = read_data_pickle(meta, "CIFAR-10 meta file")
+        try:
+            classes = [n.decode() for n in meta_data[b"label_names"]]  # type: ignore[index]
+        except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"CIFAR-10 meta file {meta} has no b'label_names' list of names: {error}"
+            ) from None
     return (
         torch.from_numpy(np.concatenate(images)),
         torch.tensor(labels, dtype=torch.long),
@@ -408,16 +507,21 @@ _Entry = tuple[str, str, str, bytes]
 
 def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
     # Stream mode ("r|*") reads the archive front to back, never seeking or unpacking.
-    with tarfile.open(archive, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = PurePosixPath(member.name).parts
-            if len(parts) < 3 or parts[-3] not in splits or not _is_image_name(parts[-1]):
-                continue
-            file = tar.extractfile(member)
-            if file is not None:
-                yield parts[-3], parts[-2], parts[-1], file.read()
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = PurePosixPath(member.name).parts
+                if len(parts) < 3 or parts[-3] not in splits or not _is_image_name(parts[-1]):
+                    continue
+                file = tar.extractfile(member)
+                if file is not None:
+                    yield parts[-3], parts[-2], parts[-1], file.read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        # a truncated download: tarfile, gzip and zlib each raise their own type
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"archive {archive} is truncated or corrupt: {detail}") from None
 
 
 def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
