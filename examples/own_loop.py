@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     data = load_data("demo", **({"max_per_class": 300, "imbalance": 100.0} if args.fast else {}))
     model = selmix.create_model("small_cnn", data.num_classes, in_channels=1)
-    train_plain(model, data.train, epochs=2 if args.fast else 5, seed=args.seed)
+    train_plain(model, data.train, epochs=3 if args.fast else 5, seed=args.seed)
     steps = args.steps if args.steps is not None else (40 if args.fast else 300)
     history = selmix_loop(
         model, data.train, data.val, steps, objective=args.objective,
