@@ -564,7 +564,9 @@ def load_data(
     ``"imagefolder:DIR"`` (see :func:`load_image_folder`) and ``"demo"``, the packaged
     Fashion-MNIST-LT subset (see :func:`load_demo`), which is already split: there,
     ``imbalance`` (>= 100) and ``max_per_class`` (<= 1500; default 1500) subsample its
-    training set and ``val_per_class`` (<= 100) its validation set.
+    training set and ``val_per_class`` (<= 100) its validation set. The formats of
+    :mod:`selmix.data.formats` add ``"features:FILE"`` (embeddings), ``"cifar100:DIR"``,
+    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``.
 
     The validation set takes ``val_per_class`` samples of every class from the official
     training split (default 500 for Fashion-MNIST and CIFAR-10, 10% of the smallest class
