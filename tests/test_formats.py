@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix.data import load_data
+from selmix.data import load_data, sources
 from selmix.data.formats import (
     FeatureTensorDataset,
     ImageListDataset,
@@ -186,6 +186,25 @@ def test_corrupt_cifar100_file_gets_a_one_line_error_naming_it(tmp_path):
     assert_one_line_naming(error, folder / "test")
     with pytest.raises(FileNotFoundError, match="cifar-100-python/train"):
         load_cifar100(tmp_path / "nowhere")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran while unpickling",))
+
+
+@pytest.mark.skipif(
+    not hasattr(sources, "read_data_pickle"),
+    reason="the restricted CIFAR unpickler (sources.read_data_pickle) is not merged yet",
+)
+def test_cifar100_pickles_cannot_run_code(tmp_path, capsys):
+    folder = write_cifar100(tmp_path, per_class_train=1, per_class_test=1)
+    with open(folder / "train", "wb") as file:
+        pickle.dump({b"data": _RunsCode(), b"fine_labels": [0]}, file)
+    with pytest.raises(ValueError, match="refused") as error:
+        load_cifar100(tmp_path, train=True)
+    assert_one_line_naming(error, folder / "train")
+    assert "code ran" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------
