@@ -184,6 +184,11 @@ def test_corrupt_cifar100_file_gets_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match="b'fine_labels'") as error:
         load_cifar100(tmp_path, train=False)
     assert_one_line_naming(error, folder / "test")
+    with open(folder / "test", "wb") as file:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}, file)
+    with pytest.raises(ValueError, match=r"fine labels in \[0, 100\]") as error:
+        load_cifar100(tmp_path, train=False)
+    assert_one_line_naming(error, folder / "test")
     with pytest.raises(FileNotFoundError, match="cifar-100-python/train"):
         load_cifar100(tmp_path / "nowhere")
 

@@ -209,8 +209,8 @@ def load_features_file(path: str | os.PathLike) -> dict[str, FeatureTensorDatase
     def bad(reason: str) -> ValueError:
         return ValueError(f"features file {path} {reason}")
 
-    missing = [k for k in ("train_features", "train_labels", "test_features", "test_labels")
-               if k not in arrays]  # fmt: skip
+    required = ("train_features", "train_labels", "test_features", "test_labels")
+    missing = [key for key in required if key not in arrays]
     if missing:
         raise bad(f"lacks {', '.join(missing)} (keys: {', '.join(sorted(arrays)) or 'none'})")
     if ("val_features" in arrays) != ("val_labels" in arrays):
@@ -314,6 +314,11 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         ) from None
     if len(labels) != len(images):
         raise ValueError(f"CIFAR-100 file {path} has {len(images)} images but {len(labels)} labels")
+    if labels and not 0 <= min(labels) <= max(labels) < 100:
+        raise ValueError(
+            f"CIFAR-100 file {path} has fine labels in [{min(labels)}, {max(labels)}]; "
+            "expected 0..99"
+        )
     classes = [str(k) for k in range(100)]
     meta = folder / "meta"
     if meta.is_file():
@@ -556,8 +561,8 @@ class ImageListDataset(torch.utils.data.Dataset):
     ) -> tuple[Tensor, Tensor]:
         """Decodes the given images: ``(float32 [B, 3, crop, crop], labels [B])``."""
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        images = torch.stack([self._load(int(i), augment, generator) for i in index.tolist()]) \
-            if index.numel() else torch.empty(0, 3, self.crop, self.crop)  # fmt: skip
+        decoded = [self._load(int(i), augment, generator) for i in index.tolist()]
+        images = torch.stack(decoded) if decoded else torch.empty(0, 3, self.crop, self.crop)
         images = (images - self.mean[:, None, None]) / self.std[:, None, None]
         labels = self.labels[index]
         if device is not None:
