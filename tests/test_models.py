@@ -477,3 +477,14 @@ def test_linear_model_is_a_head_on_feature_vectors():
     assert (head.in_features, head.out_features) == (12, 5)
     x = torch.randn(7, 12)
     torch.testing.assert_close(model(x), head(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "package"), [("timm:resnet18", "timm"), ("hf_vit", "transformers")]
+)
+def test_external_models_without_their_package_name_the_extra(monkeypatch, name, package):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(ImportError, match=rf"pip install 'selmix\[{package}\]'"):
+        create_model(name, 3)
