@@ -358,3 +358,133 @@ def test_split_rejects_a_timm_model_whose_classifier_is_not_linear():
     model.head = nn.Identity()
     with pytest.raises(TypeError, match=r"get_classifier\(\) returns Identity"):
         split_model(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Real timm and Hugging Face models (optional dependencies; the `dev` extra installs them)
+
+# Small settings so that three fine-tuning steps take about a second on a CPU.
+TIMM_MODELS = {
+    "timm:resnet18": {},
+    "timm:vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2},
+}
+HF_MODELS = {
+    "hf_vit": {
+        "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 64,
+    },
+    "hf_convnext": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+}  # fmt: skip
+
+
+def _external_model(name: str, num_classes: int = 4) -> nn.Module:
+    pytest.importorskip("timm" if name.startswith("timm:") else "transformers")
+    torch.manual_seed(0)
+    return create_model(name, num_classes, **{**TIMM_MODELS, **HF_MODELS}[name])
+
+
+def _tiny_images(num_classes: int = 4, per_class: int = 6):
+    from selmix.data import ImageTensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randint(0, 256, (labels.numel(), 3, 32, 32), dtype=torch.uint8,
+                           generator=generator)  # fmt: skip
+    return ImageTensorDataset(images, labels, 0.5, 0.25)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from selmix.models import output_tensor
+
+    model.eval()
+    with torch.no_grad():
+        return output_tensor(model(x))
+
+
+@pytest.mark.parametrize("name", [*TIMM_MODELS, *HF_MODELS])
+def test_real_timm_and_hugging_face_models_split_into_tensor_features_and_linear_head(name):
+    model = _external_model(name)
+    split = split_model(model)
+    x = _tiny_images().batch(range(3))[0]
+    features = split.features.eval()(x)
+    assert isinstance(features, torch.Tensor)  # not a Hugging Face output object
+    assert features.shape == (3, split.head.in_features)
+    assert split.head.out_features == 4
+    torch.testing.assert_close(split.head(features), _logits(model, x), rtol=1e-5, atol=1e-5)
+    assert_parameters_partitioned(model, split)
+
+
+@pytest.mark.parametrize("name", [*TIMM_MODELS, *HF_MODELS])
+def test_real_models_fine_tune_three_steps_and_round_trip_through_save_and_load(name, tmp_path):
+    from selmix import finetune, load_model
+
+    model = _external_model(name)
+    data = _tiny_images()
+    head_before = split_model(model).head.weight.detach().clone()
+    result = finetune(model, data, data, "mean_recall", steps=3, batch_size=8,
+                      feedback_every=2, progress=False, augment=False)  # fmt: skip
+    assert result.model is model
+    assert not torch.equal(split_model(model).head.weight, head_before)  # it trained
+    path = result.save(tmp_path / "model.pt")
+    loaded, meta = load_model(path)
+    assert loaded.selmix_spec["name"] == name
+    assert "finetune_config" in meta
+    x = data.batch(range(5))[0]
+    torch.testing.assert_close(_logits(loaded, x), _logits(model, x))
+
+
+def test_hugging_face_model_built_directly_splits_and_reloads_from_its_state_dict(tmp_path):
+    """The route for a model that did not come from the registry (e.g. pre-trained)."""
+    transformers = pytest.importorskip("transformers")
+    from selmix import load_model, save_model
+    from selmix.checkpoint import load_checkpoint
+
+    config = transformers.ConvNextConfig(num_labels=3, **HF_MODELS["hf_convnext"])
+    model = transformers.ConvNextForImageClassification(config)
+    split = split_model(model)
+    x = _tiny_images().batch(range(2))[0]
+    torch.testing.assert_close(split.head(split.features.eval()(x)), _logits(model, x))
+    path = save_model(tmp_path / "model.pt", model)
+    with pytest.raises(ValueError, match="not built by selmix.create_model"):
+        load_model(path)
+    fresh = transformers.ConvNextForImageClassification(config)
+    fresh.load_state_dict(load_checkpoint(path)["state_dict"])
+    torch.testing.assert_close(_logits(fresh, x), _logits(model, x))
+
+
+def test_hugging_face_model_without_a_linear_classifier_gets_the_explicit_split_advice():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(num_labels=0, **HF_MODELS["hf_convnext"])
+    model = transformers.ConvNextForImageClassification(config)  # classifier = Identity
+    with pytest.raises(TypeError, match=r"`classifier` is Identity.*features=.*head="):
+        split_model(model)
+
+
+def test_timm_names_are_validated_before_timm_is_asked():
+    with pytest.raises(ValueError, match="needs an architecture"):
+        create_model("timm:", 3)
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        create_model("timm:no_such_net", 3)
+    with pytest.raises(ValueError, match="`pretrained` must not be passed"):
+        create_model("timm:resnet18", 3, pretrained=True)
+
+
+def test_linear_model_is_a_head_on_feature_vectors():
+    model = create_model("linear", 5, in_channels=12)
+    features, head = split_model(model)
+    assert isinstance(features, nn.Identity)
+    assert (head.in_features, head.out_features) == (12, 5)
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(model(x), head(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "package"), [("timm:resnet18", "timm"), ("hf_vit", "transformers")]
+)
+def test_external_models_without_their_package_name_the_extra(monkeypatch, name, package):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(ImportError, match=rf"pip install 'selmix\[{package}\]'"):
+        create_model(name, 3)

@@ -22,6 +22,7 @@ from selmix._config import ConfigMixin
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
+from selmix.models.split import output_tensor
 
 __all__ = ["LOSSES", "PretrainConfig", "PretrainResult", "logit_adjustment", "pretrain"]
 
@@ -177,7 +178,8 @@ def pretrain(
                 lam = float(mixup_rng.beta(config.mixup_alpha, config.mixup_alpha))
                 perm = torch.randperm(images.shape[0], generator=generator).to(device)
                 images = lam * images + (1 - lam) * images[perm]
-            logits = model(images)
+            # Hugging Face models return an output object holding the logits
+            logits = output_tensor(model(images))
             if adjustment is not None:
                 logits = logits + adjustment
             if config.mixup_alpha > 0:

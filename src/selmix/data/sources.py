@@ -668,7 +668,9 @@ def load_data(
     ``"imagefolder:DIR"`` (see :func:`load_image_folder`) and ``"demo"``, the packaged
     Fashion-MNIST-LT subset (see :func:`load_demo`), which is already split: there,
     ``imbalance`` (>= 100) and ``max_per_class`` (<= 1500; default 1500) subsample its
-    training set and ``val_per_class`` (<= 100) its validation set.
+    training set and ``val_per_class`` (<= 100) its validation set. The formats of
+    :mod:`selmix.data.formats` add ``"features:FILE"`` (embeddings), ``"cifar100:DIR"``,
+    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``.
 
     The validation set takes ``val_per_class`` samples of every class from the official
     training split (default 500 for Fashion-MNIST and CIFAR-10, 10% of the smallest class
@@ -723,12 +725,19 @@ def load_data(
             imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
         )
     prefix, _, location = spec.partition(":")
-    if prefix not in _SPEC_PREFIXES or not location:
-        known = ", ".join(f"'{p}:PATH'" for p in _SPEC_PREFIXES) + ", 'demo'"
+    from selmix.data.formats import FORMATS  # features, cifar100, stl10, imagenet-lt
+
+    if (prefix not in _SPEC_PREFIXES and prefix not in FORMATS) or not location:
+        known = ", ".join(f"'{p}:PATH'" for p in (*_SPEC_PREFIXES, *FORMATS)) + ", 'demo'"
         raise ValueError(f"unknown data `spec` {spec!r}; expected one of {known}")
 
     official_val = None
-    if prefix == "fashion-mnist":
+    default_val_per_class = _DEFAULT_VAL_PER_CLASS.get(prefix)
+    if prefix in FORMATS:
+        source = FORMATS[prefix](location, cache_dir=cache_dir)
+        full_train, test, official_val = source.train, source.test, source.val
+        default_val_per_class = source.default_val_per_class
+    elif prefix == "fashion-mnist":
         full_train = load_fashion_mnist(location, train=True)
         test = load_fashion_mnist(location, train=False)
     elif prefix == "cifar10":
@@ -750,7 +759,7 @@ def load_data(
             )
         val_per_class = 0
     elif val_per_class is None:
-        val_per_class = _DEFAULT_VAL_PER_CLASS.get(prefix, max(1, int(sizes.min()) // 10))
+        val_per_class = default_val_per_class or max(1, int(sizes.min()) // 10)
     available = (sizes - val_per_class).clamp_min(0).tolist()
     if imbalance is not None and max_per_class is None and min(available) < 1:
         raise ValueError(

@@ -69,6 +69,48 @@ class FeatureClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+class _FirstTensor(nn.Module):
+    """Runs a module whose output is an object (Hugging Face ``ModelOutput``) and returns a tensor.
+
+    The headless view of a Hugging Face classifier returns an output object whose ``logits``
+    field holds what its head would have received, i.e. the features [N, d].
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return output_tensor(self.body(x))
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The tensor in a model's output: itself, its ``logits`` field, or its first element.
+
+    Hugging Face models return a ``ModelOutput`` (``output.logits``) or, with
+    ``return_dict=False``, a tuple whose first element is the logits.
+
+    Raises:
+        TypeError: if no tensor is found (the message names the output's type).
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned a {type(output).__name__}, not a tensor or an object with a "
+        "`logits` tensor; pass features= and head= to split_model"
+    )
+
+
+def _is_hugging_face(model: nn.Module) -> bool:
+    # duck-typed: transformers need not be importable to split a plain torch model
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
 class _PreLogits(nn.Module):
     """Features of a timm-style model: ``forward_head(forward_features(x), pre_logits=True)``.
 
@@ -105,7 +147,9 @@ def split_model(
        ResNet, MobileNet, EfficientNet, VGG, DenseNet, ConvNeXt, Swin, ViT, ...): the head is
        that linear layer and ``features`` is the headless view, so for
        ``classifier = Sequential(Linear, Hardswish, Dropout, Linear)`` the features include
-       the hidden layer and the head is the final ``Linear``.
+       the hidden layer and the head is the final ``Linear``. This covers Hugging Face
+       ``*ForImageClassification`` models (``classifier``); their output object is
+       unwrapped, so ``features(x)`` is a tensor [N, d] (``output.logits`` of the view).
 
     In every case the modules share parameters with ``model``: fine-tuning the split
     fine-tunes the model, and the model itself is not modified. Dropout and batch norm
@@ -142,7 +186,8 @@ def split_model(
     if model is None:
         raise ValueError("`model` is None; pass a model, or both `features=` and `head=`")
     if head is not None:
-        return ModelSplit(headless_view(model, _path_of(model, head)), head)
+        view = headless_view(model, _path_of(model, head))
+        return ModelSplit(_FirstTensor(view) if _is_hugging_face(model) else view, head)
 
     if isinstance(model, nn.Sequential):
         if len(model) >= 2 and isinstance(model[-1], nn.Linear):
@@ -176,7 +221,8 @@ def split_model(
             path.append(last_name)
             candidate = candidate._modules[last_name]
         if isinstance(candidate, nn.Linear):
-            return ModelSplit(headless_view(model, path), candidate)
+            view = headless_view(model, path)
+            return ModelSplit(_FirstTensor(view) if _is_hugging_face(model) else view, candidate)
         raise TypeError(
             _unsupported(
                 model,

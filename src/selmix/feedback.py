@@ -1,0 +1,237 @@
+"""SelMix's feedback step and pair sampling, for a training loop you own.
+
+:func:`selmix.finetune` runs the whole SelMix loop. When the loop is yours (your optimiser,
+your mixed precision, your logging, another framework), the two things SelMix adds are:
+
+1. every few steps, a *feedback* step: evaluate the validation set (confusion matrix C and
+   class-mean features), update the objective's multipliers, compute the gain matrix and
+   from it the mixup distribution P over class pairs (MATH.md section 5);
+2. every step, draw the batch as pairs ``(x1 of class i, x2 of class j)`` with
+   ``(i, j) ~ P``, mix their *features* with ``lam ~ U[lam_min, 1]`` and take a step on the
+   cross-entropy of ``head(lam g(x1) + (1 - lam) g(x2))`` with label i.
+
+:class:`SelMixFeedback` holds the state between the two (objective and multipliers, P,
+the random generator)::
+
+    feedback = SelMixFeedback("min_recall", train.labels, seed=0)
+    for step in range(steps):
+        if step % 10 == 0:
+            feedback.update(model, val)                  # evaluate -> objective -> gain -> P
+        pairs = feedback.sample_pairs(128)               # indices into train, labels, lam
+        x1, _ = train.batch(pairs.first, augment=True)
+        x2, _ = train.batch(pairs.second, augment=True)
+        mixed = pairs.lam[:, None] * features(x1) + (1 - pairs.lam[:, None]) * features(x2)
+        loss = F.cross_entropy(head(mixed), pairs.labels)
+        ...                                              # your backward and optimiser step
+
+``examples/own_loop.py`` is a complete, runnable version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from selmix._validation import check_choice, check_in_range, check_int, check_positive
+from selmix.evaluate import Evaluation, evaluate
+from selmix.gain import gain_matrix
+from selmix.metrics import all_metrics
+from selmix.objectives import Objective, as_objective, get_objective
+from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
+from selmix.sampler import PairSampler
+
+__all__ = ["MixupPairs", "SelMixFeedback"]
+
+
+class MixupPairs(NamedTuple):
+    """A batch of mixup pairs drawn from the current policy.
+
+    Attributes:
+        first: LongTensor[B], indices (into the training set) of x1, of class ``labels``.
+        second: LongTensor[B], indices of x2, of the class the policy paired with it.
+        labels: LongTensor[B], the label i of each pair (the class of x1).
+        lam: float Tensor[B], the weight of x1's features, drawn from U[lam_min, 1].
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    labels: torch.Tensor
+    lam: torch.Tensor
+
+
+class SelMixFeedback:
+    """The objective, multipliers and mixup policy of SelMix, updated from validation.
+
+    Args:
+        objective: a registered name (see :func:`selmix.list_objectives`), an
+            :class:`~selmix.Objective` or a differentiable function of C.
+        train_labels: integer Tensor[N] of the training labels (the pairs index into it).
+        num_classes: K; defaults to ``max(train_labels) + 1``.
+        objective_params: hyper-parameters of a named objective, e.g. ``{"rate": 50}``.
+        policy: ``"selmix"`` (``P ∝ exp(s G)`` on positive gains), ``"uniform"`` or
+            ``"greedy"``.
+        gain_scale: s.
+        normalize_gain: divide the gain by ``max |G|`` before the policy.
+        lam_min: mixing weights are drawn from U[lam_min, 1].
+        confusion_smoothing: pseudo-count added to each validation confusion cell before
+            the multipliers and the gain (0 is the paper).
+        head_classes: head classes for the head/tail metrics in the records.
+        seed: seeds the pair and lam draws (same seed, same pairs).
+
+    Attributes:
+        objective: the objective (its multipliers follow the updates).
+        distribution: Tensor[K, K], the current P (uniform before the first update).
+        history: the records of the updates so far.
+    """
+
+    def __init__(
+        self,
+        objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str,
+        train_labels: torch.Tensor | Sequence[int],
+        num_classes: int | None = None,
+        *,
+        objective_params: dict[str, Any] | None = None,
+        policy: str = "selmix",
+        gain_scale: float = 10.0,
+        normalize_gain: bool = False,
+        lam_min: float = 0.6,
+        confusion_smoothing: float = 0.0,
+        head_classes: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        labels = torch.as_tensor(train_labels).long().cpu()
+        if labels.dim() != 1 or labels.numel() == 0:
+            raise ValueError(
+                f"`train_labels` must be a non-empty Tensor[N], got {tuple(labels.shape)}"
+            )
+        if num_classes is None:
+            num_classes = int(labels.max()) + 1
+        self.num_classes = check_int("num_classes", num_classes, minimum=2)
+        if isinstance(objective, str):
+            objective = get_objective(objective, **(objective_params or {}))
+        elif objective_params:
+            raise ValueError("`objective_params` must be empty when `objective` is not a name")
+        self.objective = as_objective(objective)
+        self.policy = check_choice("policy", policy, POLICIES)
+        self.gain_scale = check_positive("gain_scale", gain_scale)
+        self.normalize_gain = bool(normalize_gain)
+        self.lam_min = check_in_range("lam_min", lam_min, 0.0, 1.0)
+        self.confusion_smoothing = check_positive(
+            "confusion_smoothing", confusion_smoothing, strict=False
+        )
+        self.head_classes = None if head_classes is None else list(head_classes)
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed))
+        self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
+        self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def mix(self) -> float:
+        """m = E[lam] = (1 + lam_min) / 2, used by the gain."""
+        return (1 + self.lam_min) / 2
+
+    def update(
+        self,
+        model: nn.Module | None,
+        val: Any,
+        *,
+        features: nn.Module | None = None,
+        head: nn.Linear | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 512,
+        step: int | None = None,
+    ) -> dict[str, Any]:
+        """The feedback step: evaluates ``val`` and updates the multipliers and P.
+
+        The model is evaluated in eval mode (and put back in its previous mode).
+
+        Args:
+            model: the classifier (split with :func:`selmix.split_model`), or None with
+                ``features=`` and ``head=``.
+            val: the validation set (every class present).
+            features, head: an explicit split of the model.
+            device, batch_size: of the evaluation.
+            step: the training step, stored in the record (default: the update's number).
+
+        Returns:
+            The record (see :meth:`update_from_evaluation`).
+        """
+        from selmix.models import split_model
+
+        split = split_model(model, features=features, head=head)
+        owner = model if model is not None else nn.ModuleList([split.features, split.head])
+        evaluation = evaluate(
+            owner, val, device, batch_size, features=split.features, head=split.head
+        )
+        return self.update_from_evaluation(evaluation, split.head, step=step)
+
+    def update_from_evaluation(
+        self, evaluation: Evaluation, head: nn.Linear, step: int | None = None
+    ) -> dict[str, Any]:
+        """The feedback step from an evaluation you made (e.g. all-reduced across processes).
+
+        Args:
+            evaluation: confusion counts and class-mean features of the validation set
+                (:func:`selmix.evaluate`).
+            head: the linear head, ``nn.Linear(d, K)``.
+            step: stored in the record.
+
+        Returns:
+            ``{"step", "objective", "metrics", "multipliers", "max_gain", "policy_entropy",
+            "effective_pairs", "gain"}``: the fields of ``finetune``'s log records and the
+            gain matrix (Tensor[K, K], e.g. for :class:`selmix.loggers.TensorBoardLogger`).
+        """
+        from selmix.finetune import smoothed_confusion
+
+        if evaluation.counts.shape != (self.num_classes, self.num_classes):
+            raise ValueError(
+                f"`evaluation` must be for {self.num_classes} classes, got counts of shape "
+                f"{tuple(evaluation.counts.shape)}"
+            )
+        estimate = smoothed_confusion(evaluation.counts, self.confusion_smoothing)
+        self.objective.update(estimate)
+        with torch.no_grad():
+            value = float(self.objective(estimate))
+        prototypes = evaluation.prototypes.to(head.weight.device)
+        gain = gain_matrix(self.objective, estimate, prototypes, head, self.mix).cpu()
+        self.distribution = mixup_distribution(
+            gain, self.gain_scale, self.policy, self.normalize_gain
+        ).cpu()
+        multipliers = self.objective.multipliers
+        record = {
+            "step": len(self.history) if step is None else int(step),
+            "objective": value,
+            "metrics": all_metrics(evaluation.confusion, self.head_classes),
+            "multipliers": None if multipliers is None else multipliers.tolist(),
+            "max_gain": float(gain.max()),
+            "policy_entropy": policy_entropy(self.distribution),
+            "effective_pairs": effective_pairs(self.distribution),
+            "gain": gain,
+        }
+        self.history.append(record)
+        return record
+
+    def sample_pairs(self, batch_size: int) -> MixupPairs:
+        """Draws B pairs ``(i, j) ~ P``, a sample of each class, and the mixing weights."""
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        first, second, _, labels = self.sampler.sample(self.distribution, batch_size)
+        lam = self.lam_min + (1 - self.lam_min) * torch.rand(batch_size, generator=self.generator)
+        return MixupPairs(first, second, labels, lam)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state, P and the generator, as ``weights_only``-loadable data."""
+        return {
+            "objective": self.objective.state_dict(),
+            "distribution": self.distribution.clone(),
+            "generator": self.generator.get_state(),
+            "updates": len(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved."""
+        self.objective.load_state_dict(state["objective"])
+        self.distribution = state["distribution"].clone()
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,85 @@
+"""Registry entries for timm and Hugging Face models (optional dependencies).
+
+``create_model("timm:resnet18", num_classes=K)`` builds any timm architecture with random
+weights; ``create_model("hf_vit", num_classes=K, hidden_size=..., ...)`` and
+``create_model("hf_convnext", ...)`` build Hugging Face ``ViTForImageClassification`` and
+``ConvNextForImageClassification`` from a config whose fields are the keyword arguments.
+Built through the registry, such models carry their name and arguments, so
+:func:`selmix.save_model` / :func:`selmix.load_model` round-trip them.
+
+Nothing is downloaded: pre-trained weights belong in the user's own code (load them, then
+use the model directly with :func:`selmix.finetune`, which splits it with
+:func:`selmix.split_model`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+from selmix.models.registry import register_model
+
+TIMM_PREFIX = "timm:"
+
+
+def _require(package: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ImportError(
+            f"this model needs the optional package {package!r}: pip install 'selmix[{extra}]' "
+            f"(or pip install {package})"
+        ) from None
+
+
+def create_timm_model(
+    name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model(name, num_classes=K, in_chans=C, pretrained=False, **kwargs)``.
+
+    Raises:
+        ImportError: if timm is not installed (naming the extra to install).
+        ValueError: if timm has no such architecture.
+    """
+    timm = _require("timm", "timm")
+    if "pretrained" in kwargs:
+        raise ValueError(
+            "`pretrained` must not be passed: the registry builds random weights (load "
+            "pre-trained weights in your own code and pass the model to selmix.finetune)"
+        )
+    try:
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
+        )
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ValueError(f"unknown timm model {name!r}: {error}") from None
+        raise
+
+
+@register_model
+def hf_vit(num_classes: int, in_channels: int = 3, **config: Any) -> nn.Module:
+    """Hugging Face ``ViTForImageClassification(ViTConfig(**config))``, random weights.
+
+    ``config`` holds ViTConfig fields, e.g. ``image_size=32, patch_size=4, hidden_size=64,
+    num_hidden_layers=2, num_attention_heads=2, intermediate_size=128``.
+    """
+    transformers = _require("transformers", "transformers")
+    settings = transformers.ViTConfig(num_labels=num_classes, num_channels=in_channels, **config)
+    return transformers.ViTForImageClassification(settings)
+
+
+@register_model
+def hf_convnext(num_classes: int, in_channels: int = 3, **config: Any) -> nn.Module:
+    """Hugging Face ``ConvNextForImageClassification(ConvNextConfig(**config))``, random weights.
+
+    ``config`` holds ConvNextConfig fields, e.g. ``hidden_sizes=[16, 32], depths=[1, 1],
+    num_stages=2``.
+    """
+    transformers = _require("transformers", "transformers")
+    settings = transformers.ConvNextConfig(
+        num_labels=num_classes, num_channels=in_channels, **config
+    )
+    return transformers.ConvNextForImageClassification(settings)
