@@ -488,7 +488,7 @@ def adjust(model, data, taus):
         (lambda m, d: adjust(m, d, [1, -0.5]),
          ValueError, r"`taus\[1\]` must be >= 0, got -0.5"),
         (lambda m, d: adjust(m, d, [math.inf]),
-         ValueError, "`taus` must be finite, got inf at index 0"),
+         ValueError, r"`taus\[0\]` must be a finite number >= 0, got inf"),
         (lambda m, d: adjust(m, d, 1.0),
          TypeError, "`taus` must be a sequence of numbers, got float"),
         (lambda m, d: posthoc_logit_adjustment(m, TRAIN_COUNTS, gaussians([3, 3, 3, 0], 0),

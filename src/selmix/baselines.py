@@ -178,11 +178,8 @@ def _check_taus(taus: Any) -> list[float]:
         raise TypeError(f"`taus` must be a sequence of numbers, got {type(taus).__name__}")
     if len(taus) == 0:
         raise ValueError("`taus` must hold at least one value, got an empty sequence")
-    values = [check_positive(f"taus[{i}]", tau, strict=False) for i, tau in enumerate(taus)]
-    infinite = [i for i, tau in enumerate(values) if not math.isfinite(tau)]
-    if infinite:
-        raise ValueError(f"`taus` must be finite, got {values[infinite[0]]} at index {infinite[0]}")
-    return values
+    # check_positive rejects inf and nan as well
+    return [check_positive(f"taus[{i}]", tau, strict=False) for i, tau in enumerate(taus)]
 
 
 # -- post-hoc logit adjustment ------------------------------------------------------------
