@@ -600,3 +600,159 @@ def test_progress_every_percent_none_prints_nothing_off_a_terminal() -> None:
     stream = _Stream(tty=False)
     _drive(progress_bar(100, "x", every_percent=None, stream=stream), 100)
     assert stream.text == ""
+
+
+# -- runs that go wrong after the checks ----------------------------------------------------------
+def test_lr_head_1e3_warns_once_that_the_run_is_diverging(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _finetune_argv(world, tmp_path / "run", "--lr-head", "1e3", "--steps", "8",
+                          "--set", "feedback_every=2", "--frozen-backbone")  # fmt: skip
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "diverging" in line]
+    assert len(lines) == 1, lines
+    assert "warning" in lines[0] and "lr_head" in lines[0]
+
+
+def test_a_sensible_run_does_not_warn(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _finetune_argv(world, tmp_path / "run", "--steps", "8", "--set", "feedback_every=2")
+    assert main(argv) == 0
+    assert "diverging" not in capsys.readouterr().err
+
+
+def test_a_batch_size_beyond_memory_is_one_line_naming_batch_size(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 2**50 pairs: 8 PiB of indices, beyond any address space (no overcommit setting lets
+    # it through, so the test never risks the machine's memory)
+    argv = _finetune_argv(world, tmp_path / "run", "--batch-size", str(2**50))
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "`batch_size`" in errors[0], errors
+    assert "Traceback" not in errors[0]
+
+
+def test_a_run_failing_mid_training_leaves_its_own_files_only(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The previous run's model and metrics are gone before the new run trains, so the
+    folder never mixes two runs; a named checkpoint is this run's, with finite weights."""
+    import re
+
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    argv = _finetune_argv(world, out, "--lr-head", "1e30", "--set", "lr_backbone=1e30",
+                          "--checkpoint-every", "1", "--steps", "20")  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr_head"] == 1e30
+    named = re.search(r"checkpoint with finite weights is '([^']+)' \(step (\d+)\)", err)
+    if named:
+        state = load_checkpoint(named.group(1))
+        assert state["step"] == int(named.group(2)) and state["config"]["lr_head"] == 1e30
+        floats = [v for v in state["model"].values() if v.is_floating_point()]
+        assert all(torch.isfinite(v).all() for v in floats)
+
+
+def test_non_finite_weights_are_never_checkpointed_nor_a_foreign_checkpoint_named(
+    tmp_path: Path,
+) -> None:
+    import selmix
+    from selmix.data.formats import FeatureTensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)
+    data = FeatureTensorDataset(torch.randn(32, 5, generator=generator), labels, 3)
+    foreign = tmp_path / "state.pt"
+    foreign.write_bytes(b"an earlier run's checkpoint")
+    model = create_model("linear", 3, in_channels=5)
+
+    def poison(record: dict) -> None:
+        with torch.no_grad():
+            model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError) as raised:
+        selmix.finetune(model, data, data, "min_recall", steps=4, batch_size=8,
+                        checkpoint_path=str(foreign), checkpoint_every=1, callback=poison,
+                        progress=False)  # fmt: skip
+    assert "checkpoint" not in str(raised.value)
+    assert foreign.read_bytes() == b"an earlier run's checkpoint"
+
+
+# -- the ecosystem options ------------------------------------------------------------------------
+def test_tensorboard_option_logs_the_run_and_its_gain_images(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    board = tmp_path / "tb"
+    argv = _finetune_argv(world, tmp_path / "run", "--tensorboard", str(board),
+                          "--set", "feedback_every=2")  # fmt: skip
+    assert main(argv) == 0
+    events = accumulator.EventAccumulator(str(board), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("objective")] == [0, 2, 4]
+    assert [e.step for e in events.Images("gain")] == [0, 2, 4]
+    logged = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"gain"' not in logged  # the log keeps its records as they were
+
+
+def test_tensorboard_without_the_package_is_one_line_before_touching_out(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name)
+    )
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    before = _snapshot(out)
+    assert main(_finetune_argv(world, out, "--tensorboard", str(tmp_path / "tb"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "selmix[tensorboard]" in err[0]
+    assert _snapshot(out) == before
+
+
+def test_pretrain_accepts_timm_names(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _fill(["pretrain", "--data", "imagefolder:{tree}", "--model", "timm:resnet10t",
+                  "--out", "{out}", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
+                  *QUIET], world, tmp_path / "run")  # fmt: skip
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert "unknown `model`" not in err
+    if importlib.util.find_spec("timm") is None:
+        assert status == 2 and "timm" in err and len(err.strip().splitlines()) == 1
+    else:
+        assert status == 0, err
+
+
+def test_a_checkpoint_of_non_finite_weights_is_not_written(tmp_path: Path) -> None:
+    from selmix.data.formats import FeatureTensorDataset
+    from selmix.finetune import FinetuneConfig, Trainer
+
+    labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)
+    data = FeatureTensorDataset(torch.randn(32, 5), labels, 3)
+    path = tmp_path / "state.pt"
+    config = FinetuneConfig(steps=4, batch_size=8, checkpoint_path=str(path), progress=False)
+    trainer = Trainer(create_model("linear", 3, in_channels=5), data, data, None, config)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    assert trainer.good_checkpoint == (str(path), 1)
+    written = path.read_bytes()
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    trainer.step = 2
+    trainer.save_checkpoint()
+    assert path.read_bytes() == written and trainer.good_checkpoint == (str(path), 1)
