@@ -46,7 +46,7 @@ PROG = "selmix"
 EXIT_USAGE = 2
 
 #: Keys whose values name files or folders (never coerced to numbers).
-_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config"}
+_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard"}
 
 
 class UsageError(ValueError):
