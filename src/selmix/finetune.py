@@ -190,7 +190,7 @@ class FinetuneConfig(ConfigMixin):
     checkpoint_every: int | None = setting(
         CHECKPOINT_EVERY, check=Optional(Int(1)), flag=True, metavar="STEPS",
         help="steps between resume checkpoints (OUT/finetune_state.pt, also written at the "
-        "end); unset: only at the end",
+        "end); null (--set checkpoint_every=null): only at the end",
     )  # fmt: skip
     progress: bool = setting(
         True, check=Flag(), flag=True,
@@ -539,9 +539,10 @@ def check_resume(
             f"but this run has {world_size} (world size): resume on as many processes"
         )
     changed = config.resume_changes(state["config"])
-    # checkpoints of selmix <= 0.1 carry no identity: nothing to compare
+    # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
+    # caller that passes none claims nothing)
     saved_identity = state.get("identity")
-    compared = {} if saved_identity is None else {**saved_identity, **(identity or {})}
+    compared = {} if not saved_identity or identity is None else {**saved_identity, **identity}
     saved_identity = saved_identity or {}
     for key in sorted(compared):
         before, now = saved_identity.get(key), (identity or {}).get(key)
@@ -629,7 +630,7 @@ class Trainer:
         self.gains: list[tuple[int, torch.Tensor]] = []
         self.best = _BestSoFar()
         self._loss_sum, self._loss_count = 0.0, 0
-        self.identity = _plain(dict(identity or {}))
+        self.identity = None if identity is None else _plain(dict(identity))
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
         self.start_loss: float | None = None  # the first step's loss (divergence warning)
         self.diverged_step: int | None = None
