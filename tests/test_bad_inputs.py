@@ -1,13 +1,13 @@
 """Bad inputs through the CLI: each is one line on stderr, exit 2, and harms no earlier run.
 
 A tiny good pretrain + finetune run is made once; every case runs in a copy of its output
-folder (``{out}``) and must leave that copy byte-identical. Cases that need a CLI change
-still to be made are marked ``xfail(strict=True)`` with the change they need.
+folder (``{out}``) and must leave that copy byte-identical.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import pickle
 import shutil
@@ -53,6 +53,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     previous_cache = os.environ.get("SELMIX_CACHE_DIR")
     os.environ["SELMIX_CACHE_DIR"] = str(base / "cache")
     tree = _image_tree(base / "images")
+    other_tree = _image_tree(base / "other_images")  # the same pictures in another folder
     data = ["--data", f"imagefolder:{tree}", "--val-per-class", "3", "--device", "cpu"]
     pretrained = base / "pretrained"
     assert main(["pretrain", *data, "--model", "small_cnn", "--out", str(pretrained),
@@ -103,7 +104,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cut = archive_buffer.read_bytes()
     (files / "cut.tar.gz").write_bytes(cut[: len(cut) // 2])
     (files / "a_file").write_text("not a folder\n")
-    yield {"tree": tree, "pretrained": pretrained, "good": good, "files": files}
+    yield {"tree": tree, "other_tree": other_tree, "pretrained": pretrained, "good": good,
+           "files": files}  # fmt: skip
     if previous_cache is None:
         os.environ.pop("SELMIX_CACHE_DIR", None)
     else:
@@ -115,6 +117,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # {tree} {model} {files} {out} are filled in.
 FT = ["finetune", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--device", "cpu",
       "--checkpoint", "{model}", "--out", "{out}", "--steps", "4", "--batch-size", "8"]  # fmt: skip
+# a resume of the good run, which differs from FT in feedback_every
+RESUME = [*FT, "--resume", "{out}/finetune_state.pt", "--set", "feedback_every=2"]
 CASES: dict[str, tuple[list[str], str]] = {
     "lr_head inf": ([*FT, "--set", "lr_head=inf"], "lr_head"),
     "lr_head nan": ([*FT, "--set", "lr_head=nan"], "lr_head"),
@@ -162,41 +166,55 @@ CASES: dict[str, tuple[list[str], str]] = {
     "cifar pickle that runs code": ([*FT, "--data", "cifar10:{files}"], "data_batch_1"),
     "truncated cifar archive": ([*FT, "--data", "cifar10:{files}/cut.tar.gz"], "cut.tar.gz"),
     # resume compatibility: every setting that changes the run
-    "resume other imbalance": ([*FT, "--resume", "{out}/finetune_state.pt", "--imbalance", "5"],
+    "resume other imbalance": ([*RESUME, "--imbalance", "5"],
                                "imbalance"),
     "resume other val_per_class": (
-        [*FT, "--resume", "{out}/finetune_state.pt", "--val-per-class", "2"], "val_per_class"),
+        [*RESUME, "--val-per-class", "2"], "val_per_class"),
     "resume other data source": (
-        [*FT, "--resume", "{out}/finetune_state.pt", "--data", "imagefolder:{tree}/../images"],
+        [*RESUME, "--data", "imagefolder:{other_tree}"],
         "data"),
+    "resume other max_per_class": (
+        [*RESUME, "--imbalance", "2", "--max-per-class", "9"],
+        "max_per_class"),
+    "resume other seed": ([*RESUME, "--seed", "1"], "seed"),
+    "resume other steps": ([*RESUME, "--steps", "6"],
+                           "steps"),
+    "head_classes negative": ([*FT, "--set", "head_classes=[-1]"], "head_classes"),
+    "seed 2**70 pretrain": (["pretrain", "--data", "imagefolder:{tree}", "--model", "small_cnn",
+                             "--out", "{out}", "--seed", str(2**70)], "seed"),
+    "head_classes abc pretrain": (["pretrain", "--data", "imagefolder:{tree}", "--model",
+                                   "small_cnn", "--out", "{out}", "--set", "head_classes=abc"],
+                                  "head_classes"),
+    "progress maybe pretrain": (["pretrain", "--data", "imagefolder:{tree}", "--model",
+                                 "small_cnn", "--out", "{out}", "--set", "progress=maybe"],
+                                "progress"),
+    "seed 2**70 evaluate": (["evaluate", "--data", "imagefolder:{tree}", "--checkpoint",
+                             "{model}", "--out", "{out}", "--seed", str(2**70)], "seed"),
+    "head_classes out of range evaluate": (
+        ["evaluate", "--data", "imagefolder:{tree}", "--checkpoint", "{model}", "--out", "{out}",
+         "--set", "head_classes=[5]"], "head_classes"),
+    "seed 2**70 baseline": (["baseline", "--method", "crt", "--data", "imagefolder:{tree}",
+                             "--checkpoint", "{model}", "--out", "{out}", "--seed", str(2**70)],
+                            "seed"),
+    "head_classes 5 baseline": (["baseline", "--method", "crt", "--data", "imagefolder:{tree}",
+                                 "--checkpoint", "{model}", "--out", "{out}", "--set",
+                                 "head_classes=5"], "head_classes"),
+    "progress maybe baseline": (["baseline", "--method", "crt", "--data", "imagefolder:{tree}",
+                                 "--checkpoint", "{model}", "--out", "{out}", "--set",
+                                 "progress=maybe"], "progress"),
+
     "resume other starting checkpoint": (
-        [*FT, "--resume", "{out}/finetune_state.pt", "--checkpoint", "{other_model}"],
+        [*RESUME, "--checkpoint", "{other_model}"],
         "checkpoint"),
     "resume other objective": (
-        [*FT, "--resume", "{out}/finetune_state.pt", "--objective", "g_mean"], "objective"),
+        [*RESUME, "--objective", "g_mean"], "objective"),
 }  # fmt: skip
-
-NEEDS_CLI = {
-    "head_classes abc": "validate head_classes with _validation.check_head_classes before "
-    "touching --out",
-    "head_classes 5": "validate head_classes with check_head_classes",
-    "head_classes [1.5]": "validate head_classes with check_head_classes",
-    "head_classes out of range": "validate head_classes before touching --out",
-    "frozen_backbone 2": "check_bool on boolean settings",
-    "progress maybe": "check_bool on boolean settings",
-    "augment maybe": "check_bool on boolean settings",
-    "normalize_gain 2": "check_bool on boolean settings",
-    "resume other imbalance": "resume compatibility check incl. imbalance",
-    "resume other val_per_class": "resume compatibility check incl. val_per_class",
-    "resume other data source": "resume compatibility check incl. the data source",
-    "seed 2**70": "check_seed('seed', ...) on the settings before any data is loaded "
-    "(load_data's torch.Generator().manual_seed raises 'Overflow when unpacking long long')",
-}
 
 
 def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
     values = {
         "tree": str(world["tree"]),
+        "other_tree": str(world["other_tree"]),
         "model": str(world["pretrained"] / "model.pt"),
         "other_model": str(world["files"] / "five.pt"),
         "files": str(world["files"]),
@@ -205,17 +223,7 @@ def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
     return [item.format(**values) for item in argv]
 
 
-def _params() -> list:
-    params = []
-    for name in CASES:
-        marks = []
-        if name in NEEDS_CLI:
-            marks = [pytest.mark.xfail(strict=True, reason=f"needs CLI change: {NEEDS_CLI[name]}")]
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     case: str, world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -224,7 +232,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     before = _snapshot(out)
     argv, expected = CASES[case]
     capsys.readouterr()
-    status = main([*_fill(argv, world, out), *QUIET])
+    quiet = [] if any(item.startswith("progress=") for item in argv) else QUIET
+    status = main([*_fill(argv, world, out), *quiet])
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert not (world["files"] / "code-ran").exists(), "a data file ran code"
@@ -237,29 +246,43 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
 
 
 def test_there_are_at_least_30_cases() -> None:
-    assert len(CASES) >= 30 and len(CASES) - len(NEEDS_CLI) >= 30
+    assert len(CASES) >= 30
 
 
-# -- run-level behaviour the CLI / trainer redesign must add -----------------------------------
+# -- run-level behaviour ------------------------------------------------------------------------
 def _finetune_argv(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return _fill([*FT, *extra, *QUIET], world, out)
 
 
-@pytest.mark.xfail(strict=True, reason="needs CLI change: a run checkpoints by default "
-                   "(checkpoint_every not null) and has a --checkpoint-every flag")  # fmt: skip
-def test_checkpoint_every_has_a_default_and_a_flag(world: dict[str, Path], tmp_path: Path) -> None:
+def _log_steps(path: Path) -> list[int]:
+    import json
+
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_checkpoint_every_has_a_default_and_a_flag(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selmix.finetune import CHECKPOINT_EVERY, FinetuneConfig, Trainer
+
+    assert FinetuneConfig().checkpoint_every == CHECKPOINT_EVERY
     out = tmp_path / "run"
     assert main(_finetune_argv(world, out, "--set", "feedback_every=2")) == 0
     assert (out / "finetune_state.pt").is_file(), "a default run left nothing to resume from"
+    saved: list[int] = []
+    original = Trainer.save_checkpoint
+
+    def record(self: Trainer) -> None:
+        saved.append(self.step)
+        original(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", record)
     other = tmp_path / "flag"
-    assert main(_finetune_argv(world, other, "--checkpoint-every", "2")) == 0
+    assert main(_finetune_argv(world, other, "--checkpoint-every", "1")) == 0
+    assert saved == [1, 2, 3, 4], saved  # every step, the last one at the end
 
 
-@pytest.mark.xfail(strict=True, reason="needs CLI change: after --resume, log.jsonl is cut "
-                   "back to the checkpoint's step (no duplicate step records)")  # fmt: skip
 def test_resume_leaves_no_duplicate_log_records(world: dict[str, Path], tmp_path: Path) -> None:
-    import json
-
     from selmix.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
@@ -270,46 +293,138 @@ def test_resume_leaves_no_duplicate_log_records(world: dict[str, Path], tmp_path
     state["step"] = 2
     state["history"] = [record for record in state["history"] if record.get("step", 0) <= 2]
     save_checkpoint(out / "finetune_state.pt", state)
-    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert logged[-1] == 4
+    assert _log_steps(out / "log.jsonl") == [0, 2, 4]
     assert main(_finetune_argv(world, out, "--set", "feedback_every=2", "--set",
                                "checkpoint_every=2", "--resume",
                                str(out / "finetune_state.pt"))) == 0  # fmt: skip
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)), f"duplicate steps after resume: {steps}"
+    assert _log_steps(out / "log.jsonl") == [0, 2, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="needs CLI change: on Ctrl-C, say where the "
-                   "checkpoint to resume from is")  # fmt: skip
-def test_ctrl_c_names_the_checkpoint(
+def test_a_real_interrupted_run_resumes_with_the_log_of_one_run(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the step-3 checkpoint and the step-4 log record: the resumed run's log
+    and result are those of an uninterrupted run."""
+    import json
+
+    from selmix.finetune import Trainer
+
+    whole = tmp_path / "whole"
+    args = ("--set", "feedback_every=2", "--checkpoint-every", "3")
+    assert main(_finetune_argv(world, whole, *args)) == 0
+
+    out = tmp_path / "run"
+    original = Trainer.feedback
+
+    def killed_after_step_4(self: Trainer) -> dict:
+        record = original(self)
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(Trainer, "feedback", killed_after_step_4)
+    assert main(_finetune_argv(world, out, *args)) == 130
+    assert _log_steps(out / "log.jsonl") == [0, 2, 4]
+    assert load_checkpoint(out / "finetune_state.pt")["step"] == 3
+    monkeypatch.setattr(Trainer, "feedback", original)
+    assert main(_finetune_argv(world, out, *args, "--resume", str(out / "finetune_state.pt"))) == 0
+    assert _log_steps(out / "log.jsonl") == [0, 2, 4]
+
+    def untimed(path: Path) -> list[dict]:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "feedback_seconds"} for r in records]
+
+    assert untimed(out / "log.jsonl") == untimed(whole / "log.jsonl")
+    assert (out / "metrics.json").read_text() == (whole / "metrics.json").read_text()
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(
     world: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import selmix.finetune
+    finetune_module = importlib.import_module("selmix.finetune")
+    from selmix.checkpoint import save_checkpoint
 
-    def interrupted(*args: object, **kwargs: object) -> None:
+    def interrupted_after_a_checkpoint(*args: object, config: object, **kwargs: object) -> None:
+        save_checkpoint(config.checkpoint_path, {"format": "selmix-finetune-v1"})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(selmix.finetune, "finetune", interrupted)
+    monkeypatch.setattr(finetune_module, "finetune", interrupted_after_a_checkpoint)
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
     status = main(_finetune_argv(world, out, "--set", "checkpoint_every=2"))
     err = capsys.readouterr().err
     assert status == 130
-    assert "finetune_state.pt" in err and "--resume" in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    state = str(out / "finetune_state.pt")
+    assert f"the checkpoint is '{state}'" in lines[0]
+    assert "to continue: selmix finetune " in lines[0] and lines[0].endswith(f"--resume {state}")
 
 
-@pytest.mark.xfail(strict=True, reason="needs CLI change: a --no-progress flag (and "
-                   "selmix._progress.progress_bar in the trainers)")  # fmt: skip
-def test_no_progress_flag(world: dict[str, Path], tmp_path: Path) -> None:
-    assert main(_fill([*FT, "--no-progress"], world, tmp_path / "run")) == 0
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The previous run's checkpoint in --out is not this run's: it is never named."""
+    finetune_module = importlib.import_module("selmix.finetune")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "finetune", interrupted)
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    assert main(_finetune_argv(world, out, "--set", "checkpoint_every=2")) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume from" in err and "every 2 steps" in err, err
+    assert not (out / "finetune_state.pt").exists()  # the previous run's files are gone
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs finetune._check_labels change: check the "
-                   "missing classes (check_labels(..., every_class=True)) before comparing "
-                   "the data set's inferred num_classes with the head")  # fmt: skip
+@pytest.mark.parametrize("tty", [False, True])
+def test_no_progress_flag(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tty: bool,
+) -> None:
+    import selmix._progress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(selmix._progress, "progress_enabled", lambda enabled, stream=None: (
+        enabled and tty))  # fmt: skip
+    argv = _fill([*FT, "--set", "checkpoint_every=100"], world, tmp_path / "on")
+    assert main(argv) == 0
+    shown = capsys.readouterr().err
+    assert "selmix min_recall" in shown  # progress is on by default
+    if not tty:
+        assert "\r" not in shown and "selmix min_recall: 4/4 (100%)" in shown
+    assert main(_fill([*FT, "--no-progress"], world, tmp_path / "off")) == 0
+    assert "selmix min_recall" not in capsys.readouterr().err
+
+
+def test_progress_bar_iterates_like_tqdm() -> None:
+    from selmix._progress import progress_bar
+
+    stream = _Stream(tty=False)
+    items = list(progress_bar(range(3, 23), "pretrain", stream=stream, leave=False))
+    assert items == list(range(3, 23))
+    assert stream.text.splitlines()[-1] == "pretrain: 20/20 (100%)"
+    resumed = _Stream(tty=False)
+    bar = progress_bar(100, "x", stream=resumed, initial=55)
+    _drive(bar, 45)
+    assert [line.split()[1] for line in resumed.text.splitlines()] == [
+        "60/100", "70/100", "80/100", "90/100", "100/100",
+    ]  # fmt: skip
+    assert progress_bar(range(5), "x", disable=True, stream=resumed).iterable is not None
+
+
 def test_val_lacking_only_the_last_class_names_the_missing_class() -> None:
     import selmix
     from selmix.data import ImageTensorDataset
@@ -485,3 +600,159 @@ def test_progress_every_percent_none_prints_nothing_off_a_terminal() -> None:
     stream = _Stream(tty=False)
     _drive(progress_bar(100, "x", every_percent=None, stream=stream), 100)
     assert stream.text == ""
+
+
+# -- runs that go wrong after the checks ----------------------------------------------------------
+def test_lr_head_1e3_warns_once_that_the_run_is_diverging(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _finetune_argv(world, tmp_path / "run", "--lr-head", "1e3", "--steps", "8",
+                          "--set", "feedback_every=2", "--frozen-backbone")  # fmt: skip
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "diverging" in line]
+    assert len(lines) == 1, lines
+    assert "warning" in lines[0] and "lr_head" in lines[0]
+
+
+def test_a_sensible_run_does_not_warn(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _finetune_argv(world, tmp_path / "run", "--steps", "8", "--set", "feedback_every=2")
+    assert main(argv) == 0
+    assert "diverging" not in capsys.readouterr().err
+
+
+def test_a_batch_size_beyond_memory_is_one_line_naming_batch_size(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 2**50 pairs: 8 PiB of indices, beyond any address space (no overcommit setting lets
+    # it through, so the test never risks the machine's memory)
+    argv = _finetune_argv(world, tmp_path / "run", "--batch-size", str(2**50))
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "`batch_size`" in errors[0], errors
+    assert "Traceback" not in errors[0]
+
+
+def test_a_run_failing_mid_training_leaves_its_own_files_only(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The previous run's model and metrics are gone before the new run trains, so the
+    folder never mixes two runs; a named checkpoint is this run's, with finite weights."""
+    import re
+
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    argv = _finetune_argv(world, out, "--lr-head", "1e30", "--set", "lr_backbone=1e30",
+                          "--checkpoint-every", "1", "--steps", "20")  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr_head"] == 1e30
+    named = re.search(r"checkpoint with finite weights is '([^']+)' \(step (\d+)\)", err)
+    if named:
+        state = load_checkpoint(named.group(1))
+        assert state["step"] == int(named.group(2)) and state["config"]["lr_head"] == 1e30
+        floats = [v for v in state["model"].values() if v.is_floating_point()]
+        assert all(torch.isfinite(v).all() for v in floats)
+
+
+def test_non_finite_weights_are_never_checkpointed_nor_a_foreign_checkpoint_named(
+    tmp_path: Path,
+) -> None:
+    import selmix
+    from selmix.data.formats import FeatureTensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)
+    data = FeatureTensorDataset(torch.randn(32, 5, generator=generator), labels, 3)
+    foreign = tmp_path / "state.pt"
+    foreign.write_bytes(b"an earlier run's checkpoint")
+    model = create_model("linear", 3, in_channels=5)
+
+    def poison(record: dict) -> None:
+        with torch.no_grad():
+            model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError) as raised:
+        selmix.finetune(model, data, data, "min_recall", steps=4, batch_size=8,
+                        checkpoint_path=str(foreign), checkpoint_every=1, callback=poison,
+                        progress=False)  # fmt: skip
+    assert "checkpoint" not in str(raised.value)
+    assert foreign.read_bytes() == b"an earlier run's checkpoint"
+
+
+# -- the ecosystem options ------------------------------------------------------------------------
+def test_tensorboard_option_logs_the_run_and_its_gain_images(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    board = tmp_path / "tb"
+    argv = _finetune_argv(world, tmp_path / "run", "--tensorboard", str(board),
+                          "--set", "feedback_every=2")  # fmt: skip
+    assert main(argv) == 0
+    events = accumulator.EventAccumulator(str(board), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("objective")] == [0, 2, 4]
+    assert [e.step for e in events.Images("gain")] == [0, 2, 4]
+    logged = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"gain"' not in logged  # the log keeps its records as they were
+
+
+def test_tensorboard_without_the_package_is_one_line_before_touching_out(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name)
+    )
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    before = _snapshot(out)
+    assert main(_finetune_argv(world, out, "--tensorboard", str(tmp_path / "tb"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "selmix[tensorboard]" in err[0]
+    assert _snapshot(out) == before
+
+
+def test_pretrain_accepts_timm_names(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = _fill(["pretrain", "--data", "imagefolder:{tree}", "--model", "timm:resnet10t",
+                  "--out", "{out}", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
+                  *QUIET], world, tmp_path / "run")  # fmt: skip
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert "unknown `model`" not in err
+    if importlib.util.find_spec("timm") is None:
+        assert status == 2 and "timm" in err and len(err.strip().splitlines()) == 1
+    else:
+        assert status == 0, err
+
+
+def test_a_checkpoint_of_non_finite_weights_is_not_written(tmp_path: Path) -> None:
+    from selmix.data.formats import FeatureTensorDataset
+    from selmix.finetune import FinetuneConfig, Trainer
+
+    labels = torch.tensor([0] * 20 + [1] * 8 + [2] * 4)
+    data = FeatureTensorDataset(torch.randn(32, 5), labels, 3)
+    path = tmp_path / "state.pt"
+    config = FinetuneConfig(steps=4, batch_size=8, checkpoint_path=str(path), progress=False)
+    trainer = Trainer(create_model("linear", 3, in_channels=5), data, data, None, config)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    assert trainer.good_checkpoint == (str(path), 1)
+    written = path.read_bytes()
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    trainer.step = 2
+    trainer.save_checkpoint()
+    assert path.read_bytes() == written and trainer.good_checkpoint == (str(path), 1)

@@ -468,7 +468,7 @@ def adjust(model, data, taus):
         (lambda m, d: logit_adjusted_finetune(m, d["train"], tau=-1.0), ValueError,
          "`tau` must be >= 0, got -1.0"),
         (lambda m, d: logit_adjusted_finetune(m, d["train"], frozen_backbone="yes"), TypeError,
-         "`frozen_backbone` must be a bool, got str"),
+         "`frozen_backbone` must be true or false, got str"),
         (lambda m, d: logit_adjusted_finetune(m, d["train"], seed="0"), TypeError,
          "`seed` must be an int or a torch.Generator, got str"),
         (lambda m, d: logit_adjusted_finetune(m, d["train"], device="tpu"), ValueError,

@@ -26,8 +26,8 @@ TAUS = [0.5, 1.5, 3.0]  # no 0: whichever tau wins, the bias moves
 TINY = {
     "posthoc_la": ["--objective", "g_mean", "--set", f"taus={TAUS}"],
     # --steps is la_finetune's: crt ignores it, with a warning
-    "crt": ["--epochs", "1", "--lr", "0.05", "--batch-size", "16", "--steps", "5"],
-    "la_finetune": ["--steps", "2", "--batch-size", "8", "--la-tau", "0.5"],
+    "crt": ["--epochs", "1", "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--no-progress"],
+    "la_finetune": ["--steps", "2", "--batch-size", "8", "--la-tau", "0.5", "--no-progress"],
 }
 FINETUNE_META = {"classes", "mean", "std", "command", "settings"}
 

@@ -38,8 +38,7 @@ def read_events(log_dir):
 def test_tensorboard_logger_writes_every_feedback_record_and_the_gain_images(tmp_path):
     pytest.importorskip("tensorboard")
     with TensorBoardLogger(tmp_path / "tb") as logger:
-        result = tiny_run(logger)
-        logger.log_gains(result.gains)
+        result = tiny_run(logger)  # the trainer passes each feedback step's gain along
     events = read_events(tmp_path / "tb")
     tags = set(events.Tags()["scalars"])
     expected = {
@@ -86,3 +85,12 @@ def test_logger_without_tensorboard_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"selmix\[tensorboard\]"):
         TensorBoardLogger(tmp_path)
+
+
+def test_log_gains_draws_a_finished_runs_gain_matrices(tmp_path):
+    pytest.importorskip("tensorboard")
+    result = tiny_run(None)
+    with TensorBoardLogger(tmp_path / "tb") as logger:
+        logger.log_gains(result.gains)
+    images = read_events(tmp_path / "tb").Images("gain")
+    assert [e.step for e in images] == [step for step, _ in result.gains] == [0, 5, 10, 15, 20]

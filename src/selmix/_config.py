@@ -29,16 +29,26 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from selmix._validation import check_choice, check_in_range, check_int, check_positive
+from selmix._validation import (
+    check_bool,
+    check_choice,
+    check_head_classes,
+    check_in_range,
+    check_int,
+    check_positive,
+    check_seed,
+)
 
 __all__ = [
     "Choice",
+    "ClassIndices",
     "ConfigMixin",
     "Flag",
     "Int",
     "Dict",
     "Optional",
     "Real",
+    "Seed",
     "Setting",
     "setting",
     "settings_of",
@@ -60,8 +70,16 @@ class Int:
         return check_int(name, value, minimum=self.minimum)
 
 
+class Seed:
+    """A random seed: an int that ``torch.manual_seed`` accepts (``[-2**63, 2**64)``)."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return check_seed(name, value)
+
+
 class Real:
-    """A number: ``> 0`` (``strict``) or ``>= 0``, or in ``[low, high]`` when ``high`` is set."""
+    """A finite number: ``> 0`` (``strict``) or ``>= 0``, or in ``[low, high]`` when ``high``
+    is set (``inf`` and ``nan`` are always rejected)."""
 
     def __init__(self, strict: bool = True, low: float = 0.0, high: float | None = None) -> None:
         self.strict, self.low, self.high = strict, low, high
@@ -88,11 +106,17 @@ class Choice:
 
 
 class Flag:
-    """True or False."""
+    """True or False (not 0, 1, 2 or "maybe")."""
 
     def __call__(self, name: str, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+        return check_bool(name, value)
+
+
+class ClassIndices:
+    """A list of distinct class indices >= 0 (checked against K once the data is known)."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        check_head_classes(value, None, name)
         return value
 
 
@@ -262,17 +286,64 @@ def scalar_type(annotation: Any) -> type | None:
 
 
 # -- the mixin ------------------------------------------------------------------------------
+def _implicit_checks(cls: type) -> list[tuple[str, Callable[[str, Any], Any]]]:
+    """The checks every configuration gets from its fields' types and names alone: a
+    ``bool`` field must hold True or False (:class:`Flag`), a field named ``seed`` a seed
+    torch accepts (:class:`Seed`); fields with a declared ``check`` are left to it."""
+    cached = cls.__dict__.get("_selmix_implicit_checks")
+    if cached is not None:
+        return cached
+    hints = typing.get_type_hints(cls)
+    checks: list[tuple[str, Callable[[str, Any], Any]]] = []
+    for item in dataclasses.fields(cls):
+        if item.metadata.get(_KEY, {}).get("check") is not None:
+            continue
+        annotation = hints.get(item.name)
+        if item.name == "seed" and scalar_type(annotation) is int:
+            checks.append((item.name, Optional(Seed())))
+        elif annotation is bool:
+            checks.append((item.name, Flag()))
+    cls._selmix_implicit_checks = checks  # type: ignore[attr-defined]
+    return checks
+
+
+def _run_checks(config: Any) -> None:
+    """The declared checks of every field, then the implicit ones (:func:`_implicit_checks`)."""
+    for item in dataclasses.fields(config):
+        check = item.metadata.get(_KEY, {}).get("check")
+        if check is not None:
+            check(item.name, getattr(config, item.name))
+    for name, check in _implicit_checks(type(config)):
+        check(name, getattr(config, name))
+
+
 class ConfigMixin:
-    """Mixed into a configuration dataclass: validation, dict round trip, resume checks."""
+    """Mixed into a configuration dataclass: validation, dict round trip, resume checks.
+
+    Every field's constraint runs on construction, before the class's own
+    ``__post_init__`` if it defines one (so a subclass that validates by hand still gets
+    the constraints, and booleans and seeds are checked in every configuration).
+    """
 
     # how the error for an unknown key names the settings, e.g. "fine-tuning"
     settings_name = "configuration"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_selmix_checked", False):
+            return
+
+        def __post_init__(self: Any) -> None:
+            _run_checks(self)
+            own(self)
+
+        __post_init__._selmix_checked = True  # type: ignore[attr-defined]
+        __post_init__.__doc__ = own.__doc__
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
     def __post_init__(self) -> None:
-        for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            check = item.metadata.get(_KEY, {}).get("check")
-            if check is not None:
-                check(item.name, getattr(self, item.name))
+        _run_checks(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for YAML and checkpoints)."""
@@ -313,14 +384,21 @@ class ConfigMixin:
         """The fields a resumed run must agree on (declared with ``run=True``)."""
         return [s.name for s in settings_of(cls) if s.run]
 
-    def check_resumable(self, saved: dict[str, Any]) -> None:
-        """Raises ValueError naming every run field on which ``saved`` (a config dict of an
+    def resume_changes(self, saved: dict[str, Any]) -> list[str]:
+        """``"key: old -> new"`` for every run field on which ``saved`` (a config dict of an
         earlier run) differs from this config."""
         current = self.to_dict()
         changed = [k for k in self.run_fields() if not _same(saved.get(k), current.get(k))]
+        return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed]
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Raises ValueError naming every run field on which ``saved`` (a config dict of an
+        earlier run) differs from this config."""
+        changed = self.resume_changes(saved)
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(f"`resume` checkpoint was made with other settings ({details})")
+            raise ValueError(
+                f"`resume` checkpoint was made with other settings ({', '.join(changed)})"
+            )
 
 
 def _same(a: Any, b: Any) -> bool:

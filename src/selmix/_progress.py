@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 __all__ = ["progress_bar", "progress_enabled"]
@@ -33,19 +34,33 @@ class _PlainProgress:
     """tqdm's interface (update, set_postfix, close, context manager) as occasional lines."""
 
     def __init__(
-        self, total: int | None, desc: str, every_percent: float | None, stream: TextIO
+        self,
+        total: int | None,
+        desc: str,
+        every_percent: float | None,
+        stream: TextIO,
+        iterable: Iterable[Any] | None = None,
+        initial: int = 0,
     ) -> None:
         self.total, self.desc, self.stream = total, desc, stream
-        self.n = 0
+        self.iterable = iterable
+        self.n = initial
         self.postfix = ""
         self._step = None
+        self._next: int | None = None
         if every_percent is not None and total:
             self._step = max(1, int(total * every_percent / 100))
-        self._next = self._step
+            # the next multiple of the step after `initial` (a resumed run goes on counting)
+            self._next = (initial // self._step + 1) * self._step
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
 
     def update(self, count: int = 1) -> None:
         self.n += count
-        if self._next is not None and self.n >= self._next:
+        if self._next is not None and self._step is not None and self.n >= self._next:
             while self._next <= self.n:
                 self._next += self._step
             percent = 100 * self.n / self.total
@@ -77,24 +92,32 @@ class _PlainProgress:
 
 
 def progress_bar(
-    total: int | None,
+    total: int | Iterable[Any] | None,
     desc: str = "",
     enabled: bool = True,
     *,
     every_percent: float | None = 10.0,
     stream: TextIO | None = None,
+    initial: int = 0,
+    disable: bool = False,
     **tqdm_kwargs: Any,
 ) -> Any:
     """A tqdm bar on a terminal, else occasional plain lines, else nothing.
 
+    A drop-in for the ``tqdm(...)`` calls of the trainers: ``progress_bar(range(epochs),
+    "pretrain", disable=not progress, leave=False)`` iterates like tqdm does.
+
     Args:
-        total: the number of steps.
+        total: the number of steps, or an iterable to wrap (its ``len`` is the total
+            unless ``total=`` is also given among ``tqdm_kwargs``).
         desc: the bar's label, e.g. ``"selmix min_recall"``.
         enabled: False (``--no-progress``, ``progress: false``) shows nothing at all.
         every_percent: when stderr is not a terminal, print one line each time this
             percentage of ``total`` is passed (10: at most about 10 lines); None: print
             nothing.
         stream: where to write (default ``sys.stderr``, read at call time).
+        initial: the count to start from (a resumed run).
+        disable: tqdm's spelling of ``enabled=False``.
         **tqdm_kwargs: passed to ``tqdm`` (e.g. ``leave=False``, ``unit="step"``).
 
     Returns:
@@ -102,9 +125,16 @@ def progress_bar(
         ``close()``, usable as a context manager.
     """
     stream = sys.stderr if stream is None else stream
+    enabled = enabled and not disable
+    iterable = None
+    if total is not None and not isinstance(total, int):
+        iterable = total
+        total = tqdm_kwargs.pop("total", None)
+        if total is None:
+            total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
     if progress_enabled(enabled, stream):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, file=stream, **tqdm_kwargs)
+        return tqdm(iterable, total=total, desc=desc, file=stream, initial=initial, **tqdm_kwargs)
     quiet = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in _TRUE
-    return _PlainProgress(total, desc, None if quiet else every_percent, stream)
+    return _PlainProgress(total, desc, None if quiet else every_percent, stream, iterable, initial)

@@ -86,13 +86,16 @@ def check_seed(name: str, value: Any) -> int:
     return value
 
 
-def check_head_classes(value: Any, num_classes: int, name: str = "head_classes") -> list[int]:
+def check_head_classes(
+    value: Any, num_classes: int | None, name: str = "head_classes"
+) -> list[int]:
     """Checks a list of head-class indices against K classes; returns it sorted.
 
     Args:
         value: e.g. ``[0, 1, 2]``: distinct class indices in ``[0, K)``, leaving at least one
             head and one tail class.
-        num_classes: K.
+        num_classes: K; None checks the type and the repeats only (before K is known,
+            e.g. when a configuration is built).
         name: the argument's name for error messages.
 
     Returns:
@@ -107,6 +110,14 @@ def check_head_classes(value: Any, num_classes: int, name: str = "head_classes")
     bad = [item for item in value if isinstance(item, bool) or not isinstance(item, int)]
     if bad:
         raise TypeError(f"`{name}` must hold integer class indices ({example}), got {bad[0]!r}")
+    if num_classes is None:
+        negative = [item for item in value if item < 0]
+        if negative:
+            raise ValueError(f"`{name}` must hold class indices >= 0, got {negative[0]}")
+        repeated = sorted({item for item in value if list(value).count(item) > 1})
+        if repeated:
+            raise ValueError(f"`{name}` lists class(es) {repeated} more than once")
+        return sorted(value)
     outside = [item for item in value if not 0 <= item < num_classes]
     if outside:
         raise ValueError(

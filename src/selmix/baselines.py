@@ -36,9 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import ConfigMixin, Dict, Flag, Int, Optional, Real, setting, settings_of
+from selmix._config import (
+    ClassIndices,
+    ConfigMixin,
+    Dict,
+    Flag,
+    Int,
+    Optional,
+    Real,
+    Seed,
+    setting,
+    settings_of,
+)
+from selmix._progress import progress_bar
 from selmix._validation import (
     as_generator,
+    check_bool,
     check_choice,
     check_in_range,
     check_int,
@@ -308,6 +321,7 @@ def classifier_retraining(
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Classifier re-training (cRT, Kang et al. 2020) on a frozen backbone.
 
@@ -331,6 +345,7 @@ def classifier_retraining(
         features, head: an explicit split of ``model``.
         callback: called after each epoch with ``{"epoch", "loss", "val"}`` (``val`` is
             :func:`selmix.all_metrics` of the validation set, or None).
+        progress: show a progress bar (:func:`selmix._progress.progress_bar`).
 
     Returns:
         A new model: the copied backbone with the re-trained head, in eval mode.
@@ -357,7 +372,8 @@ def classifier_retraining(
         split, epochs * steps_per_epoch, lr, None, momentum, weight_decay
     )
     sampler = ClassBalancedSampler(labels, num_classes, generator)
-    for epoch in range(epochs):
+    bar = progress_bar(range(epochs), "crt", check_bool("progress", progress), leave=False)
+    for epoch in bar:
         loss_sum = 0.0
         for step in range(steps_per_epoch):
             index = sampler.sample(batch_size).to(device)
@@ -369,8 +385,10 @@ def classifier_retraining(
             scheduler.step()
         val_metrics = None if val is None else view.evaluate(val).metrics()
         record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "val": val_metrics}
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
         if callback is not None:
             callback(record)
+    bar.close()
     retrained.eval()
     return retrained
 
@@ -394,6 +412,7 @@ def logit_adjusted_finetune(
     eval_batch_size: int = _DEFAULTS.eval_batch_size,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Fine-tunes a copy of ``model`` with the logit-adjusted cross-entropy.
 
@@ -421,6 +440,7 @@ def logit_adjusted_finetune(
         device: where to compute; the returned model is left there.
         eval_batch_size: batch size of the feature extraction (frozen backbone).
         features, head: an explicit split of ``model``.
+        progress: show a progress bar (:func:`selmix._progress.progress_bar`).
 
     Returns:
         The fine-tuned copy, in eval mode.
@@ -435,8 +455,7 @@ def logit_adjusted_finetune(
     check_positive("weight_decay", weight_decay, strict=False)
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     for name, flag in (("frozen_backbone", frozen_backbone), ("augment", augment)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
+        check_bool(name, flag)
     generator = as_generator(seed)
     device = resolve_device(device)
     tuned, split, train, labels = _copy_for_training(model, train, features, head, device)
@@ -451,6 +470,7 @@ def logit_adjusted_finetune(
         cached = FrozenFeatures(split, device, batch_size=eval_batch_size).features(train)
     device_labels = labels.to(device)
     rates = "`lr_head`" if frozen_backbone else "`lr_head` / `lr_backbone`"
+    bar = progress_bar(steps, "la_finetune", check_bool("progress", progress), leave=False)
     for step in range(steps):
         index = torch.randint(labels.numel(), (batch_size,), generator=generator)
         on_device = index.to(device)
@@ -465,6 +485,8 @@ def logit_adjusted_finetune(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        bar.update(1)
+    bar.close()
     tuned.eval()
     return tuned
 
@@ -668,15 +690,19 @@ class BaselineConfig(ConfigMixin):
     )  # fmt: skip
     head_classes: list[int] | None = setting(
         None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
-        "frequent training classes",
+        "frequent training classes", check=Optional(ClassIndices()),
     )  # fmt: skip
     seed: int = setting(
-        0, help="random seed (model initialisation, data split, sampling)", check=Int(),
+        0, help="random seed (model initialisation, data split, sampling)", check=Seed(),
         flag=True,
     )  # fmt: skip
     device: str = setting(
         "cpu", help="where to run", cli_default="auto", choices=("cpu", "cuda", "auto"),
         flag=True,
+    )  # fmt: skip
+    progress: bool = setting(
+        True, help="show progress bars (crt and la_finetune; plain lines when not a terminal)",
+        check=Flag(), flag=True, extra=_TRAINED,
     )  # fmt: skip
 
     @classmethod

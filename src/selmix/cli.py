@@ -7,17 +7,29 @@ that can come from four places, later ones winning::
     built-in defaults  <  --config FILE.yaml  <  explicit flags  <  --set key=value
 
 User errors (a missing folder, an unknown model, objective or policy, a checkpoint for
-another class count, a bad setting, a corrupt file) end with one line on stderr and exit
-status 2, never a traceback. Set ``SELMIX_DEBUG=1`` to see the traceback instead.
+another class count, a bad setting, a corrupt file, a batch too large for the memory) end
+with one line on stderr and exit status 2, never a traceback. Set ``SELMIX_DEBUG=1`` to see
+the traceback instead.
+
+The output folder (``--out``) holds one run. Everything is checked first (the settings,
+the data, the starting model and, with ``--resume``, that the checkpoint continues this
+very run); a command that fails there leaves ``--out`` as it was, byte for byte. Only then
+does a fresh run of ``pretrain``, ``finetune`` or ``baseline`` remove the previous run's
+files from ``--out`` (``model.pt``, ``metrics.json``, ``config.yaml``, ``log.jsonl``,
+``finetune_state.pt``, ``details.json``) and write its ``config.yaml``, so a run that fails
+later leaves its own files only (a resumable ``finetune_state.pt`` and ``log.jsonl``),
+never a mix of two runs. ``model.pt`` and ``metrics.json`` are written at the end; every
+file is written atomically (:mod:`selmix._io`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import hashlib
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -34,7 +46,7 @@ PROG = "selmix"
 EXIT_USAGE = 2
 
 #: Keys whose values name files or folders (never coerced to numbers).
-_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config"}
+_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard"}
 
 
 class UsageError(ValueError):
@@ -95,8 +107,10 @@ def _config_from(config_class: type, settings: dict[str, Any], options: list[Opt
 def _data_options(required: bool = True) -> list[Option]:
     options = [
         Option(
-            "data", None, "data source: fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR or demo "
-            "(imagefolder: DIR/train/<class>/..., optional DIR/val/, and DIR/test/)",
+            "data", None, "data source: fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, "
+            "stl10:DIR, imagenet-lt:DIR, imagefolder:DIR, features:FILE or demo "
+            "(imagefolder: DIR/train/<class>/..., optional DIR/val/, and DIR/test/; "
+            "features: pre-computed embeddings with their labels)",
             metavar="SPEC", required=required,
         ),
     ] if required else []  # fmt: skip
@@ -137,8 +151,8 @@ def _pretrain_options() -> list[Option]:
     # mixup_alpha and the CLI default device are given here
     flag = {"flag": True}
     return _data_options() + [
-        Option("model", None, "registry model name (see the list below)", metavar="NAME",
-               required=True),
+        Option("model", None, "registry model name (see the list below) or timm:NAME for any "
+               "timm architecture (extra selmix[timm])", metavar="NAME", required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
@@ -151,6 +165,8 @@ def _pretrain_options() -> list[Option]:
                      "help": "input mixup Beta(alpha, alpha); 0 turns it off"},
         device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto"),
                 "help": "where to run"},
+        progress={"flag": True, "help": "show progress (a bar on a terminal, a plain line "
+                  "every tenth of the run otherwise; TQDM_DISABLE=1 also turns it off)"},
         checkpoint_path={"cli": False},
     )  # fmt: skip
 
@@ -164,7 +180,7 @@ def _finetune_options() -> list[Option]:
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
-               "the same settings", metavar="FILE"),
+               "the same settings, data and starting checkpoint", metavar="FILE"),
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
@@ -205,6 +221,7 @@ def _demo_options() -> list[Option]:
         [
             Option("out", "selmix-demo", "output folder (report, metrics.json)", metavar="DIR"),
             Option("fast", False, "a smaller, quicker run (used by the tests)"),
+            Option("progress", True, "show progress (plain lines when not a terminal)"),
             Option(
                 "threads",
                 1,
@@ -426,13 +443,30 @@ def _in_channels(dataset: Any) -> int:
     return int(dataset[0][0].shape[0])
 
 
+def _flag(settings: dict[str, Any], key: str) -> bool:
+    from selmix._validation import check_bool
+
+    return check_bool(key, settings[key])
+
+
+def _check_early(settings: dict[str, Any]) -> None:
+    """The checks of command-level settings that need no data (seed, head classes)."""
+    from selmix._validation import check_head_classes, check_seed
+
+    check_seed("seed", settings["seed"])
+    if settings.get("head_classes") is not None:
+        check_head_classes(settings["head_classes"], None)
+
+
 def _head_classes(settings: dict[str, Any], splits: Any) -> list[int] | None:
-    """The configured head classes, or the 90% most frequent training classes."""
+    """The configured head classes (checked against the data's K), or the 90% most
+    frequent training classes."""
+    from selmix._validation import check_head_classes
     from selmix.metrics import infer_head_classes
 
-    if settings.get("head_classes") is not None:
-        return settings["head_classes"]
     num_classes = _num_classes(splits)
+    if settings.get("head_classes") is not None:
+        return check_head_classes(settings["head_classes"], num_classes)
     if num_classes < 2:
         return None
     return infer_head_classes(splits.train.labels, num_classes)
@@ -477,19 +511,76 @@ def _load_start_model(settings: dict[str, Any], splits: Any) -> tuple[Any, dict[
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    from selmix._io import write_json
+
+    write_json(path, data)
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    from selmix._io import write_yaml
+
+    write_yaml(path, data)
 
 
-def _out_dir(settings: dict[str, Any]) -> Path:
+#: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
+RUN_FILES = (
+    "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
+)  # fmt: skip
+
+
+def _check_out(settings: dict[str, Any]) -> Path:
+    """The output folder, checked but not touched."""
     out = Path(settings["out"])
     if out.exists() and not out.is_dir():
         raise UsageError(f"`out` {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _out_dir(settings: dict[str, Any]) -> Path:
+    out = _check_out(settings)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create `out` {str(out)!r}: {error.strerror}") from None
+    return out
+
+
+def _start_run(settings: dict[str, Any], keep: Sequence[str] = ()) -> Path:
+    """Makes ``--out`` hold this run only: removes the previous run's files (see the module
+    docstring) except ``keep`` (the starting model when it lives there), then writes this
+    run's ``config.yaml``. Called once everything has been checked; rank 0 only."""
+    out = _out_dir(settings)
+    if os.environ.get("RANK", "0") == "0":
+        kept = {Path(path).resolve() for path in keep}
+        for name in RUN_FILES:
+            if (out / name).resolve() not in kept:
+                (out / name).unlink(missing_ok=True)
+        _write_yaml(out / "config.yaml", settings)
+    return out
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _run_identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuning run is made from beyond its settings: the data source (its kind
+    and resolved path), how the splits are cut and the starting model file (path and
+    content digest). A resumed run must agree on all of them."""
+    kind, sep, location = str(settings["data"]).partition(":")
+    data = f"{kind}:{Path(location).expanduser().resolve()}" if sep and location else kind
+    checkpoint = Path(settings["checkpoint"]).expanduser().resolve()
+    return {
+        "data": data,
+        "imbalance": settings["imbalance"],
+        "max_per_class": settings["max_per_class"],
+        "val_per_class": settings["val_per_class"],
+        "checkpoint": f"{checkpoint} (sha256 {_file_digest(checkpoint)})",
+    }
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -499,17 +590,22 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     from selmix.checkpoint import save_model
     from selmix.evaluate import evaluate
     from selmix.models import create_model, list_models
+    from selmix.models.external import TIMM_PREFIX
     from selmix.pretrain import PretrainConfig, pretrain
     from selmix.report import format_metrics_table
 
-    if settings["model"] not in list_models():
+    name = settings["model"]
+    if not isinstance(name, str) or (
+        name not in list_models() and not (name.startswith(TIMM_PREFIX) and len(name) > 5)
+    ):
         known = ", ".join(list_models())
-        raise UsageError(f"unknown `model` {settings['model']!r}; expected one of {known}")
+        raise UsageError(f"unknown `model` {name!r}; expected one of {known} or timm:NAME")
     config = _config_from(PretrainConfig, settings, _pretrain_options())
     if not isinstance(settings["model_kwargs"], dict):
         raise UsageError("`model_kwargs` must be a mapping, e.g. --set model_kwargs='{width: 2}'")
+    _check_early(settings)
+    _check_out(settings)
     splits = _load_data(settings)
-    out = _out_dir(settings)
     settings["head_classes"] = _head_classes(settings, splits)
 
     torch.manual_seed(settings["seed"])  # the model's initial weights
@@ -517,6 +613,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
         settings["model"], _num_classes(splits), in_channels=_in_channels(splits.train),
         **settings["model_kwargs"],
     )  # fmt: skip
+    out = _start_run(settings)
     result = pretrain(model, splits.train, splits.val, config)
     metrics = {
         "test": evaluate(result.model, splits.test, config.device, config.eval_batch_size)
@@ -526,36 +623,64 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     }  # fmt: skip
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
     _write_json(out / "metrics.json", metrics)
-    _write_yaml(out / "config.yaml", settings)
     print(format_metrics_table({"val": metrics["val"], "test": metrics["test"]}, change=False))
     print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'config.yaml'}")
     return 0
 
 
+def _check_tensorboard(directory: str | None) -> None:
+    import importlib.util
+
+    if directory and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError(
+            "`tensorboard` needs the optional package 'tensorboard': pip install "
+            "'selmix[tensorboard]' (or pip install tensorboard)"
+        )
+
+
 def _cmd_finetune(settings: dict[str, Any]) -> int:
-    from selmix.checkpoint import save_model
+    from selmix.checkpoint import load_checkpoint, save_model
     from selmix.collective import SingleProcess, evaluate_across
     from selmix.distributed import init_from_env
-    from selmix.finetune import FinetuneConfig, finetune, resolve_objective
+    from selmix.finetune import (
+        FinetuneConfig,
+        check_resume,
+        data_fingerprint,
+        finetune,
+        resolve_objective,
+    )
     from selmix.objectives import get_objective
     from selmix.report import format_metrics_table
 
-    # fail fast, before any data is read: every setting, the objective
+    # fail fast, before any data is read: every setting, the objective, the files
     config = _config_from(FinetuneConfig, settings, _finetune_options())
     get_objective(config.objective, **config.objective_params)
+    _check_tensorboard(config.tensorboard_dir)
     if settings["resume"] is not None and not Path(settings["resume"]).is_file():
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
+    _check_out(settings)
 
     splits = _load_data(settings)
     model, _ = _load_start_model(settings, splits)
-    out = _out_dir(settings)
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
-    log_path = out / "log.jsonl"
-    if settings["resume"] is None:
-        log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    config = config.replace(log_path=str(log_path), checkpoint_path=str(out / "finetune_state.pt"))
+    identity = _run_identity(settings)
+    unlabelled = getattr(splits, "unlabelled", None)
+    resume_state = None
+    if settings["resume"] is not None:
+        # checked here, before --out is touched, as the library will check it again
+        resume_state = load_checkpoint(settings["resume"])
+        check_resume(
+            resume_state, config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            data=data_fingerprint(splits.train, splits.val, unlabelled), identity=identity,
+            path=settings["resume"],
+        )  # fmt: skip
+        out = _out_dir(settings)
+    else:
+        out = _start_run(settings, keep=[settings["checkpoint"]])
+    state_path = out / "finetune_state.pt"
+    config = config.replace(log_path=str(out / "log.jsonl"), checkpoint_path=str(state_path))
 
     # under torchrun every process runs this; rank 0 alone writes files and prints
     context = init_from_env(settings["device"])
@@ -571,11 +696,13 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             return evaluation.metrics(config.head_classes)
 
         before = test_metrics(model)
-        result = finetune(
-            model, splits.train, splits.val, config=config,
-            unlabelled=getattr(splits, "unlabelled", None), resume=settings["resume"],
-            distributed=context,
-        )  # fmt: skip
+        try:
+            result = finetune(
+                model, splits.train, splits.val, config=config, unlabelled=unlabelled,
+                resume=settings["resume"], distributed=context, identity=identity,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            raise _Interrupted(_resume_hint(settings, state_path)) from None
         after = test_metrics(result.model)
         metrics = {
             "before": before,
@@ -611,6 +738,42 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     return 0
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what to do next (the message :func:`main` prints)."""
+
+
+def _resume_hint(settings: dict[str, Any], state_path: Path) -> str:
+    """Where the checkpoint is and the command that continues the run; or, before the
+    first checkpoint, that there is nothing to resume from."""
+    if not state_path.is_file():
+        every = settings.get("checkpoint_every")
+        when = f"every {every} steps" if every else "at the end"
+        return (
+            f"interrupted before the first checkpoint (written {when} to {str(state_path)!r}): "
+            "nothing to resume from"
+        )
+    argv = list(_ARGV)
+    # drop an earlier --resume (both spellings) and name this checkpoint
+    kept: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--resume":
+            skip = True
+            continue
+        if item.startswith("--resume="):
+            continue
+        kept.append(item)
+    command = shlex.join([PROG, *kept, "--resume", str(state_path)])
+    return f"interrupted; the checkpoint is {str(state_path)!r}; to continue: {command}"
+
+
+# the arguments of the command being run (for the resume hint)
+_ARGV: list[str] = []
+
+
 def _warn_ignored_settings(settings: dict[str, Any], options: list[Option]) -> None:
     """One warning naming the other methods' settings that differ from their defaults."""
     from selmix.baselines import BaselineConfig
@@ -620,7 +783,10 @@ def _warn_ignored_settings(settings: dict[str, Any], options: list[Option]) -> N
     ignored = sorted(
         option.key
         for option in options
-        if option.field and option.field not in used and settings[option.key] != option.default
+        if option.field
+        and option.field not in used
+        and option.field != "progress"  # a display setting, not a method's
+        and settings[option.key] != option.default
     )
     if ignored:
         warnings.warn(f"method {method} ignores the setting(s) {', '.join(ignored)}", stacklevel=2)
@@ -641,13 +807,14 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     if method == "posthoc_la":
         get_objective(config.objective, **config.objective_params)
     _warn_ignored_settings(settings, options)
+    _check_out(settings)
 
     splits = _load_data(settings)
     model, _ = _load_start_model(settings, splits)
-    out = _out_dir(settings)
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
+    out = _start_run(settings, keep=[settings["checkpoint"]])
 
     def test_metrics(trained: Any) -> dict[str, Any]:
         evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)
@@ -658,13 +825,10 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     after = test_metrics(result.model)
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "baseline"))
     _write_json(out / "metrics.json", {"before": before, "after": after})
-    _write_yaml(out / "config.yaml", settings)
     written = [out / "model.pt", out / "metrics.json", out / "config.yaml"]
     if result.details:  # posthoc_la: the tau search; crt: the per-epoch history
         _write_json(out / "details.json", result.details)
         written.append(out / "details.json")
-    else:
-        (out / "details.json").unlink(missing_ok=True)  # no stale file from another method
 
     if method == "posthoc_la":
         print(
@@ -686,6 +850,9 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     from selmix.evaluate import evaluate
     from selmix.report import format_metrics_table, format_per_class_table
 
+    _check_early(settings)
+    if settings["out"] is not None:
+        _check_out(settings)
     splits = _load_data(settings)
     model, _ = _load_start_model(settings, splits)
     head_classes = _head_classes(settings, splits)
@@ -704,7 +871,11 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
 
 
 def _cmd_demo(settings: dict[str, Any]) -> int:
+    from selmix._validation import check_seed
     from selmix.demo import run_demo
+
+    check_seed("seed", settings["seed"])
+    _flag(settings, "fast")
 
     data_options = {
         key: settings[key]
@@ -714,7 +885,7 @@ def _cmd_demo(settings: dict[str, Any]) -> int:
     run_demo(
         out_dir=settings["out"], device=settings["device"], seed=settings["seed"],
         fast=settings["fast"], data_options=data_options or None,
-        threads=settings["threads"] or None,
+        threads=settings["threads"] or None, progress=_flag(settings, "progress"),
     )  # fmt: skip
     return 0
 
@@ -726,6 +897,11 @@ _RUNNERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "evaluate": _cmd_evaluate,
     "demo": _cmd_demo,
 }
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "out of memory" in text or "DefaultCPUAllocator" in text
 
 
 def _one_line(error: BaseException | str) -> str:
@@ -747,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     try:
         args = _build_parser(show_defaults=True).parse_args(argv)
     except SystemExit as exit_request:  # --help, --version or an argparse error
@@ -763,10 +940,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = show_warning  # one line, no source excerpt
             settings = resolve_settings(command, argv)
             status = _RUNNERS[command](settings)
-    except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        text = str(interrupt) if isinstance(interrupt, _Interrupted) else "interrupted"
+        print(f"{PROG} {command}: {text}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, KeyError, OSError) as error:
+    except (ValueError, TypeError, KeyError, OSError, ImportError, MemoryError) as error:
         if os.environ.get("SELMIX_DEBUG"):
             raise
         print(f"{PROG} {command}: error: {_one_line(error)}", file=sys.stderr)
@@ -774,6 +952,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FloatingPointError, RuntimeError) as error:
         if os.environ.get("SELMIX_DEBUG"):
             raise
+        if _is_out_of_memory(error):
+            # a batch too large for the memory, outside the fine-tuning loop's own check
+            print(
+                f"{PROG} {command}: error: out of memory ({_one_line(error)[:200]}); lower "
+                "`batch_size` (or `eval_batch_size`)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         print(f"{PROG} {command}: failed: {_one_line(error)}", file=sys.stderr)
         return 1
     # under torchrun only rank 0 reports

@@ -18,9 +18,11 @@ objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import Choice, ConfigMixin, Dict, Flag, Int, Optional, Real, setting
-from selmix._validation import check_labels
+from selmix._config import (
+    Choice,
+    ClassIndices,
+    ConfigMixin,
+    Dict,
+    Flag,
+    Int,
+    Optional,
+    Real,
+    Seed,
+    setting,
+)
+from selmix._io import atomic_write_text
+from selmix._progress import progress_bar
+from selmix._validation import check_head_classes, check_labels
 from selmix.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    require_keys,
     restore_rng_state,
     save_checkpoint,
     save_model,
@@ -57,11 +73,18 @@ __all__ = [
     "FinetuneResult",
     "SELECT",
     "Trainer",
+    "check_resume",
+    "data_fingerprint",
     "finetune",
     "resolve_objective",
 ]
 
 SELECT = ("best", "last")
+#: Steps between resume checkpoints unless set (see ``FinetuneConfig.checkpoint_every``).
+CHECKPOINT_EVERY = 200
+#: The training loss is reported as diverging above this multiple of
+#: ``max(first step's loss, log K)`` (log K: the loss of a uniform guess).
+DIVERGENCE_FACTOR = 5.0
 
 RunConfig = TypeVar("RunConfig", bound=ConfigMixin)
 
@@ -142,7 +165,7 @@ class FinetuneConfig(ConfigMixin):
         512, help="batch size of evaluation and feature extraction", check=Int(1)
     )
     seed: int = setting(
-        0, help="random seed (model initialisation, data split, sampling)", check=Int(),
+        0, help="random seed (model initialisation, data split, sampling)", check=Seed(),
         run=True, flag=True,
     )  # fmt: skip
     device: str = setting(
@@ -151,7 +174,7 @@ class FinetuneConfig(ConfigMixin):
     )  # fmt: skip
     head_classes: list[int] | None = setting(
         None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
-        "frequent training classes",
+        "frequent training classes", check=Optional(ClassIndices()),
     )  # fmt: skip
     log_path: str | None = setting(
         None, help="JSON-lines file of one record per feedback step", cli=False
@@ -159,11 +182,26 @@ class FinetuneConfig(ConfigMixin):
     checkpoint_path: str | None = setting(
         None, help="where resume checkpoints go (written atomically)", cli=False
     )
+    # every 200 steps: 5 checkpoints in a default run, each resumable bit-identically. A
+    # checkpoint holds about three copies of the weights (model, momentum, best): for
+    # ResNet-32 5.5 MiB written in 32 ms against 1.47 s per B = 128 step on one CPU thread,
+    # 0.01% of the time (benchmarks/checkpoint_cost.py); a GPU step of ~10 ms would make it
+    # ~2%, still cheap for at most 200 steps lost to a kill
     checkpoint_every: int | None = setting(
-        None, check=Optional(Int(1)),
-        help="steps between resume checkpoints (OUT/finetune_state.pt); unset: only at the end",
+        CHECKPOINT_EVERY, check=Optional(Int(1)), flag=True, metavar="STEPS",
+        help="steps between resume checkpoints (OUT/finetune_state.pt, also written at the "
+        "end); null (--set checkpoint_every=null): only at the end",
     )  # fmt: skip
-    progress: bool = setting(True, help="show progress bars")
+    progress: bool = setting(
+        True, check=Flag(), flag=True,
+        help="show progress (a bar on a terminal, a plain line every tenth of the run otherwise; "
+        "TQDM_DISABLE=1 also turns it off)",
+    )  # fmt: skip
+    tensorboard_dir: str | None = setting(
+        None, flag=True, key="tensorboard", metavar="DIR",
+        help="also log every feedback step (metrics, multipliers, the gain matrix as an "
+        "image) to TensorBoard in DIR (needs the extra selmix[tensorboard])",
+    )  # fmt: skip
 
     @property
     def backbone_lr(self) -> float:
@@ -324,6 +362,8 @@ def resolve_objective(
     head_classes = config.head_classes
     if head_classes is None:
         head_classes = infer_head_classes(train_labels, num_classes)
+    else:
+        head_classes = check_head_classes(head_classes, num_classes)
     if objective is None:
         objective = get_objective(config.objective, **config.objective_params)
     elif isinstance(objective, str):
@@ -375,22 +415,21 @@ class _BestSoFar:
 
 
 def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
-    """Labels in range, declared class counts that match the head, every class in ``val``."""
+    """Labels in range, every class in ``val``, declared class counts that match the head.
+
+    The missing classes are named first: a validation set that lacks its last class
+    infers one class fewer, and "no samples of class(es) [9]" says what is wrong where
+    "num_classes = 9 but the head has 10" does not.
+    """
+    check_labels("train", train.labels, num_classes)
+    check_labels("val", val.labels, num_classes, every_class=True)
     for name, dataset in (("train", train), ("val", val)):
-        check_labels(name, dataset.labels, num_classes)
         declared = getattr(dataset, "num_classes", None)
         if declared is not None and declared != num_classes:
             raise ValueError(
                 f"`{name}` has num_classes = {declared} but the model's head has "
                 f"{num_classes} outputs"
             )
-    present = torch.bincount(torch.as_tensor(val.labels).long(), minlength=num_classes)
-    missing = (present == 0).nonzero().flatten().tolist()
-    if missing:
-        raise ValueError(
-            f"`val` has no samples of class(es) {missing}: their recall is undefined; "
-            "the validation set needs every class"
-        )
 
 
 def _append_json_line(path: str, record: dict[str, Any]) -> None:
@@ -412,25 +451,118 @@ def _pseudo_label_report(pseudo_labels: torch.Tensor, unlabelled: Any, num_class
     return report
 
 
-def _check_finite(loss: float, step: int, checkpoint_path: str | None) -> None:
+def _check_finite(loss: float, step: int, good_checkpoint: tuple[str, int] | None) -> None:
+    """Stops on a non-finite loss, naming a checkpoint only if this run wrote it with
+    finite weights (see :meth:`Trainer.save_checkpoint`)."""
     if not math.isfinite(loss):
-        where = f"; the last good checkpoint is {checkpoint_path!r}" if checkpoint_path else ""
+        where = ""
+        if good_checkpoint is not None:
+            path, saved_step = good_checkpoint
+            where = f"; the last checkpoint with finite weights is {path!r} (step {saved_step})"
         raise FloatingPointError(
             f"non-finite loss ({loss}) at step {step}: lower `lr_head` / "
             f"`lr_backbone` or use `frozen_backbone`{where}"
         )
 
 
-def _check_resume_state(state: dict[str, Any], config: FinetuneConfig, world_size: int) -> None:
-    """A fine-tuning checkpoint of a run with the same settings and world size."""
+def _weights_are_finite(model: nn.Module) -> bool:
+    return all(
+        bool(torch.isfinite(value).all())
+        for value in model.state_dict().values()
+        if value.is_floating_point()
+    )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or any(
+        sign in text for sign in ("out of memory", "DefaultCPUAllocator", "Unable to allocate")
+    )
+
+
+def _labels_digest(labels: Any) -> str:
+    data = torch.as_tensor(labels).long().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def data_fingerprint(train: Any, val: Any, unlabelled: Any = None) -> dict[str, Any]:
+    """What a resumed run must find again in its data: the sizes of the sets and a digest
+    of their labels in order (cheap: no images are read).
+
+    Args:
+        train, val: the labelled sets (anything with ``labels`` and a length).
+        unlabelled: the unlabelled set, if any (its size only: its labels are never read).
+
+    Returns:
+        Plain data, e.g. ``{"train": [5000, "3f2a..."], "val": [...], "unlabelled": None}``.
+    """
+    fingerprint: dict[str, Any] = {}
+    for name, dataset in (("train", train), ("val", val)):
+        labels = torch.as_tensor(dataset.labels)
+        fingerprint[name] = [int(labels.numel()), _labels_digest(labels)]
+    fingerprint["unlabelled"] = None if unlabelled is None else int(len(unlabelled))
+    return fingerprint
+
+
+_RESUME_KEYS = (
+    "format", "step", "config", "model", "optimizer", "scheduler", "objective", "distribution",
+    "pseudo_labels", "history", "gains", "rng", "loss",
+)  # fmt: skip
+
+
+def check_resume(
+    state: dict[str, Any],
+    config: FinetuneConfig,
+    *,
+    world_size: int = 1,
+    data: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
+    path: str | Path = "resume",
+) -> None:
+    """Checks that ``state`` (a loaded ``finetune_state.pt``) continues this run.
+
+    Everything that changes what the run computes must agree: the run settings of
+    ``config`` (:meth:`selmix._config.ConfigMixin.check_resumable`), the world size, the data
+    (:func:`data_fingerprint`, when the checkpoint has one) and ``identity`` (what the
+    caller says the run was made from, e.g. the CLI's data source, ``imbalance`` and
+    starting checkpoint).
+
+    Raises:
+        ValueError: one line listing what changed.
+    """
     if state.get("format") != "selmix-finetune-v1":
-        raise ValueError("`resume` is not a selmix fine-tuning checkpoint")
-    config.check_resumable(state["config"])
+        raise ValueError(f"`resume` {str(path)!r} is not a selmix fine-tuning checkpoint")
+    require_keys(state, _RESUME_KEYS, path, "selmix fine-tuning checkpoint")
     if int(state.get("world_size", 1)) != world_size:
         raise ValueError(
             f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
             f"but this run has {world_size} (world size): resume on as many processes"
         )
+    changed = config.resume_changes(state["config"])
+    # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
+    # caller that passes none claims nothing)
+    saved_identity = state.get("identity")
+    compared = {} if not saved_identity or identity is None else {**saved_identity, **identity}
+    saved_identity = saved_identity or {}
+    for key in sorted(compared):
+        before, now = saved_identity.get(key), (identity or {}).get(key)
+        if before != now:
+            changed.append(f"{key}: {before!r} -> {now!r}")
+    saved_data = state.get("data")
+    if data is not None and saved_data is not None:
+        for key in sorted(set(saved_data) | set(data)):
+            before, now = saved_data.get(key), data.get(key)
+            if _plain(before) != _plain(now):
+                changed.append(f"{key} data: {_describe_set(before)} -> {_describe_set(now)}")
+    if changed:
+        # one line listing everything that differs, settings, data and start alike
+        raise ValueError(f"`resume` checkpoint was made with other settings ({'; '.join(changed)})")
+
+
+def _describe_set(entry: Any) -> str:
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        return f"{entry[0]} samples, labels {entry[1]}"
+    return repr(entry)
 
 
 class Trainer:
@@ -445,8 +577,12 @@ class Trainer:
         config: the run's settings.
         unlabelled: optional unlabelled set (semi-supervised); its labels are never read.
         features, head: an explicit split of ``model``.
-        callback: called with each feedback record.
+        callback: called with each feedback record, plus the gain matrix under ``"gain"``
+            (Tensor[K, K]; the logged record has no gain).
         distributed: the run's :class:`selmix.collective.Collective` (default: one process).
+        identity: plain data naming what the run was made from beyond its settings and
+            data (e.g. the data source and the starting checkpoint); stored in the
+            checkpoints, and a resume must match it (:func:`check_resume`).
     """
 
     def __init__(
@@ -461,6 +597,7 @@ class Trainer:
         head: nn.Linear | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         distributed: Collective | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         from selmix.models import split_model
 
@@ -493,6 +630,12 @@ class Trainer:
         self.gains: list[tuple[int, torch.Tensor]] = []
         self.best = _BestSoFar()
         self._loss_sum, self._loss_count = 0.0, 0
+        self.identity = None if identity is None else _plain(dict(identity))
+        self.data = data_fingerprint(self.train, self.val, self.unlabelled)
+        self.start_loss: float | None = None  # the first step's loss (divergence warning)
+        self.diverged_step: int | None = None
+        # (path, step) of the last checkpoint this run wrote with finite weights
+        self.good_checkpoint: tuple[str, int] | None = None
         self.optimizer, self.scheduler = sgd_cosine(
             self.split, config.steps, config.lr_head,
             config.backbone_lr if self.view.trains_backbone else None,
@@ -548,12 +691,37 @@ class Trainer:
         record["feedback_seconds"] = time.perf_counter() - started
         if self.num_classes <= 200 or not self.gains or self.step == config.steps:
             self.gains.append((self.step, gain))
+        self._warn_if_diverging(record["train_loss"])
         self.history.append(record)
         if config.log_path and self.collective.is_main:
             _append_json_line(config.log_path, record)
         if self.callback is not None:
-            self.callback(record)
+            # the gain matrix goes to the callback (e.g. TensorBoardLogger draws it) but
+            # not to the log: it is K x K numbers per feedback step
+            self.callback({**record, "gain": gain})
         return record
+
+    def _warn_if_diverging(self, train_loss: float | None) -> None:
+        """Warns once when the mean training loss since the last feedback step is far
+        above where it started: ``DIVERGENCE_FACTOR * max(first loss, log K)``.
+
+        The floor log K (a uniform guess) keeps a model that starts almost perfect on its
+        training data from warning at the first rise; a loss 5x worse than guessing does
+        not happen in a run that learns (``--lr-head 1e3`` reaches 1e4).
+        """
+        if train_loss is None or self.start_loss is None or self.diverged_step is not None:
+            return
+        reference = max(self.start_loss, math.log(self.num_classes))
+        if train_loss > DIVERGENCE_FACTOR * reference:
+            self.diverged_step = self.step
+            if self.collective.is_main:
+                warnings.warn(
+                    f"the training loss ({train_loss:.3g} before step {self.step}) is far above "
+                    f"its start ({self.start_loss:.3g}): the run is diverging; lower "
+                    "`lr_head` / `lr_backbone`",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def _refresh_pseudo_labels(self) -> dict[str, Any]:
         self.model.eval()
@@ -576,7 +744,9 @@ class Trainer:
         )
         loss = F.cross_entropy(logits, labels.to(self.device))
         loss_value = float(loss.detach())
-        _check_finite(loss_value, self.step, config.checkpoint_path)
+        _check_finite(loss_value, self.step, self.good_checkpoint)
+        if self.start_loss is None:
+            self.start_loss = loss_value
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -588,20 +758,29 @@ class Trainer:
     def run(self) -> FinetuneResult:
         """Runs from the current step to ``config.steps`` (with a last feedback at the end,
         or until ``patience`` feedback steps bring no better score), then selects."""
-        from tqdm.auto import tqdm
-
         config = self.config
-        progress = tqdm(
-            total=config.steps, initial=self.step, desc=f"selmix {self.objective.name}",
-            disable=not (config.progress and self.collective.is_main), leave=False,
+        if config.log_path and self.collective.is_main:
+            # the log is this run's history: empty for a fresh run, cut back to the
+            # checkpoint's step for a resumed one (no duplicate or foreign records)
+            lines = "".join(json.dumps(record) + "\n" for record in self.history)
+            atomic_write_text(config.log_path, lines)
+        progress = progress_bar(
+            config.steps, f"selmix {self.objective.name}",
+            config.progress and self.collective.is_main, initial=self.step, leave=False,
         )  # fmt: skip
+        first_step = True
         try:
             while self.step < config.steps and not self.best.exhausted(config.patience):
-                if self.step % config.feedback_every == 0:
+                done = bool(self.history) and self.history[-1]["step"] == self.step
+                if self.step % config.feedback_every == 0 and not done:
                     progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
                     if self.best.exhausted(config.patience):
                         break
-                self.train_step()
+                if first_step:
+                    self._first_train_step()
+                    first_step = False
+                else:
+                    self.train_step()
                 self.step += 1
                 progress.update(1)
                 every = config.checkpoint_every
@@ -622,6 +801,19 @@ class Trainer:
             best_state=self.best.weights, last_state=last,
         )  # fmt: skip
 
+    def _first_train_step(self) -> None:
+        """The first step, where a batch too large for the memory shows: one clear error."""
+        try:
+            self.train_step()
+        except (RuntimeError, MemoryError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise MemoryError(
+                f"`batch_size` = {self.config.batch_size} does not fit in the memory of "
+                f"{self.device} ({first}); lower `batch_size`"
+            ) from None
+
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, as ``weights_only``-loadable data."""
@@ -641,11 +833,19 @@ class Trainer:
             "rng": capture_rng_state(self.generator),
             "loss": [self._loss_sum, self._loss_count],
             "world_size": self.collective.world_size,
+            "data": self.data,
+            "identity": self.identity,
+            "start_loss": self.start_loss,
+            "diverged_step": self.diverged_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` saved (the run settings must agree)."""
-        _check_resume_state(state, self.config, self.collective.world_size)
+        """Restores what :meth:`state_dict` saved (the run settings, the data and the
+        identity must agree: :func:`check_resume`)."""
+        check_resume(
+            state, self.config, world_size=self.collective.world_size, data=self.data,
+            identity=self.identity,
+        )  # fmt: skip
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
@@ -665,18 +865,25 @@ class Trainer:
             self.best.load_state_dict(state["best"])
         self.step = int(state["step"])
         self._loss_sum, self._loss_count = state["loss"]
+        self.start_loss = state.get("start_loss")
+        self.diverged_step = state.get("diverged_step")
         rank_rng = state.get("rank_rng") or [state["rng"]]
         restore_rng_state(rank_rng[self.collective.rank], self.generator)
 
     def save_checkpoint(self) -> None:
-        """Writes the resume state to ``config.checkpoint_path`` (main process only)."""
+        """Writes the resume state to ``config.checkpoint_path`` (main process only).
+
+        Weights that are no longer finite are not written: the previous checkpoint stays,
+        so the one a failed run names can always be resumed from.
+        """
         if not self.config.checkpoint_path:
             return
         rank_rng = self.collective.gather_rng_states(self.generator)  # every rank takes part
-        if self.collective.is_main:
+        if self.collective.is_main and _weights_are_finite(self.model):
             save_checkpoint(
                 self.config.checkpoint_path, {**self.state_dict(), "rank_rng": rank_rng}
             )
+            self.good_checkpoint = (self.config.checkpoint_path, self.step)
         self.collective.barrier()  # the file is complete when any rank returns
 
 
@@ -690,9 +897,10 @@ def finetune(
     unlabelled: Any = None,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
-    resume: str | Path | None = None,
+    resume: str | Path | dict[str, Any] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     distributed: Collective | None = None,
+    identity: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tunes ``model`` with SelMix for ``objective``.
@@ -708,10 +916,13 @@ def finetune(
         unlabelled: unlabelled samples for semi-supervised SelMix (x2 is drawn from those
             whose current pseudo-label is j).
         features, head: an explicit split of the model.
-        resume: a checkpoint written by a previous run with the same settings.
-        callback: called with each feedback record.
+        resume: a checkpoint written by a previous run with the same settings and data
+            (its path, or the dict :func:`selmix.checkpoint.load_checkpoint` returned).
+        callback: called with each feedback record and its gain matrix (``"gain"``).
         distributed: a :class:`selmix.collective.Collective`, e.g. the
             :class:`selmix.distributed.DistributedContext` of a torchrun process.
+        identity: what the run was made from beyond its settings and data, checked on
+            resume (see :class:`Trainer`).
         **overrides: any :class:`FinetuneConfig` field, e.g. ``steps=2000, device="cuda"``.
 
     Returns:
@@ -721,10 +932,36 @@ def finetune(
         overrides = {"objective": objective, **overrides}
         objective = None
     config = FinetuneConfig.resolve(config, overrides)
-    trainer = Trainer(
-        model, train, val, objective, config, unlabelled=unlabelled, features=features,
-        head=head, callback=callback, distributed=distributed,
-    )  # fmt: skip
-    if resume is not None:
-        trainer.load_state_dict(load_checkpoint(resume))
-    return trainer.run()
+    logger = None
+    if config.tensorboard_dir and (distributed is None or distributed.is_main):
+        from selmix.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(config.tensorboard_dir)
+        callback = _both(callback, logger)
+    try:
+        trainer = Trainer(
+            model, train, val, objective, config, unlabelled=unlabelled, features=features,
+            head=head, callback=callback, distributed=distributed, identity=identity,
+        )  # fmt: skip
+        if resume is not None:
+            state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+            trainer.load_state_dict(state)
+            if not isinstance(resume, dict) and _weights_are_finite(trainer.model):
+                trainer.good_checkpoint = (str(resume), trainer.step)
+        return trainer.run()
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _both(
+    first: Callable[[dict[str, Any]], None] | None, second: Callable[[dict[str, Any]], None]
+) -> Callable[[dict[str, Any]], None]:
+    if first is None:
+        return second
+
+    def call(record: dict[str, Any]) -> None:
+        first(record)
+        second(record)
+
+    return call

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._config import ConfigMixin
+from selmix._progress import progress_bar
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
@@ -128,8 +129,6 @@ def pretrain(
     Returns:
         A :class:`PretrainResult`.
     """
-    from tqdm.auto import tqdm
-
     config = PretrainConfig.resolve(config, overrides)
     device = resolve_device(config.device)
     model.to(device)
@@ -163,7 +162,7 @@ def pretrain(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(config.epochs), desc="pretrain", disable=not config.progress, leave=False)
+    bar = progress_bar(range(config.epochs), "pretrain", config.progress, leave=False)
     for epoch in bar:
         model.train()
         order = torch.randperm(labels.numel(), generator=generator)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selmix._config import ConfigMixin
+from selmix._progress import progress_bar
 from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
@@ -480,8 +481,6 @@ def fixmatch_pretrain(
     Returns:
         A :class:`FixMatchResult`.
     """
-    from tqdm.auto import tqdm
-
     config = FixMatchConfig.resolve(config, overrides)
     device = resolve_device(config.device)
     labelled = as_batch_dataset(labelled, "labelled")
@@ -529,8 +528,8 @@ def fixmatch_pretrain(
     sums = {"loss": 0.0, "labelled_loss": 0.0, "unlabelled_loss": 0.0, "mask_rate": 0.0}
     count = 0
     started = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=f"fixmatch({config.loss})", disable=not config.progress,
-               leave=False)  # fmt: skip
+    bar = progress_bar(range(config.steps), f"fixmatch({config.loss})",
+                       disable=not config.progress, leave=False)  # fmt: skip
     for step in bar:
         model.train()
         index = labelled_stream.take(config.batch_size)
