@@ -83,3 +83,43 @@ def test_missing_training_class_is_named():
 def test_label_out_of_range():
     with pytest.raises(ValueError, match="must lie in"):
         ClassPools(torch.tensor([0, 5]), 3)
+
+
+def test_a_distribution_changed_in_place_is_noticed():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    sampler = PairSampler(labels, None, 3, torch.Generator().manual_seed(4))
+    distribution = torch.zeros(3, 3)
+    distribution[0, 1] = 1.0
+    _, second, _, label = sampler.sample(distribution, 50)
+    assert (label == 0).all() and (labels[second] == 1).all()
+    distribution.zero_()
+    distribution[2, 0] = 1.0  # same tensor, new values: the cached CDF must be rebuilt
+    _, second, _, label = sampler.sample(distribution, 50)
+    assert (label == 2).all() and (labels[second] == 0).all()
+
+
+def test_partner_draws_from_the_second_pool_are_uniform_within_a_class():
+    labelled = torch.tensor([0, 1])
+    pseudo = torch.tensor([1, 0, 1, 1, 0, 1])  # class 1 has 4 unlabelled members
+    sampler = PairSampler(labelled, pseudo, 2, torch.Generator().manual_seed(5))
+    distribution = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    _, second, from_second, _ = sampler.sample(distribution, 20_000)
+    assert from_second.all()
+    counts = torch.bincount(second, minlength=6)[pseudo == 1].double()
+    expected = 20_000 / 4
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_upper(3)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "message"),
+    [
+        (torch.ones(2, 3), r"must be Tensor\[3, 3\]"),
+        (torch.zeros(3, 3), "positive sum"),
+        (torch.full((3, 3), -1.0), "non-negative"),
+    ],
+)
+def test_bad_distribution_is_named(distribution, message):
+    sampler = PairSampler(torch.tensor([0, 1, 2]), None, 3, torch.Generator())
+    with pytest.raises(ValueError, match=message):
+        sampler.sample(distribution, 4)
