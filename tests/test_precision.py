@@ -309,3 +309,43 @@ def test_resume_from_a_plain_model_file_is_refused(tmp_path):
     path = save_model(tmp_path / "m.pt", tiny_model())
     with pytest.raises(ValueError, match="not a selmix pre-training checkpoint"):
         pretrain(tiny_model(), tiny_set(), None, resume=path, **SETTINGS)
+
+
+# -- FixMatch ---------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fixmatch_runs_in_the_precision_and_is_reproducible(precision):
+    from selmix.data import UnlabelledDataset
+    from selmix.semisup import fixmatch_pretrain
+
+    labelled = tiny_set(24)
+    generator = torch.Generator().manual_seed(3)
+    pool = UnlabelledDataset(
+        torch.randint(0, 256, (20, 1, 12, 12), dtype=torch.uint8, generator=generator),
+        0.5, 0.25, 3,
+    )  # fmt: skip
+
+    def run() -> tuple[torch.nn.Module, list[torch.dtype]]:
+        model = tiny_model()
+        seen: list[torch.dtype] = []
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        fixmatch_pretrain(model, labelled, pool, labelled, steps=3, batch_size=4, mu=2,
+                          eval_every=3, precision=precision, progress=False)  # fmt: skip
+        return model, seen
+
+    first, seen = run()
+    second, _ = run()
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert set(seen) == {expected}
+    assert all(p.dtype == torch.float32 for p in first.parameters())
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+
+
+def test_fixmatch_rejects_fp16_on_cpu():
+    from selmix.data import UnlabelledDataset
+    from selmix.semisup import fixmatch_pretrain
+
+    pool = UnlabelledDataset(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), 0.5, 0.25, 3)
+    with pytest.raises(ValueError, match="`precision` 'fp16' needs a CUDA device"):
+        fixmatch_pretrain(tiny_model(), tiny_set(), pool, precision="fp16", progress=False)
