@@ -51,13 +51,13 @@ class ClassPools:
 class PairSampler:
     """Draws (x1 of class i, x2 of class j) index pairs, (i, j) ~ P.
 
-    A batch is drawn from one ``torch.rand`` call of 3B uniforms (float64, from the
-    sampler's generator): the first B pick the pair by inverting the cumulative
-    distribution of the K^2 pairs (a binary search; the CDF is cached until the
-    distribution changes), the next B the first sample uniformly within class i and the
-    last B the partner uniformly within class j. Per-pair tables of both pools are built
-    when the pools change, so a batch is a handful of NumPy operations on the uniforms
-    (a few microseconds each, where a small torch operation costs about ten times more).
+    The draws are those of the straightforward implementation (``torch.multinomial`` over
+    the K^2 pairs, then :meth:`ClassPools.draw` for x1 and for x2), bit for bit, so seeded
+    runs are unchanged; only the bookkeeping around the generator calls is cheaper: the
+    pair probabilities are converted once per distribution (cached until it changes),
+    the per-pair class tables of both pools are built when the pools change, and the
+    index arithmetic runs in NumPy (a few microseconds per operation, where a small torch
+    operation costs several times more).
 
     Args:
         first_labels: Tensor[N1], labels of the pool x1 comes from (the labelled set).
@@ -81,36 +81,29 @@ class PairSampler:
         if missing:
             raise ValueError(f"the training set has no samples of class(es) {missing}")
         self.generator = generator
-        self._cdf_source: torch.Tensor | None = None
-        self._cdf_version = -1
-        self._cdf = np.empty(0)
+        self._source: torch.Tensor | None = None
+        self._source_version = -1
+        self._probabilities = torch.empty(0, dtype=torch.float64)
+        k = num_classes
+        first = self.first
+        self._first_class = np.repeat(np.arange(k), k)
+        self._second_class = np.tile(np.arange(k), k)
+        self._first_indices = first.indices.numpy()
+        self._first_starts = first.starts.numpy()
+        # float32 sizes: ``rand * size`` in float32, as ClassPools.draw computes it
+        self._first_sizes = first.sizes.numpy().astype(np.float32)
+        self._first_last = first.sizes.numpy() - 1
         self.set_second_labels(second_labels)
 
     def set_second_labels(self, second_labels: torch.Tensor | None) -> None:
         """Replaces the second pool's labels (pseudo-labels are refreshed at feedback)."""
         self.second = None if second_labels is None else ClassPools(second_labels, self.num_classes)
-        # Per pair p = i * K + j, the columns of ``_pair_table``: where class i starts in
-        # ``_indices`` and its size, where the partner class j starts and its size (in the
-        # second pool's part of ``_indices`` when it serves j, else in the first pool's),
-        # i, and whether the partner comes from the second pool.
-        first = self.first
-        from_second = self.second_has_class
-        parts = [first.indices]
-        partner_starts, partner_sizes = first.starts, first.sizes
         if self.second is not None:
-            parts.append(self.second.indices)
-            shifted = self.second.starts + first.indices.numel()
-            partner_starts = torch.where(from_second, shifted, first.starts)
-            partner_sizes = torch.where(from_second, self.second.sizes, first.sizes)
-        k = self.num_classes
-        i = torch.arange(k).repeat_interleave(k)
-        j = torch.arange(k).repeat(k)
-        columns = [
-            first.starts[i], partner_starts[j], first.sizes[i], partner_sizes[j], i,
-            from_second[j].long(),
-        ]  # fmt: skip
-        self._pair_table = torch.stack(columns).numpy().astype(np.int64)
-        self._indices = torch.cat(parts).numpy().astype(np.int64)
+            self._second_indices = self.second.indices.numpy()
+            self._second_starts = self.second.starts.numpy()
+            self._second_sizes = self.second.sizes.numpy().astype(np.float32)
+            self._second_last = self.second.sizes.numpy() - 1
+            self._serves = (self.second.sizes > 0).numpy()
 
     @property
     def second_has_class(self) -> torch.Tensor:
@@ -119,10 +112,10 @@ class PairSampler:
             return torch.zeros(self.num_classes, dtype=torch.bool)
         return self.second.sizes > 0
 
-    def _cumulative(self, distribution: torch.Tensor) -> np.ndarray:
-        """The float64 CDF over the K^2 pairs, recomputed only when ``distribution`` changes."""
-        if distribution is self._cdf_source and distribution._version == self._cdf_version:
-            return self._cdf
+    def _pair_probabilities(self, distribution: torch.Tensor) -> torch.Tensor:
+        """The K^2 pair probabilities in float64, converted only when ``distribution`` changes."""
+        if distribution is self._source and distribution._version == self._source_version:
+            return self._probabilities
         k = self.num_classes
         if distribution.shape != (k, k):
             raise ValueError(
@@ -131,10 +124,19 @@ class PairSampler:
         flat = distribution.detach().flatten().double().cpu()
         if not torch.isfinite(flat).all() or (flat < 0).any() or flat.sum() <= 0:
             raise ValueError("`distribution` must be finite and non-negative with a positive sum")
-        cdf = torch.cumsum(flat, 0)
-        self._cdf = (cdf / cdf[-1]).numpy()
-        self._cdf_source, self._cdf_version = distribution, distribution._version
-        return self._cdf
+        self._probabilities = flat
+        self._source, self._source_version = distribution, distribution._version
+        return flat
+
+    def _draw(
+        self, indices: np.ndarray, starts: np.ndarray, sizes: np.ndarray, last: np.ndarray,
+        classes: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """:meth:`ClassPools.draw` on precomputed tables (the same generator call)."""
+        uniforms = torch.rand(classes.shape[0], generator=self.generator).numpy()
+        offsets = (uniforms * sizes[classes]).astype(np.int64)
+        np.minimum(offsets, last[classes], out=offsets)  # rand can round up to exactly 1.0
+        return indices[starts[classes] + offsets]
 
     def sample(
         self, distribution: torch.Tensor, batch_size: int
@@ -142,7 +144,7 @@ class PairSampler:
         """Draws a batch of pairs.
 
         Args:
-            distribution: Tensor[K, K] of pair probabilities (normalised here).
+            distribution: Tensor[K, K] of pair probabilities (sums to 1).
             batch_size: B.
 
         Returns:
@@ -150,20 +152,31 @@ class PairSampler:
             on the CPU: indices into the first pool, indices into the second pool (or into
             the first pool where ``second_from_second_pool`` is False), and the label i.
         """
-        cdf = self._cumulative(distribution)
-        uniforms = torch.rand(3, batch_size, generator=self.generator, dtype=torch.float64)
-        uniforms = uniforms.numpy()
-        # side="right": a pair of probability 0 spans an empty interval and is never drawn
-        pairs = np.searchsorted(cdf, uniforms[0], side="right")
-        np.minimum(pairs, cdf.size - 1, out=pairs)
-        table = self._pair_table[:, pairs]  # [6, B]
-        # floor(u * n) is uniform on {0, ..., n - 1}; the minimum guards float rounding to n
-        offsets = (uniforms[1:] * table[2:4]).astype(np.int64)
-        np.minimum(offsets, table[2:4] - 1, out=offsets)
-        members = self._indices[table[:2] + offsets]  # [2, B]: first, partner
+        probabilities = self._pair_probabilities(distribution)
+        pairs = torch.multinomial(
+            probabilities, batch_size, replacement=True, generator=self.generator
+        ).numpy()
+        first_class = self._first_class[pairs]
+        second_class = self._second_class[pairs]
+        first_tables = (self._first_indices, self._first_starts, self._first_sizes,
+                        self._first_last)  # fmt: skip
+        first_index = self._draw(*first_tables, first_class)
+        if self.second is None:
+            from_second = np.zeros(batch_size, dtype=bool)
+            second_index = self._draw(*first_tables, second_class)
+        else:
+            from_second = self._serves[second_class]
+            second_index = np.empty(batch_size, dtype=np.int64)
+            if from_second.any():
+                second_index[from_second] = self._draw(
+                    self._second_indices, self._second_starts, self._second_sizes,
+                    self._second_last, second_class[from_second],
+                )  # fmt: skip
+            if not from_second.all():
+                second_index[~from_second] = self._draw(*first_tables, second_class[~from_second])
         return (
-            torch.from_numpy(members[0]),
-            torch.from_numpy(members[1]),
-            torch.from_numpy(table[5].astype(bool)),
-            torch.from_numpy(table[4]),
+            torch.from_numpy(first_index),
+            torch.from_numpy(second_index),
+            torch.from_numpy(from_second),
+            torch.from_numpy(first_class),
         )
