@@ -361,8 +361,8 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         )
     base = variants[0]
 
-    def ratio(quantity: str, variant: tuple[str, str]) -> float:
-        pairs = zip(wall[(quantity, base)], wall[(quantity, variant)], strict=True)
+    def ratio(quantity: str, variant: tuple[str, str], clock: dict[Any, list[float]]) -> float:
+        pairs = zip(clock[(quantity, base)], clock[(quantity, variant)], strict=True)
         return median([b / v for b, v in pairs])
 
     return {
@@ -372,7 +372,8 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "val": len(data.val),
         "median": {key: median(values) for key, values in wall.items()},
         "cpu": {key: median(values) for key, values in cpu.items()},
-        "ratio": {(q, v): ratio(q, v) for q in PRECISION_QUANTITIES for v in variants},
+        "ratio": {(q, v): ratio(q, v, wall) for q in PRECISION_QUANTITIES for v in variants},
+        "ratio_cpu": {(q, v): ratio(q, v, cpu) for q in PRECISION_QUANTITIES for v in variants},
     }
 
 
@@ -385,9 +386,11 @@ def precision_table(result: dict[str, Any], args: argparse.Namespace) -> list[st
     def cell(quantity: str, variant: tuple[str, str], scale: float = 1.0) -> str:
         seconds = result["median"][(quantity, variant)] * scale
         text = format_seconds(seconds)
+        speedup = f"{result['ratio'][(quantity, variant)]:.2f}x"
         if on_cpu:
             text += f" (CPU {format_seconds(result['cpu'][(quantity, variant)] * scale)})"
-        return text + f", {result['ratio'][(quantity, variant)]:.2f}x"
+            speedup += f" wall, {result['ratio_cpu'][(quantity, variant)]:.2f}x CPU"
+        return f"{text}, {speedup}"
 
     def row(name: str, quantity: str, scale: float = 1.0) -> str:
         return f"| {name} | " + " | ".join(cell(quantity, v, scale) for v in variants) + " |"
@@ -622,22 +625,23 @@ def main() -> None:
     ]
     if args.note:
         lines += ["", args.note]
-    lines += [
-        "",
-        f"Randomly initialised weights (timing does not depend on them); objective min recall; "
-        f"rho = 100, 500 validation images per class; eval batch {EVAL_BATCH} (the default) "
-        f"unless said otherwise. Medians over "
-        f"{args.repeats} interleaved rounds; a round times {args.steps} consecutive "
-        f"full-backbone steps of each kind, {max(10 * args.steps, 20)} frozen steps, one "
-        f"feedback step of each mode and {SAMPLER_DRAWS} sampler draws. Ratios are medians of "
-        "the per-round ratios. A SelMix step forwards and back-propagates 2B images (x1 and "
-        "x2 of B pairs), a plain step B; images per second = 2 x the steps-per-second ratio. "
-        "Feedback share at E = F / (F + E S), from the measured feedback time F and step time "
-        "S. The one-off extraction is the first frozen feedback + first frozen step minus "
-        "their steady-state medians.",
-        "",
-        *(table(results, args) if results else []),
-    ]
+    if results:
+        lines += [
+            "",
+            f"Randomly initialised weights (timing does not depend on them); objective min recall; "
+            f"rho = 100, 500 validation images per class; eval batch {EVAL_BATCH} (the default) "
+            f"unless said otherwise. Medians over "
+            f"{args.repeats} interleaved rounds; a round times {args.steps} consecutive "
+            f"full-backbone steps of each kind, {max(10 * args.steps, 20)} frozen steps, one "
+            f"feedback step of each mode and {SAMPLER_DRAWS} sampler draws. Ratios are medians of "
+            "the per-round ratios. A SelMix step forwards and back-propagates 2B images (x1 and "
+            "x2 of B pairs), a plain step B; images per second = 2 x the steps-per-second ratio. "
+            "Feedback share at E = F / (F + E S), from the measured feedback time F and step time "
+            "S. The one-off extraction is the first frozen feedback + first frozen step minus "
+            "their steady-state medians.",
+            "",
+            *table(results, args),
+        ]
     for result in precision_results:
         lines += [
             "",
