@@ -24,6 +24,24 @@ Also the feedback step with a smaller evaluation batch (``--small-eval-batch``, 
 128, vs FinetuneConfig's 512): on a CPU with one thread, a 512-image batch runs slower per
 image than a smaller one.
 
+With ``--precisions`` (default ``fp32 bf16``) and ``--layouts`` (default ``contiguous
+channels_last``) a second table times, for ResNet-32 on CIFAR-10-LT, every precision x
+layout combination side by side, interleaved in the same way, with ratios to fp32 /
+contiguous:
+
+5. a pre-training step (:func:`selmix.pretrain`: B images, input mixup, SGD) and the
+   implied epoch;
+6. a SelMix step with the full backbone (:meth:`selmix.Trainer.train_step` run inside
+   :func:`selmix.precision.autocast`, as the Trainer will once it has its own
+   ``precision`` setting; the model copy is converted with
+   :func:`selmix.precision.to_channels_last` for the channels-last column);
+7. the validation pass of a feedback step (:func:`selmix.evaluate` on the 5,000
+   validation images inside :func:`selmix.precision.evaluation_mode`: inference mode and
+   autocast). It is what the precision changes in a feedback step: the multipliers, gain
+   matrix and policy stay float32 / float64 and take milliseconds for K = 10.
+
+``--sections`` picks ``base`` (the first table), ``precision`` (the second) or both.
+
 Weights are randomly initialised (timing does not depend on them). The Trainers are built
 as :func:`selmix.finetune` builds them. On CUDA the clock is read after
 ``torch.cuda.synchronize()``.
@@ -32,7 +50,8 @@ Usage::
 
     python benchmarks/finetune_speed.py [--models resnet32 small_cnn] [--steps 3]
         [--repeats 3] [--threads 1] [--device cpu|cuda] [--small-eval-batch 128]
-        [--note TEXT] [--out FILE]
+        [--sections base precision] [--precisions fp32 bf16]
+        [--layouts contiguous channels_last] [--note TEXT] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -55,9 +75,12 @@ import torch
 import torch.nn.functional as F
 
 from selmix.data import load_data
+from selmix.evaluate import evaluate
 from selmix.finetune import FinetuneConfig, Trainer
 from selmix.models import create_model
 from selmix.policy import StationaryPointWarning
+from selmix.precision import autocast, evaluation_mode, resolve_precision, to_channels_last
+from selmix.pretrain import pretrain
 
 BATCH_SIZE = 128
 EVAL_BATCH = FinetuneConfig().eval_batch_size  # the default, used for every other timing
@@ -244,6 +267,151 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+PRECISION_QUANTITIES = ("pretrain", "selmix", "validation")
+
+
+def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """Pre-training step, SelMix step and validation pass per precision x layout."""
+    device = torch.device(args.device)
+    data = load_data(
+        setup.spec, imbalance=100, max_per_class=setup.max_per_class, val_per_class=500, seed=0
+    )
+    channels = data.train.image_shape[0]
+    torch.manual_seed(0)
+    model = create_model(setup.model, data.num_classes, in_channels=channels)
+    config = FinetuneConfig(
+        objective="min_recall", batch_size=BATCH_SIZE, steps=10**6, feedback_every=10**6,
+        progress=False, device=args.device, seed=0,
+    )  # fmt: skip
+    variants = [
+        (resolve_precision(precision, device), layout)
+        for precision in args.precisions
+        for layout in args.layouts
+    ]
+    generator = torch.Generator().manual_seed(0)
+    steps = args.steps
+
+    def pretrain_steps(precision: str, layout: str) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float]:
+            index = torch.randperm(len(data.train), generator=generator)[: steps * BATCH_SIZE]
+            subset = data.train.subset(index)
+            trained = copy.deepcopy(model)
+            settings = dict(
+                epochs=1, batch_size=BATCH_SIZE, lr=0.1, mixup_alpha=1.0, progress=False,
+                device=args.device, precision=precision, threads=args.threads,
+                channels_last=layout == "channels_last", seed=0,
+            )  # fmt: skip
+            # one untimed step first: allocations and oneDNN kernel selection
+            pretrain(trained, data.train.subset(index[:BATCH_SIZE]), None, **settings)
+            seconds, cpu_seconds = timed(lambda: pretrain(trained, subset, None, **settings),
+                                         device)  # fmt: skip
+            return seconds / steps, cpu_seconds / steps
+
+        return run
+
+    trainers = {}
+    for precision, layout in variants:
+        trainer = Trainer(copy.deepcopy(model), data.train, data.val, None, config)
+        if layout == "channels_last":
+            to_channels_last(trainer.model)
+        with autocast(precision, device):
+            trainer.train_step()  # warm-up, untimed
+        trainers[(precision, layout)] = trainer
+
+    def selmix_steps(precision: str, layout: str) -> Callable[[], tuple[float, float]]:
+        trainer = trainers[(precision, layout)]
+
+        def step() -> None:
+            with autocast(precision, device):
+                trainer.train_step()
+
+        return lambda: timed(step, device, steps)
+
+    def validation(precision: str, layout: str) -> Callable[[], tuple[float, float]]:
+        trainer = trainers[(precision, layout)]
+
+        def run() -> None:
+            with evaluation_mode(precision, device):
+                evaluate(trainer.model, data.val, device, EVAL_BATCH)
+
+        return lambda: timed(run, device)
+
+    makers = {"pretrain": pretrain_steps, "selmix": selmix_steps, "validation": validation}
+    measurements = {
+        (quantity, variant): makers[quantity](*variant)
+        for quantity in PRECISION_QUANTITIES
+        for variant in variants
+    }
+    keys = list(measurements)
+    wall: dict[Any, list[float]] = {key: [] for key in keys}
+    cpu: dict[Any, list[float]] = {key: [] for key in keys}
+    for round_index in range(args.repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            seconds, cpu_seconds = measurements[key]()
+            wall[key].append(seconds)
+            cpu[key].append(cpu_seconds)
+        print(
+            f"  {setup.model} precision round {round_index + 1}/{args.repeats}: "
+            + ", ".join(
+                f"{q} {p}/{lay} {wall[(q, (p, lay))][-1] * 1e3:.0f} ms" for q, (p, lay) in keys
+            ),  # fmt: skip
+            file=sys.stderr,
+            flush=True,
+        )
+    base = variants[0]
+
+    def ratio(quantity: str, variant: tuple[str, str], clock: dict[Any, list[float]]) -> float:
+        pairs = zip(clock[(quantity, base)], clock[(quantity, variant)], strict=True)
+        return median([b / v for b, v in pairs])
+
+    return {
+        "setup": setup,
+        "variants": variants,
+        "train": len(data.train),
+        "val": len(data.val),
+        "median": {key: median(values) for key, values in wall.items()},
+        "cpu": {key: median(values) for key, values in cpu.items()},
+        "ratio": {(q, v): ratio(q, v, wall) for q in PRECISION_QUANTITIES for v in variants},
+        "ratio_cpu": {(q, v): ratio(q, v, cpu) for q in PRECISION_QUANTITIES for v in variants},
+    }
+
+
+def precision_table(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Rows are quantities, columns the precision x layout variants."""
+    variants = result["variants"]
+    on_cpu = not args.device.startswith("cuda")
+    steps_per_epoch = math.ceil(result["train"] / BATCH_SIZE)
+
+    def cell(quantity: str, variant: tuple[str, str], scale: float = 1.0) -> str:
+        seconds = result["median"][(quantity, variant)] * scale
+        text = format_seconds(seconds)
+        speedup = f"{result['ratio'][(quantity, variant)]:.2f}x"
+        if on_cpu:
+            text += f" (CPU {format_seconds(result['cpu'][(quantity, variant)] * scale)})"
+            speedup += f" wall, {result['ratio_cpu'][(quantity, variant)]:.2f}x CPU"
+        return f"{text}, {speedup}"
+
+    def row(name: str, quantity: str, scale: float = 1.0) -> str:
+        return f"| {name} | " + " | ".join(cell(quantity, v, scale) for v in variants) + " |"
+
+    b = BATCH_SIZE
+    return [
+        f"| {result['setup'].model} on {result['setup'].label} | "
+        + " | ".join(f"{p} / {layout.replace('_', '-')}" for p, layout in variants)
+        + " |",
+        "|---|" + "---:|" * len(variants),
+        row(f"pre-training step (B = {b}, mixup)", "pretrain"),
+        row(
+            f"pre-training epoch, implied ({result['train']:,} images, {steps_per_epoch} steps)",
+            "pretrain",
+            steps_per_epoch,
+        ),
+        row(f"SelMix step, full backbone (B = {b} pairs)", "selmix"),
+        row(f"feedback validation pass ({result['val']:,} images)", "validation"),
+    ]
+
+
 def format_seconds(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
@@ -401,6 +569,21 @@ def main() -> None:
         default=128,
         help="also time the feedback step with this evaluation batch size (0: skip)",
     )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["base", "precision"],
+        choices=["base", "precision"],
+        help="the tables to measure",
+    )
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"],
+        choices=["fp32", "bf16", "fp16", "auto"], help="precisions of the second table",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layouts", nargs="+", default=["contiguous", "channels_last"],
+        choices=["contiguous", "channels_last"], help="memory layouts of the second table",
+    )  # fmt: skip
     parser.add_argument("--note", default=None, help="a line added to the header (conditions)")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
@@ -416,7 +599,12 @@ def main() -> None:
     started = time.perf_counter()
     load = load_average()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    results = [measure(SETUPS[name], args) for name in args.models]
+    results = (
+        [measure(SETUPS[name], args) for name in args.models] if "base" in args.sections else []
+    )
+    precision_results = (
+        [measure_precision(SETUPS["resnet32"], args)] if "precision" in args.sections else []
+    )
     elapsed = time.perf_counter() - started
 
     device_name = (
@@ -437,22 +625,35 @@ def main() -> None:
     ]
     if args.note:
         lines += ["", args.note]
-    lines += [
-        "",
-        f"Randomly initialised weights (timing does not depend on them); objective min recall; "
-        f"rho = 100, 500 validation images per class; eval batch {EVAL_BATCH} (the default) "
-        f"unless said otherwise. Medians over "
-        f"{args.repeats} interleaved rounds; a round times {args.steps} consecutive "
-        f"full-backbone steps of each kind, {max(10 * args.steps, 20)} frozen steps, one "
-        f"feedback step of each mode and {SAMPLER_DRAWS} sampler draws. Ratios are medians of "
-        "the per-round ratios. A SelMix step forwards and back-propagates 2B images (x1 and "
-        "x2 of B pairs), a plain step B; images per second = 2 x the steps-per-second ratio. "
-        "Feedback share at E = F / (F + E S), from the measured feedback time F and step time "
-        "S. The one-off extraction is the first frozen feedback + first frozen step minus "
-        "their steady-state medians.",
-        "",
-        *table(results, args),
-    ]
+    if results:
+        lines += [
+            "",
+            f"Randomly initialised weights (timing does not depend on them); objective min recall; "
+            f"rho = 100, 500 validation images per class; eval batch {EVAL_BATCH} (the default) "
+            f"unless said otherwise. Medians over "
+            f"{args.repeats} interleaved rounds; a round times {args.steps} consecutive "
+            f"full-backbone steps of each kind, {max(10 * args.steps, 20)} frozen steps, one "
+            f"feedback step of each mode and {SAMPLER_DRAWS} sampler draws. Ratios are medians of "
+            "the per-round ratios. A SelMix step forwards and back-propagates 2B images (x1 and "
+            "x2 of B pairs), a plain step B; images per second = 2 x the steps-per-second ratio. "
+            "Feedback share at E = F / (F + E S), from the measured feedback time F and step time "
+            "S. The one-off extraction is the first frozen feedback + first frozen step minus "
+            "their steady-state medians.",
+            "",
+            *table(results, args),
+        ]
+    for result in precision_results:
+        lines += [
+            "",
+            f"Precision and memory layout ({result['setup'].model}): medians over "
+            f"{args.repeats} interleaved rounds of {args.steps} consecutive steps (one "
+            "validation pass); each cell is the time and the speed-up over "
+            f"{result['variants'][0][0]} / {result['variants'][0][1].replace('_', '-')} "
+            "(median of the per-round ratios). The SelMix step runs the current Trainer "
+            "inside the precision's autocast context.",
+            "",
+            *precision_table(result, args),
+        ]
     text = "\n".join(lines)
     print(text)
     if args.out:

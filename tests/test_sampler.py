@@ -83,3 +83,81 @@ def test_missing_training_class_is_named():
 def test_label_out_of_range():
     with pytest.raises(ValueError, match="must lie in"):
         ClassPools(torch.tensor([0, 5]), 3)
+
+
+def test_a_distribution_changed_in_place_is_noticed():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    sampler = PairSampler(labels, None, 3, torch.Generator().manual_seed(4))
+    distribution = torch.zeros(3, 3)
+    distribution[0, 1] = 1.0
+    _, second, _, label = sampler.sample(distribution, 50)
+    assert (label == 0).all() and (labels[second] == 1).all()
+    distribution.zero_()
+    distribution[2, 0] = 1.0  # same tensor, new values: the cached CDF must be rebuilt
+    _, second, _, label = sampler.sample(distribution, 50)
+    assert (label == 2).all() and (labels[second] == 0).all()
+
+
+def test_partner_draws_from_the_second_pool_are_uniform_within_a_class():
+    labelled = torch.tensor([0, 1])
+    pseudo = torch.tensor([1, 0, 1, 1, 0, 1])  # class 1 has 4 unlabelled members
+    sampler = PairSampler(labelled, pseudo, 2, torch.Generator().manual_seed(5))
+    distribution = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    _, second, from_second, _ = sampler.sample(distribution, 20_000)
+    assert from_second.all()
+    counts = torch.bincount(second, minlength=6)[pseudo == 1].double()
+    expected = 20_000 / 4
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < _chi_square_upper(3)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "message"),
+    [
+        (torch.ones(2, 3), r"must be Tensor\[3, 3\]"),
+        (torch.zeros(3, 3), "positive sum"),
+        (torch.full((3, 3), -1.0), "non-negative"),
+    ],
+)
+def test_bad_distribution_is_named(distribution, message):
+    sampler = PairSampler(torch.tensor([0, 1, 2]), None, 3, torch.Generator())
+    with pytest.raises(ValueError, match=message):
+        sampler.sample(distribution, 4)
+
+
+def _reference_sample(first, second, num_classes, generator, distribution, batch_size):
+    # the straightforward draw sequence PairSampler must reproduce bit for bit
+    flat = distribution.flatten().double()
+    pairs = torch.multinomial(flat, batch_size, replacement=True, generator=generator)
+    first_class, second_class = pairs // num_classes, pairs % num_classes
+    first_index = first.draw(first_class, generator)
+    if second is None:
+        return first_index, first.draw(second_class, generator), first_class
+    serves = (second.sizes > 0)[second_class]
+    second_index = torch.empty(batch_size, dtype=torch.long)
+    if serves.any():
+        second_index[serves] = second.draw(second_class[serves], generator)
+    if (~serves).any():
+        second_index[~serves] = first.draw(second_class[~serves], generator)
+    return first_index, second_index, first_class
+
+
+@pytest.mark.parametrize("with_second_pool", [False, True])
+def test_draws_equal_the_reference_sequence(with_second_pool):
+    generator = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, 6, (200,), generator=generator)
+    labels[:6] = torch.arange(6)
+    pseudo = torch.randint(0, 5, (90,), generator=generator) if with_second_pool else None
+    distribution = torch.rand(6, 6, generator=generator)
+    distribution /= distribution.sum()
+    sampler = PairSampler(labels, pseudo, 6, torch.Generator().manual_seed(9))
+    reference = torch.Generator().manual_seed(9)
+    first_pool = ClassPools(labels, 6)
+    second_pool = None if pseudo is None else ClassPools(pseudo, 6)
+    for batch_size in (1, 37, 128):
+        drawn = sampler.sample(distribution, batch_size)
+        expected = _reference_sample(first_pool, second_pool, 6, reference, distribution,
+                                     batch_size)  # fmt: skip
+        assert torch.equal(drawn[0], expected[0])
+        assert torch.equal(drawn[1], expected[1])
+        assert torch.equal(drawn[3], expected[2])

@@ -92,7 +92,7 @@ class _PlainProgress:
 
 
 def progress_bar(
-    total: int | Iterable[Any] | None,
+    steps: int | Iterable[Any] | None,
     desc: str = "",
     enabled: bool = True,
     *,
@@ -108,8 +108,9 @@ def progress_bar(
     "pretrain", disable=not progress, leave=False)`` iterates like tqdm does.
 
     Args:
-        total: the number of steps, or an iterable to wrap (its ``len`` is the total
-            unless ``total=`` is also given among ``tqdm_kwargs``).
+        steps: the number of steps, or an iterable to wrap (its ``len`` is the total
+            unless ``total=`` is also given among ``tqdm_kwargs``, as a resumed run does:
+            ``progress_bar(range(first, n), initial=first, total=n)``).
         desc: the bar's label, e.g. ``"selmix min_recall"``.
         enabled: False (``--no-progress``, ``progress: false``) shows nothing at all.
         every_percent: when stderr is not a terminal, print one line each time this
@@ -127,8 +128,9 @@ def progress_bar(
     stream = sys.stderr if stream is None else stream
     enabled = enabled and not disable
     iterable = None
-    if total is not None and not isinstance(total, int):
-        iterable = total
+    total = steps
+    if steps is not None and not isinstance(steps, int):
+        iterable = steps
         total = tqdm_kwargs.pop("total", None)
         if total is None:
             total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]

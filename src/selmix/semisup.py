@@ -59,6 +59,16 @@ from selmix._validation import check_choice, check_in_range, check_int, check_po
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
 from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
+from selmix.optim import sgd_cosine
+from selmix.precision import (
+    PRECISIONS,
+    autocast,
+    configure_threads,
+    evaluation_mode,
+    grad_scaler,
+    resolve_precision,
+    to_channels_last,
+)
 from selmix.pretrain import logit_adjustment
 
 __all__ = [
@@ -340,6 +350,12 @@ class FixMatchConfig(ConfigMixin):
         progress: show a progress bar.
         checkpoint_path: if set, the model is saved there (``selmix.checkpoint.save_model``)
             at every evaluation and at the end.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"auto"``; the
+            training and evaluation forward passes run under autocast, the weights and
+            the loss stay float32 (see :mod:`selmix.precision`).
+        threads: CPU threads; None keeps ``OMP_NUM_THREADS`` when set, else the
+            physical cores divided among the local processes.
+        channels_last: convert a convolutional model to the channels-last layout.
     """
 
     settings_name = "FixMatch"
@@ -367,6 +383,9 @@ class FixMatchConfig(ConfigMixin):
     device: str = "cpu"
     progress: bool = True
     checkpoint_path: str | None = None
+    precision: str = "fp32"
+    threads: int | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, minimum=1)
@@ -390,6 +409,10 @@ class FixMatchConfig(ConfigMixin):
         check_in_range("momentum", self.momentum, 0.0, 1.0)
         check_positive("weight_decay", self.weight_decay, strict=False)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"`warmup_steps` must be <= `steps` = {self.steps}, got {self.warmup_steps}"
+            )
         check_int("randaugment_ops", self.randaugment_ops, minimum=0)
         check_int("randaugment_max_magnitude", self.randaugment_max_magnitude, minimum=1)
         if self.randaugment_max_magnitude > 30:
@@ -401,6 +424,13 @@ class FixMatchConfig(ConfigMixin):
         check_int("eval_every", self.eval_every, minimum=1)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("seed", self.seed)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.threads is not None:
+            check_int("threads", self.threads, minimum=1)
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(
+                f"`channels_last` must be a bool, got {type(self.channels_last).__name__}"
+            )
 
 
 @dataclass
@@ -483,6 +513,8 @@ def fixmatch_pretrain(
     """
     config = FixMatchConfig.resolve(config, overrides)
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    configure_threads(config.threads)
     labelled = as_batch_dataset(labelled, "labelled")
     _check_image_set("unlabelled", unlabelled)
     num_classes = _num_outputs(model)
@@ -508,22 +540,16 @@ def fixmatch_pretrain(
         adjustment = logit_adjustment(targets_all, num_classes, config.la_tau).to(device)
 
     model.to(device)
+    if config.channels_last:
+        to_channels_last(model)
     generator = torch.Generator().manual_seed(config.seed)
     labelled_stream = _IndexStream(targets_all.numel(), generator)
     unlabelled_stream = _IndexStream(len(unlabelled), generator)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, nesterov=config.momentum > 0,
+    optimizer, scheduler = sgd_cosine(
+        model.parameters(), config.lr, config.steps, config.warmup_steps, config.momentum,
+        config.weight_decay, nesterov=config.momentum > 0,
     )  # fmt: skip
-    warmup, total = config.warmup_steps, config.steps
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = grad_scaler(precision, device)
     history: list[dict[str, Any]] = []
     sums = {"loss": 0.0, "labelled_loss": 0.0, "unlabelled_loss": 0.0, "mask_rate": 0.0}
     count = 0
@@ -547,7 +573,10 @@ def fixmatch_pretrain(
                 group_size=config.randaugment_group, cutout_fraction=config.cutout,
             )  # fmt: skip
             parts += [weak, normalize(strong.to(device), unlabelled.mean, unlabelled.std)]
-        logits = model(torch.cat(parts))
+        with autocast(precision, device):
+            logits = model(torch.cat(parts))
+        # the loss, pseudo-labels and confidences in float32 whatever the forward precision
+        logits = logits.float()
         b = images.shape[0]
         logits_l = logits[:b]
         logits_w, logits_s = logits[b:].chunk(2) if unlabelled_count else (logits[b:],) * 2
@@ -560,8 +589,9 @@ def fixmatch_pretrain(
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}: lower `lr`")
         optimizer.zero_grad(set_to_none=True)
-        result.total.backward()
-        optimizer.step()
+        scaler.scale(result.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         sums["loss"] += loss_value
         sums["labelled_loss"] += float(result.labelled.detach())
@@ -575,7 +605,9 @@ def fixmatch_pretrain(
             record["seconds"] = time.perf_counter() - started
             record["val"] = None
             if val is not None:
-                record["val"] = evaluate(model, val, device, config.eval_batch_size).metrics()
+                with evaluation_mode(precision, device):
+                    evaluation = evaluate(model, val, device, config.eval_batch_size)
+                record["val"] = evaluation.metrics()
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", mask=f"{record['mask_rate']:.2f}",
                     val_min=f"{record['val']['min_recall']:.3f}",

@@ -1,0 +1,96 @@
+"""SGD with a cosine learning-rate schedule and an optional linear warm-up, by steps.
+
+Shared by pre-training, FixMatch, SelMix fine-tuning and the baselines. The schedule
+multiplies each parameter group's base learning rate by
+
+    (s + 1) / W                                          for s < W   (warm-up)
+    0.5 * (1 + cos(pi * min(s - W, T - W) / (T - W)))    otherwise   (decay to 0 at s = T)
+
+at step s (the number of ``scheduler.step()`` calls so far), for T total steps and W
+warm-up steps. Without warm-up this is ``0.5 * (1 + cos(pi * min(s, T) / T))``, the
+schedule fine-tuning has always used, computed with the same floating-point operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from selmix._validation import check_in_range, check_int, check_positive
+
+__all__ = ["WarmupCosine", "sgd", "sgd_cosine", "warmup_cosine"]
+
+
+class WarmupCosine:
+    """The schedule's factor as a function of the step (a picklable ``LambdaLR`` lambda).
+
+    Args:
+        total_steps: T, the step at which the factor reaches 0 (>= 1).
+        warmup_steps: W, linear warm-up steps (0 <= W <= T).
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0) -> None:
+        self.total_steps = check_int("total_steps", total_steps, minimum=1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if warmup_steps > total_steps:
+            raise ValueError(
+                f"`warmup_steps` must be <= `total_steps` = {total_steps}, got {warmup_steps}"
+            )
+
+    def __call__(self, step: int) -> float:
+        warmup, total = self.warmup_steps, self.total_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        if warmup == 0:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        decay = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+
+def sgd(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.SGD:
+    """``torch.optim.SGD`` with checked settings.
+
+    Args:
+        params: parameters, or parameter groups (dicts with ``"params"`` and optionally
+            their own ``"lr"`` and a ``"name"``).
+        lr: the default learning rate (of groups without their own).
+        momentum, weight_decay: SGD settings.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+    """
+    check_positive("lr", lr)
+    check_in_range("momentum", momentum, 0.0, 1.0)
+    check_positive("weight_decay", weight_decay, strict=False)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        nesterov=bool(nesterov) and momentum > 0,
+    )  # fmt: skip
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up + cosine schedule of ``optimizer``; call ``step()`` after every update."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_steps))
+
+
+def sgd_cosine(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """:func:`sgd` and its :func:`warmup_cosine` schedule. Returns ``(optimizer, scheduler)``."""
+    optimizer = sgd(params, lr, momentum, weight_decay, nesterov)
+    return optimizer, warmup_cosine(optimizer, total_steps, warmup_steps)
