@@ -92,16 +92,26 @@ def test_finetune_runs_in_each_precision(precision, frozen):
 
 def test_frozen_feature_cache_is_float32_in_bf16():
     data = tiny_set()
-    trainer = Trainer(tiny_model(), data, data, None,
-                      FinetuneConfig(frozen_backbone=True, precision="bf16", progress=False))
+    trainer = Trainer(
+        tiny_model(),
+        data,
+        data,
+        None,
+        FinetuneConfig(frozen_backbone=True, precision="bf16", progress=False),
+    )
     cached = trainer.view.features(data)
     assert cached.dtype == torch.float32 and not cached.is_inference()
 
 
 def test_full_backbone_logits_are_bf16_and_the_loss_float32(monkeypatch):
     data = tiny_set()
-    trainer = Trainer(tiny_model(), data, data, None,
-                      FinetuneConfig(precision="bf16", progress=False, batch_size=8))
+    trainer = Trainer(
+        tiny_model(),
+        data,
+        data,
+        None,
+        FinetuneConfig(precision="bf16", progress=False, batch_size=8),
+    )
     seen = {}
     original = F.cross_entropy
 

@@ -138,9 +138,11 @@ def _data_options(required: bool = True) -> list[Option]:
 
 
 def _common_options(device: str = "auto") -> list[Option]:
+    from selmix.evaluate import DEVICE_HELP
+
     return [
         Option("seed", 0, "random seed (model initialisation, data split, sampling)", type=int),
-        Option("device", device, "where to run", choices=("cpu", "cuda", "auto")),
+        Option("device", device, f"where to run: {DEVICE_HELP}", metavar="DEVICE"),
     ]
 
 
@@ -163,8 +165,8 @@ def _pretrain_options() -> list[Option]:
         loss={"flag": True, "choices": LOSSES, "help": "training loss"},
         mixup_alpha={"flag": True, "key": "mixup", "metavar": "ALPHA",
                      "help": "input mixup Beta(alpha, alpha); 0 turns it off"},
-        device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto"),
-                "help": "where to run"},
+        device={"flag": True, "cli_default": "auto", "metavar": "DEVICE",
+                "help": "where to run: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"},
         progress={"flag": True, "help": "show progress (a bar on a terminal, a plain line "
                   "every tenth of the run otherwise; TQDM_DISABLE=1 also turns it off)"},
         checkpoint_path={"cli": False},

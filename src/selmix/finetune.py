@@ -57,7 +57,7 @@ from selmix.checkpoint import (
 )
 from selmix.collective import Collective, SingleProcess
 from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
-from selmix.feedback import feedback_step, smoothed_confusion
+from selmix.feedback import feedback_step
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
@@ -74,7 +74,7 @@ from selmix.selection import ObjectiveScore, objective_score
 from selmix.views import MixupForward, PairPools, make_view
 
 if TYPE_CHECKING:
-    from selmix.models import ModelSplit
+    pass
 
 __all__ = [
     "FinetuneConfig",
