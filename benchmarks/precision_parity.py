@@ -44,10 +44,7 @@ MODELS = Path(__file__).resolve().parent / "models"
 
 
 def spread(values: list[float]) -> str:
-    return (
-        f"{100 * statistics.mean(values):.1f} "
-        f"({100 * min(values):.1f}-{100 * max(values):.1f})"
-    )
+    return f"{100 * statistics.mean(values):.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
 
 
 def main() -> int:
