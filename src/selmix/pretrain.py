@@ -75,9 +75,7 @@ class PretrainConfig(ConfigMixin):
     batch_size: int = setting(128, help="images per step", check=Int(1), run=True, flag=True)
     lr: float = setting(0.1, help="peak learning rate (SGD)", check=Real(), run=True, flag=True)
     momentum: float = setting(0.9, help="SGD momentum", check=Real(high=1.0), run=True)
-    weight_decay: float = setting(
-        5e-4, help="SGD weight decay", check=Real(strict=False), run=True
-    )
+    weight_decay: float = setting(5e-4, help="SGD weight decay", check=Real(strict=False), run=True)
     loss: str = setting("ce", help="training loss", check=Choice(LOSSES), run=True, flag=True)
     la_tau: float = setting(
         1.0, help="logit-adjustment temperature (loss logit_adjusted)",
@@ -99,9 +97,7 @@ class PretrainConfig(ConfigMixin):
         "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
         metavar="DEVICE",
     )  # fmt: skip
-    eval_batch_size: int = setting(
-        512, help="batch size of the per-epoch validation", check=Int(1)
-    )
+    eval_batch_size: int = setting(512, help="batch size of the per-epoch validation", check=Int(1))
     progress: bool = setting(
         True, check=Flag(), flag=True,
         help="show progress (a bar on a terminal, a plain line every tenth of the run "
