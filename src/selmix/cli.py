@@ -215,9 +215,11 @@ def _demo_options() -> list[Option]:
             Option("progress", True, "show progress (plain lines when not a terminal)"),
             Option(
                 "threads",
-                1,
-                "torch CPU threads (1 is the fastest on a small, busy machine; 0: torch's default)",
+                None,
+                "torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+                "this process may use (1 is the fastest on a small, busy machine)",
                 type=int,
+                metavar="N",
             ),
         ]
         + _data_options(required=False)
