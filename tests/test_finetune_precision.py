@@ -296,3 +296,16 @@ def test_split_sgd_cosine_matches_the_historic_optimiser():
         scheduler.step()
     # the schedule fine-tuning always used, float for float
     assert lrs == [0.1 * 0.5 * (1 + math.cos(math.pi * min(s, 10) / 10)) for s in range(11)]
+
+
+def test_a_checkpoint_without_precision_resumes_as_fp32():
+    from selmix.finetune import check_resume
+
+    data = tiny_set()
+    trainer = Trainer(tiny_model(), data, data, None, FinetuneConfig(progress=False))
+    state = trainer.state_dict()
+    del state["config"]["precision"]  # as written by selmix before the setting existed
+    check_resume(state, trainer.config, data=trainer.data)
+    bf16 = trainer.config.replace(precision="bf16")
+    with pytest.raises(ValueError, match=r"precision: 'fp32' -> 'bf16'"):
+        check_resume(state, bf16, data=trainer.data)

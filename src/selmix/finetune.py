@@ -58,6 +58,7 @@ from selmix.checkpoint import (
 from selmix.collective import Collective, SingleProcess
 from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
 from selmix.feedback import feedback_step
+from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
@@ -584,7 +585,8 @@ def check_resume(
             f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
             f"but this run has {world_size} (world size): resume on as many processes"
         )
-    changed = config.resume_changes(state["config"])
+    # checkpoints written before the precision setting existed ran in float32
+    changed = config.resume_changes({"precision": "fp32", **state["config"]})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")
