@@ -202,7 +202,7 @@ class FinetuneConfig(ConfigMixin):
     compile: bool = setting(
         False, check=Flag(), flag=True,
         help="torch.compile the feature extractor (pays back its compile time only in "
-        "long full-backbone runs; see docs/results/finetune_speed.md)",
+        "long full-backbone runs; see docs/results/compile_speed.md)",
     )  # fmt: skip
     head_classes: list[int] | None = setting(
         None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
@@ -466,7 +466,7 @@ class _LinearHeadStep:
     bit-identical to autograd's (tests/test_finetune.py compares them), and the update stays
     ``torch.optim.SGD``'s own (``optimizer.step()``: weight decay, momentum, hooks).
     The autograd graph, ``zero_grad`` and the module call were most of a head step's time
-    (docs/results/finetune_speed.md).
+    (docs/results/finetune_speed_trainer.md).
     """
 
     def __init__(self, head: nn.Linear) -> None:
