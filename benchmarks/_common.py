@@ -54,13 +54,16 @@ class Start:
         return self.directory.name
 
 
-def load_start(directory: str | Path, cache_dir: str | None = None) -> Start:
-    """The model of a ``selmix pretrain`` output folder and its data split (same seed)."""
+def load_start(
+    directory: str | Path, cache_dir: str | None = None, data: str | None = None
+) -> Start:
+    """The model of a ``selmix pretrain`` output folder and its data split (same seed);
+    ``data`` overrides the folder's data source (the same data elsewhere)."""
     directory = Path(directory)
     config = yaml.safe_load((directory / "config.yaml").read_text())
     model, _ = load_model(directory / "model.pt")
     data = load_data(
-        config["data"], imbalance=config.get("imbalance"),
+        data or config["data"], imbalance=config.get("imbalance"),
         max_per_class=config.get("max_per_class"), val_per_class=config.get("val_per_class"),
         seed=config.get("seed", 0), cache_dir=cache_dir or config.get("cache_dir"),
     )  # fmt: skip

@@ -29,16 +29,16 @@ channels_last``) a second table times, for ResNet-32 on CIFAR-10-LT, every preci
 layout combination side by side, interleaved in the same way, with ratios to fp32 /
 contiguous:
 
+With ``--sections frozen``, frozen-backbone steps: the closed-form head step of the
+Trainer against its autograd step, alternating rounds on the same cached features.
+
 5. a pre-training step (:func:`selmix.pretrain`: B images, input mixup, SGD) and the
    implied epoch;
-6. a SelMix step with the full backbone (:meth:`selmix.Trainer.train_step` run inside
-   :func:`selmix.precision.autocast`, as the Trainer will once it has its own
-   ``precision`` setting; the model copy is converted with
-   :func:`selmix.precision.to_channels_last` for the channels-last column);
-7. the validation pass of a feedback step (:func:`selmix.evaluate` on the 5,000
-   validation images inside :func:`selmix.precision.evaluation_mode`: inference mode and
-   autocast). It is what the precision changes in a feedback step: the multipliers, gain
-   matrix and policy stay float32 / float64 and take milliseconds for K = 10.
+6. a SelMix step with the full backbone (:meth:`selmix.Trainer.train_step` of a Trainer
+   with ``precision`` and ``channels_last`` set);
+7. a feedback step of that Trainer (:meth:`selmix.Trainer.feedback`: the validation pass
+   on the 5,000 validation images in inference mode and autocast, then multipliers, gain
+   matrix and policy in float32 / float64, milliseconds for K = 10).
 
 ``--sections`` picks ``base`` (the first table), ``precision`` (the second) or both.
 
@@ -75,17 +75,17 @@ import torch
 import torch.nn.functional as F
 
 from selmix.data import load_data
-from selmix.evaluate import evaluate
 from selmix.finetune import FinetuneConfig, Trainer
 from selmix.models import create_model
 from selmix.policy import StationaryPointWarning
-from selmix.precision import autocast, evaluation_mode, resolve_precision, to_channels_last
+from selmix.precision import resolve_precision
 from selmix.pretrain import pretrain
 
 BATCH_SIZE = 128
 EVAL_BATCH = FinetuneConfig().eval_batch_size  # the default, used for every other timing
 FEEDBACK_EVERY = (10, 50)
 SAMPLER_DRAWS = 50  # sampler calls per round (one call is ~0.1 ms)
+FROZEN_CALLS = 500  # frozen steps per round of the frozen section
 
 
 @dataclass(frozen=True)
@@ -311,30 +311,21 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
 
     trainers = {}
     for precision, layout in variants:
-        trainer = Trainer(copy.deepcopy(model), data.train, data.val, None, config)
-        if layout == "channels_last":
-            to_channels_last(trainer.model)
-        with autocast(precision, device):
-            trainer.train_step()  # warm-up, untimed
+        # the Trainer's own settings: autocast placement, fp32 loss, layout
+        changes = {"precision": precision, "channels_last": layout == "channels_last"}
+        trainer = Trainer(
+            copy.deepcopy(model), data.train, data.val, None, config.replace(**changes)
+        )
+        trainer.train_step()  # warm-up, untimed
         trainers[(precision, layout)] = trainer
 
     def selmix_steps(precision: str, layout: str) -> Callable[[], tuple[float, float]]:
-        trainer = trainers[(precision, layout)]
-
-        def step() -> None:
-            with autocast(precision, device):
-                trainer.train_step()
-
-        return lambda: timed(step, device, steps)
+        return lambda: timed(trainers[(precision, layout)].train_step, device, steps)
 
     def validation(precision: str, layout: str) -> Callable[[], tuple[float, float]]:
-        trainer = trainers[(precision, layout)]
-
-        def run() -> None:
-            with evaluation_mode(precision, device):
-                evaluate(trainer.model, data.val, device, EVAL_BATCH)
-
-        return lambda: timed(run, device)
+        # a whole feedback step: the validation pass (inference mode + autocast), then
+        # multipliers, gain and policy in float32 / float64
+        return lambda: timed(trainers[(precision, layout)].feedback, device)
 
     makers = {"pretrain": pretrain_steps, "selmix": selmix_steps, "validation": validation}
     measurements = {
@@ -377,6 +368,68 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_frozen(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """Frozen-backbone head steps: the closed-form step against the autograd step (the
+    Trainer's path before the closed form: module call, autograd, ``model.eval()``)."""
+    device = torch.device(args.device)
+    data = load_data(
+        setup.spec, imbalance=100, max_per_class=setup.max_per_class, val_per_class=500, seed=0
+    )
+    torch.manual_seed(0)
+    model = create_model(setup.model, data.num_classes, in_channels=data.train.image_shape[0])
+    config = FinetuneConfig(
+        objective="min_recall", batch_size=BATCH_SIZE, steps=10**6, feedback_every=10**6,
+        progress=False, device=args.device, seed=0, frozen_backbone=True,
+    )  # fmt: skip
+    closed = Trainer(copy.deepcopy(model), data.train, data.val, None, config)
+    autograd = Trainer(copy.deepcopy(model), data.train, data.val, None, config)
+    autograd._head_step = None
+    autograd.view.cache = closed.view.cache  # one feature extraction for both
+    for trainer in (closed, autograd):
+        for _ in range(20):
+            trainer.train_step()
+    calls = FROZEN_CALLS
+    wall: dict[str, list[float]] = {"closed": [], "autograd": []}
+    cpu: dict[str, list[float]] = {"closed": [], "autograd": []}
+    for round_index in range(max(args.repeats, 5)):
+        order = [("closed", closed), ("autograd", autograd)][:: 1 if round_index % 2 else -1]
+        for name, trainer in order:
+            seconds, cpu_seconds = timed(trainer.train_step, device, calls)
+            wall[name].append(seconds)  # per step already
+            cpu[name].append(cpu_seconds)
+
+    def ratio(clock: dict[str, list[float]]) -> float:
+        return median([a / c for a, c in zip(clock["autograd"], clock["closed"], strict=True)])
+
+    return {
+        "setup": setup,
+        "wall": {k: median(v) for k, v in wall.items()},
+        "cpu": {k: median(v) for k, v in cpu.items()},
+        "ratio": ratio(wall),
+        "ratio_cpu": ratio(cpu),
+        "dim": closed.split.head.in_features,
+        "rounds": len(wall["closed"]),
+    }
+
+
+def frozen_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| frozen-backbone step (B = 128) | autograd step (before) | closed-form step (now) "
+        "| speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        w, c = r["wall"], r["cpu"]
+        lines.append(
+            f"| {r['setup'].model} (d = {r['dim']}, K = 10) | "
+            f"{w['autograd'] * 1e6:.0f} µs ({1 / w['autograd']:,.0f} steps/s; CPU "
+            f"{c['autograd'] * 1e6:.0f} µs) | {w['closed'] * 1e6:.0f} µs "
+            f"({1 / w['closed']:,.0f} steps/s; CPU {c['closed'] * 1e6:.0f} µs) | "
+            f"{r['ratio']:.2f}x wall, {r['ratio_cpu']:.2f}x CPU |"
+        )
+    return lines
+
+
 def precision_table(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """Rows are quantities, columns the precision x layout variants."""
     variants = result["variants"]
@@ -408,7 +461,7 @@ def precision_table(result: dict[str, Any], args: argparse.Namespace) -> list[st
             steps_per_epoch,
         ),
         row(f"SelMix step, full backbone (B = {b} pairs)", "selmix"),
-        row(f"feedback validation pass ({result['val']:,} images)", "validation"),
+        row(f"feedback step (validation pass of {result['val']:,} images + gain)", "validation"),
     ]
 
 
@@ -573,7 +626,7 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["base", "precision"],
-        choices=["base", "precision"],
+        choices=["base", "precision", "frozen"],
         help="the tables to measure",
     )
     parser.add_argument(
@@ -604,6 +657,11 @@ def main() -> None:
     )
     precision_results = (
         [measure_precision(SETUPS["resnet32"], args)] if "precision" in args.sections else []
+    )
+    frozen_results = (
+        [measure_frozen(SETUPS[name], args) for name in args.models]
+        if "frozen" in args.sections
+        else []
     )
     elapsed = time.perf_counter() - started
 
@@ -647,12 +705,24 @@ def main() -> None:
             "",
             f"Precision and memory layout ({result['setup'].model}): medians over "
             f"{args.repeats} interleaved rounds of {args.steps} consecutive steps (one "
-            "validation pass); each cell is the time and the speed-up over "
+            "feedback step); each cell is the time and the speed-up over "
             f"{result['variants'][0][0]} / {result['variants'][0][1].replace('_', '-')} "
-            "(median of the per-round ratios). The SelMix step runs the current Trainer "
-            "inside the precision's autocast context.",
+            "(median of the per-round ratios). The SelMix step and the feedback step are "
+            "the Trainer's own, with its `precision` and `channels_last` settings.",
             "",
             *precision_table(result, args),
+        ]
+    if frozen_results:
+        lines += [
+            "",
+            "Frozen-backbone steps (the head on cached features, Trainer.train_step): the "
+            "closed-form head step against the autograd step the Trainer took before it "
+            "(module call, autograd, zero_grad, model.eval() every step), both in this run "
+            f"on the same cached features; medians over {frozen_results[0]['rounds']} "
+            f"alternating rounds of {FROZEN_CALLS} steps. The two give bit-identical weights "
+            "(tests/test_finetune_precision.py).",
+            "",
+            *frozen_table(frozen_results),
         ]
     text = "\n".join(lines)
     print(text)

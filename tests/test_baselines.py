@@ -472,7 +472,7 @@ def adjust(model, data, taus):
         (lambda m, d: logit_adjusted_finetune(m, d["train"], seed="0"), TypeError,
          "`seed` must be an int or a torch.Generator, got str"),
         (lambda m, d: logit_adjusted_finetune(m, d["train"], device="tpu"), ValueError,
-         "`device` must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'tpu'"),
+         "`device` must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got 'tpu'"),
         (lambda m, d: logit_adjusted_finetune(m, gaussians([5, 5, 5, 0], 0)), ValueError,
          r"`train` has no samples of class\(es\) \[3\]"),
         (lambda m, d: classifier_retraining(m, d["train"], epochs=0), ValueError,
@@ -534,6 +534,7 @@ def test_baseline_config_runs_the_same_as_the_function_options(data, ce_model):
         "taus": None,
         "batch_size": 512,
         "device": "cpu",
+        "precision": BaselineConfig().precision,
     }
     with pytest.raises(ValueError, match="taus"):
         BaselineConfig(taus=[1.0, -1.0])

@@ -61,7 +61,7 @@ def test_demo_command_passes_its_options(monkeypatch: pytest.MonkeyPatch) -> Non
     assert main(["demo", "--fast", "--out", "somewhere", "--seed", "3", "--imbalance", "200"]) == 0
     assert seen == {
         "out_dir": "somewhere", "device": "cpu", "seed": 3, "fast": True,
-        "data_options": {"imbalance": 200.0}, "threads": 1, "progress": True,
+        "data_options": {"imbalance": 200.0}, "threads": None, "progress": True,
     }  # fmt: skip
     assert main(["demo", "--fast", "--out", "somewhere", "--no-progress"]) == 0
     assert seen["progress"] is False

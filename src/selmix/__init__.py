@@ -20,6 +20,7 @@ from selmix.baselines import (
 )
 from selmix.checkpoint import load_model, save_model
 from selmix.evaluate import Evaluation, evaluate
+from selmix.feedback import FeedbackResult, SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
 from selmix.gain import confusion_gradient, gain_matrix
 from selmix.metrics import (
@@ -46,12 +47,14 @@ from selmix.objectives import (
     list_objectives,
     register_objective,
 )
+from selmix.optim import sgd_cosine, warmup_cosine
 from selmix.policy import (
     StationaryPointWarning,
     effective_pairs,
     mixup_distribution,
     policy_entropy,
 )
+from selmix.precision import configure_threads, resolve_precision
 from selmix.pretrain import PretrainConfig, PretrainResult, pretrain
 from selmix.semisup import FixMatchConfig, FixMatchResult, fixmatch_pretrain
 
@@ -117,4 +120,11 @@ __all__ = [
     "objective_score",
     "posthoc_logit_adjustment",
     "run_baseline",
+    "FeedbackResult",
+    "SelMixFeedback",
+    "configure_threads",
+    "feedback_step",
+    "resolve_precision",
+    "sgd_cosine",
+    "warmup_cosine",
 ]

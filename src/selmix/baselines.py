@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._config import (
+    Choice,
     ClassIndices,
     ConfigMixin,
     Dict,
@@ -58,11 +59,20 @@ from selmix._validation import (
     check_labels,
     check_positive,
 )
-from selmix.evaluate import as_batch_dataset, resolve_device
-from selmix.finetune import FinetuneConfig, sgd_cosine
+from selmix.evaluate import DEVICE_HELP, as_batch_dataset, resolve_device
+from selmix.finetune import FinetuneConfig
 from selmix.metrics import all_metrics, confusion_matrix
 from selmix.models import ModelSplit, split_model
 from selmix.objectives import Objective, as_objective
+from selmix.optim import split_sgd_cosine as sgd_cosine
+from selmix.precision import (
+    PRECISIONS,
+    autocast,
+    configure_threads,
+    grad_scaler,
+    resolve_precision,
+    to_channels_last,
+)
 from selmix.pretrain import logit_adjustment
 from selmix.sampler import ClassPools
 from selmix.selection import ObjectiveScore, best_index, objective_score
@@ -228,6 +238,7 @@ def posthoc_logit_adjustment(
     batch_size: int = 512,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
+    precision: str = "fp32",
 ) -> PosthocResult:
     """Post-hoc logit adjustment (Menon et al. 2020) with tau tuned for ``objective``.
 
@@ -248,6 +259,8 @@ def posthoc_logit_adjustment(
         device: where to compute; the returned model is left there.
         batch_size: batch size of the feature extraction.
         features, head: an explicit split of ``model`` (see :func:`selmix.split_model`).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``: the feature
+            extraction's autocast (:mod:`selmix.precision`); the logits are float32.
 
     Returns:
         A :class:`PosthocResult` with the adjusted model, the chosen tau and the
@@ -262,7 +275,9 @@ def posthoc_logit_adjustment(
     log_prior = class_log_prior(prior, num_classes)
     val = as_batch_dataset(val, "val")
     labels = check_labels("val", val.labels, num_classes, every_class=True)
-    logits = FrozenFeatures(split, device, batch_size=batch_size).logits(val).double().cpu()
+    precision = resolve_precision(precision, device)
+    view = FrozenFeatures(split, device, batch_size=batch_size, precision=precision)
+    logits = view.logits(val).double().cpu()
     head_classes = getattr(objective, "head_classes", None)
     scores, metrics = [], []
     for tau in grid:
@@ -322,6 +337,8 @@ def classifier_retraining(
     head: nn.Linear | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> nn.Module:
     """Classifier re-training (cRT, Kang et al. 2020) on a frozen backbone.
 
@@ -346,6 +363,9 @@ def classifier_retraining(
         callback: called after each epoch with ``{"epoch", "loss", "val"}`` (``val`` is
             :func:`selmix.all_metrics` of the validation set, or None).
         progress: show a progress bar (:func:`selmix._progress.progress_bar`).
+        precision: the feature extraction's autocast (:mod:`selmix.precision`); the head
+            trains in float32 on float32 features.
+        channels_last: convert the copied backbone to the channels-last layout.
 
     Returns:
         A new model: the copied backbone with the re-trained head, in eval mode.
@@ -358,12 +378,15 @@ def classifier_retraining(
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     generator = as_generator(seed)
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     retrained, split, train, labels = _copy_for_training(model, train, features, head, device)
+    if check_bool("channels_last", channels_last):
+        to_channels_last(retrained)
     num_classes = split.head.out_features
     if val is not None:
         val = as_batch_dataset(val, "val")
         check_labels("val", val.labels, num_classes, every_class=True)
-    view = FrozenFeatures(split, device, batch_size=eval_batch_size)
+    view = FrozenFeatures(split, device, batch_size=eval_batch_size, precision=precision)
     train_features = view.features(train)
     device_labels = labels.to(device)
     _reset_linear(split.head, generator)
@@ -413,6 +436,8 @@ def logit_adjusted_finetune(
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     progress: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> nn.Module:
     """Fine-tunes a copy of ``model`` with the logit-adjusted cross-entropy.
 
@@ -441,6 +466,10 @@ def logit_adjusted_finetune(
         eval_batch_size: batch size of the feature extraction (frozen backbone).
         features, head: an explicit split of ``model``.
         progress: show a progress bar (:func:`selmix._progress.progress_bar`).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA, with loss scaling) or
+            ``"auto"``: the autocast of the backbone's forward passes; the loss (of
+            float32 logits), weights and optimiser state stay float32.
+        channels_last: convert the copied model to the channels-last layout.
 
     Returns:
         The fine-tuned copy, in eval mode.
@@ -458,7 +487,11 @@ def logit_adjusted_finetune(
         check_bool(name, flag)
     generator = as_generator(seed)
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     tuned, split, train, labels = _copy_for_training(model, train, features, head, device)
+    if check_bool("channels_last", channels_last):
+        to_channels_last(tuned)
+    scaler = grad_scaler(precision, device)
     num_classes = split.head.out_features
     adjustment = logit_adjustment(labels, num_classes, tau).to(device)
     backbone_lr = lr_head / 10 if lr_backbone is None else lr_backbone
@@ -467,7 +500,9 @@ def logit_adjusted_finetune(
     )
     cached = None
     if frozen_backbone:
-        cached = FrozenFeatures(split, device, batch_size=eval_batch_size).features(train)
+        cached = FrozenFeatures(
+            split, device, batch_size=eval_batch_size, precision=precision
+        ).features(train)
     device_labels = labels.to(device)
     rates = "`lr_head`" if frozen_backbone else "`lr_head` / `lr_backbone`"
     bar = progress_bar(steps, "la_finetune", check_bool("progress", progress), leave=False)
@@ -478,12 +513,15 @@ def logit_adjusted_finetune(
             logits = split.head(cached[on_device])
         else:
             images, _ = train.batch(index, augment=augment, generator=generator, device=device)
-            logits = split.head(split.features(images))
-        loss = F.cross_entropy(logits + adjustment.to(logits.dtype), device_labels[on_device])
+            with autocast(precision, device):
+                logits = split.head(split.features(images))
+        # the loss in float32 whatever the precision of the forward pass
+        loss = F.cross_entropy(logits.float() + adjustment, device_labels[on_device])
         _check_finite(loss, f"at step {step} of logit-adjusted fine-tuning", rates)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         bar.update(1)
     bar.close()
@@ -697,8 +735,22 @@ class BaselineConfig(ConfigMixin):
         flag=True,
     )  # fmt: skip
     device: str = setting(
-        "cpu", help="where to run", cli_default="auto", choices=("cpu", "cuda", "auto"),
-        flag=True,
+        "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
+        metavar="DEVICE",
+    )  # fmt: skip
+    precision: str = setting(
+        _DEFAULTS.precision, check=Choice(PRECISIONS), flag=True,
+        help="numeric precision of the backbone's forward passes: fp32, bf16, fp16 (CUDA) or "
+        "auto (bf16 where the hardware runs it fast, see selmix.precision)",
+    )  # fmt: skip
+    threads: int | None = setting(
+        None, check=Optional(Int(1)), flag=True, metavar="N",
+        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+        "this process may use",
+    )  # fmt: skip
+    channels_last: bool = setting(
+        False, check=Flag(), flag=True, extra=_TRAINED,
+        help="channels-last memory layout for convolutional models",
     )  # fmt: skip
     progress: bool = setting(
         True, help="show progress bars (crt and la_finetune; plain lines when not a terminal)",
@@ -717,9 +769,11 @@ class BaselineConfig(ConfigMixin):
         if method == "start":
             return {"device": self.device}
         if method == "posthoc_la":
-            return {"taus": self.taus, "batch_size": self.eval_batch_size, "device": self.device}
+            return {"taus": self.taus, "batch_size": self.eval_batch_size, "device": self.device,
+                    "precision": self.precision}  # fmt: skip
         renamed = {"la_tau": "tau"}
-        skipped = {"objective", "objective_params", "taus", "head_classes"}
+        # threads are set once for the process by `baseline`
+        skipped = {"objective", "objective_params", "taus", "head_classes", "threads"}
         return {
             renamed.get(name, name): values[name]
             for name in self.used_by(method)
@@ -761,6 +815,7 @@ def baseline(
 
     check_choice("method", method, list_baselines())
     config = BaselineConfig.resolve(config, overrides)
+    configure_threads(config.threads)
     num_classes = split_model(model, features=features, head=head).head.out_features
     labels = as_batch_dataset(train, "train").labels
     config, objective = resolve_objective(config, None, labels, num_classes)

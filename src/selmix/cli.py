@@ -138,37 +138,28 @@ def _data_options(required: bool = True) -> list[Option]:
 
 
 def _common_options(device: str = "auto") -> list[Option]:
+    from selmix.evaluate import DEVICE_HELP
+
     return [
         Option("seed", 0, "random seed (model initialisation, data split, sampling)", type=int),
-        Option("device", device, "where to run", choices=("cpu", "cuda", "auto")),
+        Option("device", device, f"where to run: {DEVICE_HELP}", metavar="DEVICE"),
     ]
 
 
 def _pretrain_options() -> list[Option]:
-    from selmix.pretrain import LOSSES, PretrainConfig
+    from selmix.pretrain import PretrainConfig
 
-    # PretrainConfig's fields carry no CLI metadata yet: their flags, the CLI key of
-    # mixup_alpha and the CLI default device are given here
-    flag = {"flag": True}
     return _data_options() + [
         Option("model", None, "registry model name (see the list below) or timm:NAME for any "
                "timm architecture (extra selmix[timm])", metavar="NAME", required=True),
-        Option("out", None, "output folder (model.pt, metrics.json, config.yaml)",
-               metavar="DIR", required=True),
+        Option("out", None, "output folder (model.pt, metrics.json, config.yaml, "
+               "pretrain_state.pt)", metavar="DIR", required=True),
+        Option("resume", None, "resume from a pretrain_state.pt of an interrupted run with "
+               "the same settings and data", metavar="FILE"),
         Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
-    ] + _config_options(
-        PretrainConfig, epochs=flag, batch_size=flag, lr=flag, seed=flag,
-        loss={"flag": True, "choices": LOSSES, "help": "training loss"},
-        mixup_alpha={"flag": True, "key": "mixup", "metavar": "ALPHA",
-                     "help": "input mixup Beta(alpha, alpha); 0 turns it off"},
-        device={"flag": True, "cli_default": "auto", "choices": ("cpu", "cuda", "auto"),
-                "help": "where to run"},
-        progress={"flag": True, "help": "show progress (a bar on a terminal, a plain line "
-                  "every tenth of the run otherwise; TQDM_DISABLE=1 also turns it off)"},
-        checkpoint_path={"cli": False},
-    )  # fmt: skip
+    ] + _config_options(PretrainConfig)  # fmt: skip
 
 
 def _finetune_options() -> list[Option]:
@@ -224,9 +215,11 @@ def _demo_options() -> list[Option]:
             Option("progress", True, "show progress (plain lines when not a terminal)"),
             Option(
                 "threads",
-                1,
-                "torch CPU threads (1 is the fastest on a small, busy machine; 0: torch's default)",
+                None,
+                "torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+                "this process may use (1 is the fastest on a small, busy machine)",
                 type=int,
+                metavar="N",
             ),
         ]
         + _data_options(required=False)
@@ -525,6 +518,7 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 #: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
+    "pretrain_state.pt",
 )  # fmt: skip
 
 
@@ -604,6 +598,9 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     if not isinstance(settings["model_kwargs"], dict):
         raise UsageError("`model_kwargs` must be a mapping, e.g. --set model_kwargs='{width: 2}'")
     _check_early(settings)
+    resume = settings["resume"]
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"`resume` file {resume!r} does not exist")
     _check_out(settings)
     splits = _load_data(settings)
     settings["head_classes"] = _head_classes(settings, splits)
@@ -613,8 +610,19 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
         settings["model"], _num_classes(splits), in_channels=_in_channels(splits.train),
         **settings["model_kwargs"],
     )  # fmt: skip
-    out = _start_run(settings)
-    result = pretrain(model, splits.train, splits.val, config)
+    # a resumed run keeps --out as it is (its pretrain_state.pt is the checkpoint)
+    out = _out_dir(settings) if resume is not None else _start_run(settings)
+    state_path = out / "pretrain_state.pt"
+    config = config.replace(checkpoint_path=str(state_path))
+    try:
+        result = pretrain(model, splits.train, splits.val, config, resume=resume)
+    except KeyboardInterrupt:
+        hint = (
+            f"interrupted; continue with --resume {state_path}"
+            if state_path.is_file()
+            else "interrupted before the first checkpoint: nothing to resume from"
+        )
+        raise _Interrupted(hint) from None
     metrics = {
         "test": evaluate(result.model, splits.test, config.device, config.eval_batch_size)
         .metrics(settings["head_classes"]),

@@ -134,10 +134,11 @@ def evaluate_across(
     batch_size: int = 512,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
+    precision: str = "fp32",
 ) -> Evaluation:
     """:func:`selmix.evaluate` of ``dataset``, each process evaluating its shard; every
     process gets the whole result (summed counts, prototypes of the summed sums)."""
     return evaluate(
         model, collective.shard(dataset), device, batch_size, features=features, head=head,
-        reduce=collective.all_reduce,
+        reduce=collective.all_reduce, precision=precision,
     )  # fmt: skip

@@ -77,7 +77,7 @@ def run_demo(
     objectives: tuple[str, ...] = DEMO_OBJECTIVES,
     progress: bool = True,
     verbose: bool = True,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Runs the demo and writes ``out_dir/index.html`` (+ PNGs) and ``out_dir/metrics.json``.
 
@@ -90,9 +90,10 @@ def run_demo(
         objectives: the objectives to fine-tune for.
         progress: show progress bars.
         verbose: print what happens and the final table.
-        threads: torch CPU threads during the demo (restored afterwards). One thread is
-            the fastest choice on a small machine that is also busy with other work (two
-            threads on two busy cores ran 4x slower); None keeps torch's setting.
+        threads: torch CPU threads during the demo (restored afterwards); None: the
+            default of :func:`selmix.precision.configure_threads` (``OMP_NUM_THREADS`` if
+            set, else the physical cores this process may use). On a small machine busy
+            with other work pass 1 (two threads on two busy cores ran 4x slower).
 
     Returns:
         A dict with ``before`` (test metrics of the pre-trained model), ``after``
@@ -102,11 +103,10 @@ def run_demo(
     """
     import torch
 
-    if threads is not None and threads < 1:
-        raise ValueError(f"`threads` must be None or >= 1, got {threads}")
+    from selmix.precision import configure_threads
+
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    configure_threads(threads)
     try:
         return _run_demo(
             Path(out_dir), device, seed, fast, data_options, tuple(objectives), progress, verbose

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from selmix.metrics import all_metrics, confusion_counts
+from selmix.precision import autocast, evaluation_mode
 
 __all__ = [
     "Evaluation",
@@ -20,18 +21,45 @@ __all__ = [
 ]
 
 
+DEVICE_HELP = "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else goes to ``torch.device``."""
+    """The device a run uses.
+
+    Args:
+        device: ``"auto"`` (or None): CUDA when present, else CPU; ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` (the N-th GPU) or ``"mps"`` (Apple GPUs), or a ``torch.device``.
+
+    Raises:
+        ValueError: one line, for a value that names no device of these kinds, or a
+            device this machine does not have (no CUDA, fewer than N + 1 GPUs, no MPS).
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"`device` must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}"
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` {device!r} was asked for but CUDA is not available")
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`device` must be {DEVICE_HELP}, got {device!r}")
+    if resolved.type == "cpu" and resolved.index not in (None, 0):
+        raise ValueError(f"`device` must be {DEVICE_HELP}, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` {str(device)!r} was asked for but CUDA is not available")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"`device` {str(device)!r} was asked for but this machine has {count} CUDA "
+                f"device(s) (cuda:0 to cuda:{count - 1})"
+            )
+    if resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"`device` {str(device)!r} was asked for but MPS (Apple GPU) is not available"
+            )
     return resolved
 
 
@@ -96,15 +124,32 @@ def extract_features(
     device: torch.device,
     batch_size: int = 512,
     indices: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Features of every sample (eval mode, no augmentation). Returns Tensor[N, d] on device."""
+    """Features of every sample (no augmentation; the caller sets eval mode).
+
+    Args:
+        features: the feature extractor.
+        dataset: a selmix dataset or any map-style dataset of (x, y).
+        device: where to compute.
+        batch_size: images per forward pass.
+        indices: LongTensor[n] of the samples to extract (default: all).
+        precision: a resolved precision (:func:`selmix.precision.resolve_precision`); the
+            forward passes run under its autocast, the features are returned in float32.
+
+    Returns:
+        float32 Tensor[N, d] on ``device`` (ordinary tensors, usable by autograd later:
+        this runs under ``no_grad``, not inference mode, so that a feature cache can feed
+        a trained head).
+    """
     dataset = as_batch_dataset(dataset)
     if indices is None:
         indices = torch.arange(len(dataset.labels))
     chunks = []
     for start in range(0, indices.numel(), batch_size):
         images, _ = dataset.batch(indices[start : start + batch_size], device=device)
-        chunks.append(features(images))
+        with autocast(precision, device):
+            chunks.append(features(images).float())
     return torch.cat(chunks)
 
 
@@ -148,6 +193,7 @@ def evaluate(
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     reduce: Any = None,
+    precision: str = "fp32",
 ) -> Evaluation:
     """Confusion counts and prototypes of ``model`` on ``dataset``, in eval mode.
 
@@ -160,6 +206,9 @@ def evaluate(
         features, head: an explicit split of ``model``.
         reduce: optional function applied in place to each summed tensor (used to
             all-reduce across processes).
+        precision: a resolved precision; the forward passes run under
+            :func:`selmix.precision.evaluation_mode` (inference mode and autocast). The
+            sums (counts, float64 feature sums, float64 soft counts) do not depend on it.
 
     Returns:
         An :class:`Evaluation` (tensors on the CPU).
@@ -186,9 +235,11 @@ def evaluate(
         for start in range(0, labels.numel(), batch_size):
             index = torch.arange(start, min(start + batch_size, labels.numel()))
             images, batch_labels = dataset.batch(index, device=device)
-            feats = split.features(images)
-            logits = split.head(feats)
-            parts = summarize(feats, logits, batch_labels, num_classes)
+            with evaluation_mode(precision, device):
+                feats = split.features(images)
+                logits = split.head(feats)
+            # the sums outside autocast and inference mode: ordinary float64 / int tensors
+            parts = summarize(feats.float(), logits.float(), batch_labels, num_classes)
             totals = (
                 parts
                 if totals is None

@@ -43,7 +43,60 @@ from selmix.objectives import Objective, as_objective, get_objective
 from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
 from selmix.sampler import PairSampler
 
-__all__ = ["MixupPairs", "SelMixFeedback"]
+__all__ = ["FeedbackResult", "MixupPairs", "SelMixFeedback", "feedback_step", "smoothed_confusion"]
+
+
+def smoothed_confusion(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
+    """``(counts + pseudo_count) / total``: Tensor[K, K] float64 summing to 1."""
+    smoothed = counts.double() + pseudo_count
+    return smoothed / smoothed.sum()
+
+
+class FeedbackResult(NamedTuple):
+    """What one feedback computation gives (:func:`feedback_step`).
+
+    Attributes:
+        estimate: float64 Tensor[K, K], the estimate of C the objective saw (summing to 1).
+        value: the objective's value at ``estimate`` (after the multiplier update).
+        gain: float Tensor[K, K] on the CPU, the gain matrix.
+        distribution: Tensor[K, K] on the CPU, the new mixup distribution P.
+    """
+
+    estimate: torch.Tensor
+    value: float
+    gain: torch.Tensor
+    distribution: torch.Tensor
+
+
+def feedback_step(
+    objective: Objective, evaluation: Evaluation, head: nn.Linear, settings: Any
+) -> FeedbackResult:
+    """The feedback computation of SelMix: counts -> estimate -> multipliers -> gain -> P.
+
+    The one implementation that :class:`selmix.Trainer` and :class:`SelMixFeedback` both
+    call (MATH.md section 5). Everything runs outside autocast, in float32 / float64.
+
+    Args:
+        objective: the objective; its multipliers are updated in place.
+        evaluation: the validation set's confusion counts and class-mean features.
+        head: the linear head ``nn.Linear(d, K)`` (the gain's logit directions).
+        settings: anything with ``confusion_smoothing``, ``mix`` (E[lam]), ``gain_scale``,
+            ``policy`` and ``normalize_gain`` (a :class:`selmix.FinetuneConfig` or a
+            :class:`SelMixFeedback`).
+
+    Returns:
+        A :class:`FeedbackResult`.
+    """
+    estimate = smoothed_confusion(evaluation.counts, settings.confusion_smoothing)
+    objective.update(estimate)
+    with torch.no_grad():
+        value = float(objective(estimate))
+    prototypes = evaluation.prototypes.to(head.weight.device)
+    gain = gain_matrix(objective, estimate, prototypes, head, settings.mix).cpu()
+    distribution = mixup_distribution(
+        gain, settings.gain_scale, settings.policy, settings.normalize_gain
+    ).cpu()
+    return FeedbackResult(estimate, value, gain, distribution)
 
 
 class MixupPairs(NamedTuple):
@@ -184,22 +237,13 @@ class SelMixFeedback:
             "effective_pairs", "gain"}``: the fields of ``finetune``'s log records and the
             gain matrix (Tensor[K, K], e.g. for :class:`selmix.loggers.TensorBoardLogger`).
         """
-        from selmix.finetune import smoothed_confusion
-
         if evaluation.counts.shape != (self.num_classes, self.num_classes):
             raise ValueError(
                 f"`evaluation` must be for {self.num_classes} classes, got counts of shape "
                 f"{tuple(evaluation.counts.shape)}"
             )
-        estimate = smoothed_confusion(evaluation.counts, self.confusion_smoothing)
-        self.objective.update(estimate)
-        with torch.no_grad():
-            value = float(self.objective(estimate))
-        prototypes = evaluation.prototypes.to(head.weight.device)
-        gain = gain_matrix(self.objective, estimate, prototypes, head, self.mix).cpu()
-        self.distribution = mixup_distribution(
-            gain, self.gain_scale, self.policy, self.normalize_gain
-        ).cpu()
+        result = feedback_step(self.objective, evaluation, head, self)
+        value, gain, self.distribution = result.value, result.gain, result.distribution
         multipliers = self.objective.multipliers
         record = {
             "step": len(self.history) if step is None else int(step),

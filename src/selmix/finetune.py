@@ -56,17 +56,26 @@ from selmix.checkpoint import (
     save_model,
 )
 from selmix.collective import Collective, SingleProcess
-from selmix.evaluate import Evaluation, as_batch_dataset, evaluate
-from selmix.gain import gain_matrix
+from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
+from selmix.feedback import feedback_step
+from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
-from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
+from selmix.optim import split_sgd_cosine
+from selmix.policy import POLICIES, effective_pairs, policy_entropy
+from selmix.precision import (
+    PRECISIONS,
+    configure_threads,
+    grad_scaler,
+    resolve_precision,
+    to_channels_last,
+)
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
 from selmix.views import MixupForward, PairPools, make_view
 
 if TYPE_CHECKING:
-    from selmix.models import ModelSplit
+    pass
 
 __all__ = [
     "FinetuneConfig",
@@ -80,6 +89,8 @@ __all__ = [
 ]
 
 SELECT = ("best", "last")
+#: The default ``precision`` of fine-tuning (see docs/results/precision_parity.md).
+PRECISION_DEFAULT = "fp32"
 #: Steps between resume checkpoints unless set (see ``FinetuneConfig.checkpoint_every``).
 CHECKPOINT_EVERY = 200
 #: The training loss is reported as diverging above this multiple of
@@ -169,8 +180,29 @@ class FinetuneConfig(ConfigMixin):
         run=True, flag=True,
     )  # fmt: skip
     device: str = setting(
-        "cpu", help="where to run", cli_default="auto", choices=("cpu", "cuda", "auto"),
-        flag=True,
+        "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
+        metavar="DEVICE",
+    )  # fmt: skip
+    precision: str = setting(
+        PRECISION_DEFAULT, check=Choice(PRECISIONS), run=True, flag=True,
+        help="numeric precision of the forward passes: fp32, bf16, fp16 (CUDA, with loss "
+        "scaling) or auto (bf16 on CUDA with bf16 and on CPUs with AMX / AVX-512-bf16, else "
+        "fp32); weights, losses, confusion counts, multipliers and gain stay float32/64",
+    )  # fmt: skip
+    threads: int | None = setting(
+        None, check=Optional(Int(1)), flag=True, metavar="N",
+        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+        "this process may use (divided among torchrun's local processes)",
+    )  # fmt: skip
+    channels_last: bool = setting(
+        False, check=Flag(), flag=True,
+        help="channels-last memory layout for convolutional models (faster with bf16 on "
+        "CPUs with AMX and on GPUs)",
+    )  # fmt: skip
+    compile: bool = setting(
+        False, check=Flag(), flag=True,
+        help="torch.compile the feature extractor (pays back its compile time only in "
+        "long full-backbone runs; see docs/results/compile_speed.md)",
     )  # fmt: skip
     head_classes: list[int] | None = setting(
         None, help="head classes for head/tail metrics and objectives; unset: the 90% most "
@@ -272,50 +304,8 @@ class FinetuneResult:
         return save_model(path, self.model, meta)
 
 
-def smoothed_confusion(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
-    """``(counts + pseudo_count) / total``: Tensor[K, K] float64 summing to 1."""
-    smoothed = counts.double() + pseudo_count
-    return smoothed / smoothed.sum()
-
-
-def sgd_cosine(
-    split: ModelSplit,
-    steps: int,
-    lr_head: float,
-    lr_backbone: float | None,
-    momentum: float,
-    weight_decay: float,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD over the head and (optionally) the backbone with a cosine decay to 0 over ``steps``.
-
-    The optimiser of SelMix fine-tuning, shared with the baselines of
-    :mod:`selmix.baselines`.
-
-    Args:
-        split: a :class:`selmix.models.ModelSplit` (``features``, ``head``).
-        steps: the length of the schedule (the learning rates reach 0 at ``steps``).
-        lr_head: learning rate of the head (parameter group ``"head"``).
-        lr_backbone: learning rate of the trainable feature parameters (group
-            ``"backbone"``); None trains the head only.
-        momentum, weight_decay: SGD settings.
-
-    Returns:
-        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every optimiser step.
-    """
-    head_params = list(split.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    groups = [{"params": head_params, "lr": lr_head, "name": "head"}]
-    if lr_backbone is not None:
-        backbone = [
-            p for p in split.features.parameters() if id(p) not in head_ids and p.requires_grad
-        ]
-        if backbone:
-            groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
-    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
-    return optimizer, scheduler
+#: the optimiser of fine-tuning, now in :mod:`selmix.optim` (this name stays for old imports)
+sgd_cosine = split_sgd_cosine
 
 
 def _plain(value: Any) -> Any:
@@ -465,6 +455,63 @@ def _check_finite(loss: float, step: int, good_checkpoint: tuple[str, int] | Non
         )
 
 
+class _LinearHeadStep:
+    """The gradients of the frozen-backbone step in closed form, without autograd.
+
+    For a linear head ``z = x W^T + b`` and the mean cross-entropy over a batch of B,
+    ``dL/dz = (softmax(z) - onehot(y)) / B``, ``dL/dW = (dL/dz)^T x`` and
+    ``dL/db = sum_rows dL/dz``. They are computed with the kernels autograd runs for
+    ``F.cross_entropy(head(x), y).backward()`` (the log-softmax backward of the NLL
+    gradient, ``(dL/dz)^T x`` as one ``mm``, a row sum), so loss and gradients are
+    bit-identical to autograd's (tests/test_finetune.py compares them), and the update stays
+    ``torch.optim.SGD``'s own (``optimizer.step()``: weight decay, momentum, hooks).
+    The autograd graph, ``zero_grad`` and the module call were most of a head step's time
+    (docs/results/finetune_speed_trainer.md).
+    """
+
+    def __init__(self, head: nn.Linear) -> None:
+        self.head = head
+
+    def loss_and_gradients(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Sets ``head.weight.grad`` (and ``head.bias.grad``) for the batch; returns the loss.
+
+        Args:
+            features: float32 Tensor[B, d], the head's input.
+            labels: LongTensor[B] on the same device.
+        """
+        head = self.head
+        batch = features.shape[0]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(F.linear(features, head.weight, head.bias), dim=1)
+            loss = F.nll_loss(log_probs, labels)
+            # the NLL loss's gradient (-1/B at the labels), through autograd's own
+            # log-softmax backward kernel: softmax / B minus 1/B at the labels
+            grad_log_probs = torch.zeros_like(log_probs)
+            grad_log_probs.scatter_(1, labels[:, None], -1.0 / batch)
+            grad_logits = torch._log_softmax_backward_data(
+                grad_log_probs, log_probs, 1, log_probs.dtype
+            )
+            head.weight.grad = grad_logits.t().mm(features)
+            if head.bias is not None:
+                head.bias.grad = grad_logits.sum(0)
+        return float(loss)
+
+
+def _closed_form_head_step(view: Any, collective: Collective) -> _LinearHeadStep | None:
+    """The closed-form head step where it is exact: a frozen backbone and a plain
+    ``nn.Linear`` head (no subclass, no hooks, trainable weights)."""
+    from selmix.views import FrozenFeatures
+
+    head = view.split.head
+    if not isinstance(view, FrozenFeatures) or type(head) is not nn.Linear:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks:
+        return None
+    if not all(param.requires_grad for param in head.parameters()):
+        return None
+    return _LinearHeadStep(head)
+
+
 def _weights_are_finite(model: nn.Module) -> bool:
     return all(
         bool(torch.isfinite(value).all())
@@ -538,7 +585,8 @@ def check_resume(
             f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
             f"but this run has {world_size} (world size): resume on as many processes"
         )
-    changed = config.resume_changes(state["config"])
+    # checkpoints written before the precision setting existed ran in float32
+    changed = config.resume_changes({"precision": "fp32", **state["config"]})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")
@@ -611,12 +659,21 @@ class Trainer:
         labels = torch.as_tensor(self.train.labels).long().cpu()
         config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
         self.device = self.collective.process_device(config.device)
-        self.config = config = config.replace(device=str(self.device))
+        # the resolved precision is recorded: "auto" resumes only where it resolves alike
+        self.precision = resolve_precision(config.precision, self.device)
+        self.config = config = config.replace(device=str(self.device), precision=self.precision)
+        configure_threads(config.threads)
         self.model = model.to(self.device)
+        if config.channels_last:
+            to_channels_last(self.model)
+        if config.compile:
+            # in place: the parameters and state_dict keys stay those of the model
+            self.split.features.compile()
         self.callback = callback
         self.view = make_view(
             config.frozen_backbone, self.split, self.device, self.collective,
             config.eval_batch_size, PairPools(self.train, self.unlabelled), config.augment,
+            precision=self.precision,
         )  # fmt: skip
         # distinct, reproducible streams per rank; rank 0 matches a single-process run
         self.generator = torch.Generator().manual_seed(
@@ -636,12 +693,15 @@ class Trainer:
         self.diverged_step: int | None = None
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
-        self.optimizer, self.scheduler = sgd_cosine(
+        self.optimizer, self.scheduler = split_sgd_cosine(
             self.split, config.steps, config.lr_head,
             config.backbone_lr if self.view.trains_backbone else None,
             config.momentum, config.weight_decay,
         )  # fmt: skip
         self.view.attach(self.optimizer)
+        # loss scaling for fp16 (a pass-through otherwise); its state is checkpointed
+        self.scaler = grad_scaler(self.precision, self.device)
+        self._head_step = _closed_form_head_step(self.view, self.collective)
 
     # -- feedback -----------------------------------------------------------------------
     def _evaluate_val(self) -> Evaluation:
@@ -659,17 +719,8 @@ class Trainer:
         self.best.offer(score, self.step, self.model)
         # the objective, multipliers and gain see the (optionally smoothed) estimate of C;
         # the logged metrics are those of the raw counts
-        estimate = smoothed_confusion(evaluation.counts, config.confusion_smoothing)
-        self.objective.update(estimate)
-        with torch.no_grad():
-            value = float(self.objective(estimate))
-        gain = gain_matrix(
-            self.objective, estimate, evaluation.prototypes.to(self.device), self.split.head,
-            config.mix,
-        ).cpu()  # fmt: skip
-        self.distribution = mixup_distribution(
-            gain, config.gain_scale, config.policy, config.normalize_gain
-        ).cpu()
+        result = feedback_step(self.objective, evaluation, self.split.head, config)
+        value, gain, self.distribution = result.value, result.gain, result.distribution
         groups = self.optimizer.param_groups
         record: dict[str, Any] = {
             "step": self.step,
@@ -738,18 +789,29 @@ class Trainer:
         lam = config.lam_min + (1 - config.lam_min) * torch.rand(
             batch_size, generator=self.generator
         )
-        self.model.eval()  # batch norm frozen: running statistics, no updates
-        logits = self.view.mixed_logits(
-            first, second, from_second, lam.to(self.device)[:, None], self.generator
-        )
-        loss = F.cross_entropy(logits, labels.to(self.device))
-        loss_value = float(loss.detach())
-        _check_finite(loss_value, self.step, self.good_checkpoint)
+        if self._head_step is None:
+            # batch norm frozen: running statistics, no updates (the closed-form head step
+            # calls no module, and eval() walking every module costs more than its maths)
+            self.model.eval()
+        lam = lam.to(self.device)[:, None]
+        labels = labels.to(self.device)
+        if self._head_step is not None:
+            mixed = self.view.mixed_features(first, second, from_second, lam)
+            loss_value = self._head_step.loss_and_gradients(mixed, labels)
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            self.optimizer.step()
+        else:
+            logits = self.view.mixed_logits(first, second, from_second, lam, self.generator)
+            # the loss in float32 whatever the precision of the forward pass
+            loss = F.cross_entropy(logits.float(), labels)
+            loss_value = float(loss.detach())
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.start_loss is None:
             self.start_loss = loss_value
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
         self.scheduler.step()
         self._loss_sum += loss_value
         self._loss_count += 1
@@ -824,6 +886,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "objective": self.objective.state_dict(),
             "distribution": self.distribution.clone(),
             "pseudo_labels": self.pseudo_labels,
@@ -854,6 +917,8 @@ class Trainer:
             ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # checkpoints of selmix <= 0.2 have none (fp32 only)
+            self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["objective"])
         self.distribution = state["distribution"]
         self.pseudo_labels = state["pseudo_labels"]

@@ -21,7 +21,7 @@ import torch
 
 from selmix._validation import check_in_range, check_int, check_positive
 
-__all__ = ["WarmupCosine", "sgd", "sgd_cosine", "warmup_cosine"]
+__all__ = ["WarmupCosine", "sgd", "sgd_cosine", "split_sgd_cosine", "warmup_cosine"]
 
 
 class WarmupCosine:
@@ -94,3 +94,41 @@ def sgd_cosine(
     """:func:`sgd` and its :func:`warmup_cosine` schedule. Returns ``(optimizer, scheduler)``."""
     optimizer = sgd(params, lr, momentum, weight_decay, nesterov)
     return optimizer, warmup_cosine(optimizer, total_steps, warmup_steps)
+
+
+def split_sgd_cosine(
+    split: Any,
+    steps: int,
+    lr_head: float,
+    lr_backbone: float | None,
+    momentum: float,
+    weight_decay: float,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over the head and (optionally) the backbone with a cosine decay to 0 over ``steps``.
+
+    The optimiser of SelMix fine-tuning and of the baselines of :mod:`selmix.baselines`
+    (bit-identical to the ``torch.optim.SGD`` + ``LambdaLR`` fine-tuning always used).
+
+    Args:
+        split: a :class:`selmix.models.ModelSplit` (``features``, ``head``).
+        steps: the length of the schedule (the learning rates reach 0 at ``steps``).
+        lr_head: learning rate of the head (parameter group ``"head"``).
+        lr_backbone: learning rate of the trainable feature parameters (group
+            ``"backbone"``); None trains the head only.
+        momentum, weight_decay: SGD settings.
+
+    Returns:
+        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every optimiser step.
+    """
+    head_params = list(split.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    groups = [{"params": head_params, "lr": lr_head, "name": "head"}]
+    if lr_backbone is not None:
+        backbone = [
+            p for p in split.features.parameters() if id(p) not in head_ids and p.requires_grad
+        ]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
+    # selmix.optim's cosine without warm-up: the same floating-point operations as the
+    # schedule fine-tuning always used, so runs are unchanged
+    return sgd_cosine(groups, lr_head, steps, 0, momentum, weight_decay)

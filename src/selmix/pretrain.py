@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import ConfigMixin
+from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
 from selmix._progress import progress_bar
-from selmix._validation import check_choice, check_in_range, check_int, check_positive
 from selmix.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -37,7 +36,7 @@ from selmix.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
+from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.models.split import output_tensor
 from selmix.optim import sgd_cosine
 from selmix.precision import (
@@ -59,79 +58,76 @@ LOSSES = ("ce", "logit_adjusted")
 class PretrainConfig(ConfigMixin):
     """Settings of supervised pre-training.
 
-    Attributes:
-        epochs: passes over the training set.
-        batch_size: images per step.
-        lr: peak learning rate (SGD).
-        momentum, weight_decay: SGD settings.
-        loss: ``"ce"`` or ``"logit_adjusted"``.
-        la_tau: the logit-adjustment temperature.
-        mixup_alpha: input mixup with ``lam ~ Beta(alpha, alpha)``; 0 turns it off.
-        augment: random crop and flip.
-        warmup_epochs: linear warm-up before the cosine decay.
-        seed: seeds the shuffling, augmentation and mixup.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        eval_batch_size: batch size for the per-epoch validation.
-        progress: show a progress bar.
-        checkpoint_path: if set, a checkpoint is written there (atomically) every
-            ``checkpoint_every`` epochs and at the end. It is a model file
-            (:func:`selmix.load_model` reads it) that also holds the training state, so
-            ``pretrain(..., resume=checkpoint_path)`` continues the run.
-        checkpoint_every: epochs between checkpoints (with ``checkpoint_path``).
-        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"auto"`` (bf16 on
-            a CUDA device with bf16 and on a CPU with AMX / AVX-512 bf16, else fp32); see
-            :mod:`selmix.precision`. The forward passes (training and validation) run
-            under autocast; weights, optimiser state and losses stay float32.
-        threads: CPU threads (``torch.set_num_threads``); None keeps ``OMP_NUM_THREADS``
-            when set, else uses the physical cores divided among the local processes
-            (:func:`selmix.precision.configure_threads`).
-        channels_last: convert a convolutional model to the channels-last layout.
+    Each field declares its help text, constraint and CLI flag (:mod:`selmix._config`);
+    ``run`` marks the settings a resumed run must keep (the others do not change the
+    trajectory on one device, thread count and precision). ``checkpoint_path``: if set, a
+    checkpoint is written there (atomically) every ``checkpoint_every`` epochs and at the
+    end; it is a model file (:func:`selmix.load_model` reads it) that also holds the
+    training state, so ``pretrain(..., resume=checkpoint_path)`` continues the run.
+    ``precision``: the forward passes (training and validation) run under autocast;
+    weights, optimiser state and losses stay float32 (:mod:`selmix.precision`).
     """
 
     settings_name = "pre-training"
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    loss: str = "ce"
-    la_tau: float = 1.0
-    mixup_alpha: float = 0.0
-    augment: bool = True
-    warmup_epochs: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    eval_batch_size: int = 512
-    progress: bool = True
-    checkpoint_path: str | None = None
-    checkpoint_every: int = 1
-    precision: str = "fp32"
-    threads: int | None = None
-    channels_last: bool = False
+    epochs: int = setting(30, help="passes over the training set", check=Int(1), run=True,
+                          flag=True)  # fmt: skip
+    batch_size: int = setting(128, help="images per step", check=Int(1), run=True, flag=True)
+    lr: float = setting(0.1, help="peak learning rate (SGD)", check=Real(), run=True, flag=True)
+    momentum: float = setting(0.9, help="SGD momentum", check=Real(high=1.0), run=True)
+    weight_decay: float = setting(5e-4, help="SGD weight decay", check=Real(strict=False), run=True)
+    loss: str = setting("ce", help="training loss", check=Choice(LOSSES), run=True, flag=True)
+    la_tau: float = setting(
+        1.0, help="logit-adjustment temperature (loss logit_adjusted)",
+        check=Real(strict=False), run=True,
+    )  # fmt: skip
+    mixup_alpha: float = setting(
+        0.0, help="input mixup Beta(alpha, alpha); 0 turns it off", check=Real(strict=False),
+        run=True, flag=True, key="mixup", metavar="ALPHA",
+    )  # fmt: skip
+    augment: bool = setting(True, help="random crop and flip", check=Flag(), run=True)
+    warmup_epochs: int = setting(
+        0, help="linear warm-up epochs before the cosine decay", check=Int(0), run=True
+    )
+    seed: int = setting(
+        0, help="seeds the shuffling, augmentation and mixup", check=Seed(), run=True,
+        flag=True,
+    )  # fmt: skip
+    device: str = setting(
+        "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
+        metavar="DEVICE",
+    )  # fmt: skip
+    eval_batch_size: int = setting(512, help="batch size of the per-epoch validation", check=Int(1))
+    progress: bool = setting(
+        True, check=Flag(), flag=True,
+        help="show progress (a bar on a terminal, a plain line every tenth of the run "
+        "otherwise; TQDM_DISABLE=1 also turns it off)",
+    )  # fmt: skip
+    checkpoint_path: str | None = setting(
+        None, help="where resume checkpoints go (written atomically)", cli=False
+    )
+    checkpoint_every: int = setting(
+        1, help="epochs between resume checkpoints", check=Int(1), metavar="EPOCHS"
+    )
+    precision: str = setting(
+        "fp32", check=Choice(PRECISIONS), run=True, flag=True,
+        help="numeric precision of the forward passes: fp32, bf16, fp16 (CUDA, with loss "
+        "scaling) or auto (bf16 on CUDA with bf16 and on CPUs with AMX / AVX-512-bf16)",
+    )  # fmt: skip
+    threads: int | None = setting(
+        None, check=Optional(Int(1)), flag=True, metavar="N",
+        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+        "this process may use (divided among torchrun's local processes)",
+    )  # fmt: skip
+    channels_last: bool = setting(
+        False, check=Flag(), run=True, flag=True,
+        help="channels-last memory layout for convolutional models",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_positive("lr", self.lr)
-        check_in_range("momentum", self.momentum, 0.0, 1.0)
-        check_positive("weight_decay", self.weight_decay, strict=False)
-        check_choice("loss", self.loss, LOSSES)
-        check_positive("la_tau", self.la_tau, strict=False)
-        check_positive("mixup_alpha", self.mixup_alpha, strict=False)
-        check_int("warmup_epochs", self.warmup_epochs, minimum=0)
         if self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"`warmup_epochs` must be <= `epochs` = {self.epochs}, got {self.warmup_epochs}"
-            )
-        check_int("seed", self.seed)
-        check_int("checkpoint_every", self.checkpoint_every, minimum=1)
-        check_choice("precision", self.precision, PRECISIONS)
-        if self.threads is not None:
-            check_int("threads", self.threads, minimum=1)
-        if not isinstance(self.channels_last, bool):
-            raise TypeError(
-                f"`channels_last` must be a bool, got {type(self.channels_last).__name__}"
             )
 
 
@@ -307,10 +303,9 @@ def pretrain(
 
 
 # settings that may change between a run and its resumption: they do not change the
-# trajectory (on one device, thread count and precision the run is bit-identical)
-_RESUME_FREE = {
-    "progress", "checkpoint_path", "checkpoint_every", "eval_batch_size", "threads", "device",
-}  # fmt: skip
+# trajectory (on one device, thread count and precision the run is bit-identical); the
+# others are declared with run=True
+_RESUME_FREE = set(PretrainConfig.__dataclass_fields__) - set(PretrainConfig.run_fields())
 
 
 def _save_training_checkpoint(

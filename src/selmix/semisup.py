@@ -53,12 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selmix._config import ConfigMixin
+from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
 from selmix._progress import progress_bar
-from selmix._validation import check_choice, check_in_range, check_int, check_positive
+from selmix._validation import check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
-from selmix.evaluate import as_batch_dataset, evaluate, resolve_device
+from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.optim import sgd_cosine
 from selmix.precision import (
     PRECISIONS,
@@ -325,111 +325,89 @@ def strong_augment(
 class FixMatchConfig(ConfigMixin):
     """Settings of FixMatch / FixMatch(LA) pre-training.
 
-    Attributes:
-        steps: SGD steps (FixMatch counts iterations, not epochs).
-        batch_size: labelled images per step, B.
-        mu: unlabelled-to-labelled batch ratio (mu * B unlabelled images per step).
-        threshold: confidence threshold of the pseudo-labels.
-        lambda_u: weight of the unlabelled term.
-        loss: ``"ce"`` (FixMatch) or ``"logit_adjusted"`` (FixMatch(LA)).
-        la_tau: tau of the adjustment a = tau * log pi_l.
-        debias_pseudo_labels: FixMatch(LA) pseudo-labels from z (True) or z + a (False).
-        adjust_unlabelled_loss: FixMatch(LA) trains the strong views with CE(z + a, yhat)
-            (True) or CE(z, yhat) (False).
-        lr: peak learning rate (SGD, Nesterov momentum).
-        momentum, weight_decay: SGD settings.
-        warmup_steps: linear warm-up before the cosine decay to zero.
-        randaugment_ops: RandAugment operations per image.
-        randaugment_max_magnitude: largest magnitude bin (of 31) drawn per group.
-        randaugment_group: images sharing one RandAugment draw (1 = per image).
-        cutout: side of the Cutout square relative to the image (0 disables).
-        eval_every: steps between validation evaluations (and history records).
-        eval_batch_size: batch size of evaluation.
-        seed: seeds every draw of the run.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        progress: show a progress bar.
-        checkpoint_path: if set, the model is saved there (``selmix.checkpoint.save_model``)
-            at every evaluation and at the end.
-        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA only) or ``"auto"``; the
-            training and evaluation forward passes run under autocast, the weights and
-            the loss stay float32 (see :mod:`selmix.precision`).
-        threads: CPU threads; None keeps ``OMP_NUM_THREADS`` when set, else the
-            physical cores divided among the local processes.
-        channels_last: convert a convolutional model to the channels-last layout.
+    Each field declares its help text and constraint (:mod:`selmix._config`;
+    :func:`selmix._config.settings_of` lists them); ``run`` marks what a run computes.
+    ``mu * batch_size`` unlabelled images per step; FixMatch counts steps, not epochs.
     """
 
     settings_name = "FixMatch"
 
-    steps: int = 2000
-    batch_size: int = 32
-    mu: int = 7
-    threshold: float = 0.95
-    lambda_u: float = 1.0
-    loss: str = "ce"
-    la_tau: float = 1.0
-    debias_pseudo_labels: bool = True
-    adjust_unlabelled_loss: bool = False
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
-    randaugment_ops: int = 2
-    randaugment_max_magnitude: int = 20
-    randaugment_group: int = 8
-    cutout: float = 0.5
-    eval_every: int = 200
-    eval_batch_size: int = 512
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    checkpoint_path: str | None = None
-    precision: str = "fp32"
-    threads: int | None = None
-    channels_last: bool = False
+    steps: int = setting(2000, help="SGD steps", check=Int(1), run=True)
+    batch_size: int = setting(32, help="labelled images per step, B", check=Int(1), run=True)
+    mu: int = setting(7, help="unlabelled-to-labelled batch ratio", check=Int(0), run=True)
+    threshold: float = setting(
+        0.95, help="confidence threshold of the pseudo-labels", check=Real(high=1.0), run=True
+    )
+    lambda_u: float = setting(
+        1.0, help="weight of the unlabelled term", check=Real(strict=False), run=True
+    )
+    loss: str = setting(
+        "ce", help="ce (FixMatch) or logit_adjusted (FixMatch(LA))",
+        check=Choice(FIXMATCH_LOSSES), run=True,
+    )  # fmt: skip
+    la_tau: float = setting(
+        1.0, help="tau of the adjustment a = tau * log pi_l", check=Real(strict=False), run=True
+    )
+    debias_pseudo_labels: bool = setting(
+        True, help="FixMatch(LA) pseudo-labels from z (true) or z + a (false)", check=Flag(),
+        run=True,
+    )  # fmt: skip
+    adjust_unlabelled_loss: bool = setting(
+        False, help="FixMatch(LA) trains the strong views with CE(z + a, yhat) (true) or "
+        "CE(z, yhat) (false)", check=Flag(), run=True,
+    )  # fmt: skip
+    lr: float = setting(0.03, help="peak learning rate (SGD, Nesterov)", check=Real(), run=True)
+    momentum: float = setting(0.9, help="SGD momentum", check=Real(high=1.0), run=True)
+    weight_decay: float = setting(5e-4, help="SGD weight decay", check=Real(strict=False), run=True)
+    warmup_steps: int = setting(
+        0, help="linear warm-up steps before the cosine decay", check=Int(0), run=True
+    )
+    randaugment_ops: int = setting(
+        2, help="RandAugment operations per image", check=Int(0), run=True
+    )
+    randaugment_max_magnitude: int = setting(
+        20, help="largest RandAugment magnitude bin (of 31) drawn per group", check=Int(1),
+        run=True,
+    )  # fmt: skip
+    randaugment_group: int = setting(
+        8, help="images sharing one RandAugment draw (1 = per image)", check=Int(1), run=True
+    )
+    cutout: float = setting(
+        0.5, help="side of the Cutout square relative to the image (0 disables)",
+        check=Real(high=1.0), run=True,
+    )  # fmt: skip
+    eval_every: int = setting(
+        200, help="steps between validation evaluations (and history records)", check=Int(1)
+    )
+    eval_batch_size: int = setting(512, help="batch size of evaluation", check=Int(1))
+    seed: int = setting(0, help="seeds every draw of the run", check=Seed(), run=True)
+    device: str = setting("cpu", help=f"where to run: {DEVICE_HELP}", metavar="DEVICE")
+    progress: bool = setting(True, help="show a progress bar", check=Flag())
+    checkpoint_path: str | None = setting(
+        None, help="the model is saved there at every evaluation and at the end", cli=False
+    )
+    precision: str = setting(
+        "fp32", check=Choice(PRECISIONS), run=True,
+        help="fp32, bf16, fp16 (CUDA) or auto: the training and evaluation forward passes "
+        "run under autocast, the weights and the loss stay float32",
+    )  # fmt: skip
+    threads: int | None = setting(
+        None, check=Optional(Int(1)), metavar="N",
+        help="CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores divided "
+        "among the local processes",
+    )  # fmt: skip
+    channels_last: bool = setting(
+        False, check=Flag(), run=True, help="channels-last layout for convolutional models"
+    )
 
     def __post_init__(self) -> None:
-        check_int("steps", self.steps, minimum=1)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_int("mu", self.mu, minimum=0)
-        check_in_range("threshold", self.threshold, 0.0, 1.0)
-        check_positive("lambda_u", self.lambda_u, strict=False)
-        check_choice("loss", self.loss, FIXMATCH_LOSSES)
-        check_positive("la_tau", self.la_tau, strict=False)
-        if not isinstance(self.debias_pseudo_labels, bool):
-            raise TypeError(
-                "`debias_pseudo_labels` must be a bool, got "
-                f"{type(self.debias_pseudo_labels).__name__}"
-            )
-        if not isinstance(self.adjust_unlabelled_loss, bool):
-            raise TypeError(
-                "`adjust_unlabelled_loss` must be a bool, got "
-                f"{type(self.adjust_unlabelled_loss).__name__}"
-            )
-        check_positive("lr", self.lr)
-        check_in_range("momentum", self.momentum, 0.0, 1.0)
-        check_positive("weight_decay", self.weight_decay, strict=False)
-        check_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.warmup_steps > self.steps:
             raise ValueError(
                 f"`warmup_steps` must be <= `steps` = {self.steps}, got {self.warmup_steps}"
             )
-        check_int("randaugment_ops", self.randaugment_ops, minimum=0)
-        check_int("randaugment_max_magnitude", self.randaugment_max_magnitude, minimum=1)
         if self.randaugment_max_magnitude > 30:
             raise ValueError(
                 f"`randaugment_max_magnitude` must be <= 30, got {self.randaugment_max_magnitude}"
-            )
-        check_int("randaugment_group", self.randaugment_group, minimum=1)
-        check_in_range("cutout", self.cutout, 0.0, 1.0)
-        check_int("eval_every", self.eval_every, minimum=1)
-        check_int("eval_batch_size", self.eval_batch_size, minimum=1)
-        check_int("seed", self.seed)
-        check_choice("precision", self.precision, PRECISIONS)
-        if self.threads is not None:
-            check_int("threads", self.threads, minimum=1)
-        if not isinstance(self.channels_last, bool):
-            raise TypeError(
-                f"`channels_last` must be a bool, got {type(self.channels_last).__name__}"
             )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from selmix.collective import Collective, SingleProcess, evaluate_across
 from selmix.evaluate import Evaluation, extract_features, summarize
+from selmix.precision import autocast, evaluation_mode
 
 if TYPE_CHECKING:
     from selmix.models import ModelSplit
@@ -40,17 +41,26 @@ __all__ = [
 ]
 
 
-@torch.no_grad()
 def predict_logits(
-    split: ModelSplit, dataset: Any, device: torch.device, batch_size: int = 512
+    split: ModelSplit,
+    dataset: Any,
+    device: torch.device,
+    batch_size: int = 512,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """The head's logits of every sample (eval mode, no augmentation): Tensor[N, K] on
-    ``device``. Every prediction from images in selmix goes through here."""
+    """The head's logits of every sample (eval mode, no augmentation, inference mode and
+    the autocast of the resolved ``precision``): float32 Tensor[N, K] on ``device``.
+    Every prediction from images in selmix goes through here."""
     was_training = split.features.training, split.head.training
     split.features.eval()
     split.head.eval()
     try:
-        return split.head(extract_features(split.features, dataset, device, batch_size))
+        with evaluation_mode(precision, device):
+            features = extract_features(
+                split.features, dataset, device, batch_size, precision=precision
+            )
+            logits = split.head(features).float()
+        return logits.clone()  # an ordinary tensor (inference tensors cannot be updated)
     finally:
         split.features.train(was_training[0])
         split.head.train(was_training[1])
@@ -157,6 +167,8 @@ class FeatureCache:
         device: where the features are computed and kept.
         batch_size: batch size of the extraction.
         collective: the processes the extraction is split over.
+        precision: a resolved precision: the extraction runs under its autocast (and
+            ``no_grad``); the cached features are float32 whatever it is.
     """
 
     def __init__(
@@ -165,11 +177,13 @@ class FeatureCache:
         device: torch.device,
         batch_size: int = 512,
         collective: Collective | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.features = features
         self.device = device
         self.batch_size = batch_size
         self.collective = collective or SingleProcess()
+        self.precision = precision
         self._store: dict[int, tuple[Any, torch.Tensor]] = {}
 
     def __call__(self, dataset: Any) -> torch.Tensor:
@@ -178,7 +192,9 @@ class FeatureCache:
         if key not in self._store:
             self.features.eval()
             values = self.collective.gather(
-                lambda part: extract_features(self.features, part, self.device, self.batch_size),
+                lambda part: extract_features(
+                    self.features, part, self.device, self.batch_size, precision=self.precision
+                ),
                 dataset,
             )
             # the data set is kept with its features so that its id is never reused
@@ -237,6 +253,9 @@ class FrozenFeatures(_PairMixing):
         batch_size: batch size of the feature extraction.
         pools: the pair pools (needed by :meth:`mixed_logits` only).
         cache: a :class:`FeatureCache` of the same backbone to share (default: a new one).
+        precision: a resolved precision, used by the feature extraction only: the head
+            trains and evaluates in float32 on the float32 cached features (a d x K
+            product gains nothing from bf16 and its step is dominated by overheads).
     """
 
     trains_backbone = False
@@ -249,9 +268,12 @@ class FrozenFeatures(_PairMixing):
         batch_size: int = 512,
         pools: PairPools | None = None,
         cache: FeatureCache | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(split, device, collective, pools)
-        self.cache = cache or FeatureCache(split.features, device, batch_size, self.collective)
+        self.cache = cache or FeatureCache(
+            split.features, device, batch_size, self.collective, precision
+        )
 
     def features(self, dataset: Any) -> torch.Tensor:
         """The cached features of ``dataset``, Tensor[N, d] on :attr:`device`."""
@@ -278,7 +300,30 @@ class FrozenFeatures(_PairMixing):
         return self.features(dataset)[index.to(self.device)]
 
     def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return self.split.head(lam * first + (1 - lam) * second)
+        return self.split.head(self._blend(first, second, lam))
+
+    @staticmethod
+    def _blend(first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return lam * first + (1 - lam) * second
+
+    def mixed_features(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+    ) -> torch.Tensor:
+        """The mixed cached features ``lam * g(x_first) + (1 - lam) * g(x_second)``, the
+        head's input in :meth:`mixed_logits`: float32 Tensor[B, d] on :attr:`device`
+        (arguments as there; no autograd: the features are constants)."""
+        if self.pools is None:
+            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+        cached = self.features
+        first_rows = cached(self.pools.train)[first.to(self.device)]
+        second_rows = self.pools.second_rows(
+            second, from_unlabelled, lambda dataset, index: cached(dataset)[index.to(self.device)]
+        )
+        return self._blend(first_rows, second_rows, lam)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         # the head trains outside DDP: same start everywhere, gradients averaged per step
@@ -310,6 +355,10 @@ class FullBackbone(_PairMixing):
         batch_size: batch size of evaluation and prediction.
         pools: the pair pools (needed by :meth:`mixed_logits` only).
         augment: random crop and flip of the training images.
+        precision: a resolved precision: the training forward pass runs under its
+            autocast (:meth:`mixed_logits` may return bf16 / fp16 logits: take the loss
+            of ``logits.float()``), evaluation and prediction under
+            :func:`selmix.precision.evaluation_mode`.
     """
 
     trains_backbone = True
@@ -322,22 +371,26 @@ class FullBackbone(_PairMixing):
         batch_size: int = 512,
         pools: PairPools | None = None,
         augment: bool = False,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(split, device, collective, pools)
         self.batch_size = batch_size
         self.augment = augment
+        self.precision = precision
         self.mixup = MixupForward(split.features, split.head)
         self.train_module = self.collective.wrap(self.mixup)
 
     def evaluate(self, dataset: Any) -> Evaluation:
         return evaluate_across(
             self.collective, self.mixup, dataset, self.device, self.batch_size,
-            features=self.split.features, head=self.split.head,
+            features=self.split.features, head=self.split.head, precision=self.precision,
         )  # fmt: skip
 
     def predict(self, dataset: Any) -> torch.Tensor:
         return self.collective.gather(
-            lambda part: predict_logits(self.split, part, self.device, self.batch_size).argmax(1),
+            lambda part: predict_logits(
+                self.split, part, self.device, self.batch_size, self.precision
+            ).argmax(1),
             dataset,
         ).cpu()
 
@@ -348,7 +401,8 @@ class FullBackbone(_PairMixing):
         return images
 
     def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return self.train_module(first, second, lam)
+        with autocast(self.precision, self.device):
+            return self.train_module(first, second, lam)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         return None  # DistributedDataParallel (from `wrap`) averages the gradients
@@ -362,8 +416,10 @@ def make_view(
     batch_size: int = 512,
     pools: PairPools | None = None,
     augment: bool = False,
+    precision: str = "fp32",
 ) -> FrozenFeatures | FullBackbone:
-    """:class:`FrozenFeatures` when ``frozen_backbone``, else :class:`FullBackbone`."""
+    """:class:`FrozenFeatures` when ``frozen_backbone``, else :class:`FullBackbone`
+    (``precision``: a resolved precision, see each view)."""
     if frozen_backbone:
-        return FrozenFeatures(split, device, collective, batch_size, pools)
-    return FullBackbone(split, device, collective, batch_size, pools, augment)
+        return FrozenFeatures(split, device, collective, batch_size, pools, precision=precision)
+    return FullBackbone(split, device, collective, batch_size, pools, augment, precision)
