@@ -252,3 +252,23 @@ def test_streamed_run_killed_and_resumed_matches_the_uninterrupted_run(
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert not torch.equal(reference.head.weight, start.head.weight)
+
+
+def test_imagenet_lt_batches_are_decoded_by_workers_with_the_same_crops(large_tree, tmp_path):
+    from selmix.data.formats import ImageListDataset
+
+    paths = [p.relative_to(large_tree).as_posix() for p in sorted(large_tree.rglob("*.jpg"))]
+    labels = [CLASSES.index(Path(p).parts[1]) for p in paths]
+    lists = {
+        w: ImageListDataset(large_tree, paths, labels, 3, resize=40, crop=32, num_workers=w)
+        for w in (0, 2)
+    }
+    index = [0, 5, 12, 30, 38, 3]
+    batches = {
+        w: data.batch(index, augment=True, generator=torch.Generator().manual_seed(5))[0]
+        for w, data in lists.items()
+    }
+    assert batches[0].shape == (6, 3, 32, 32)
+    assert torch.equal(batches[0], batches[2])
+    assert torch.equal(lists[0].batch(index)[0], lists[2].batch(index)[0])
+    assert lists[2].subset([1, 2]).num_workers == 2

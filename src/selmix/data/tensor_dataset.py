@@ -20,6 +20,8 @@ from selmix.data.augment import normalize, random_crop_flip
 from selmix.data.streaming import WorkerPool, run_seeded, seeded_items, to_device
 
 IndexLike = Tensor | Sequence[int] | range
+# Largest float64 temporary of channel_stats, in bytes.
+_STATS_CHUNK_BYTES = 64 << 20
 
 
 class ImageTensorDataset(Dataset):
@@ -316,12 +318,17 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
 
     Args:
         images: uint8 Tensor[N, C, H, W].
-        chunk: images per step, bounding the float64 temporary memory.
+        chunk: images per step at most, bounding the float64 temporary memory (which is
+            also kept under 64 MB per step whatever the image size).
 
     Returns:
         ``(mean, std)``, each float32 Tensor[C].
     """
     channels = images.shape[1]
+    # Bound the float64 temporaries by bytes too: 4096 images of 256 x 256 x 3 would take
+    # 6.4 GB each, several times the uint8 images themselves.
+    per_image = max(images[0].numel() * 8, 1) if images.shape[0] else 1
+    chunk = max(1, min(chunk, _STATS_CHUNK_BYTES // per_image))
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     for start in range(0, images.shape[0], chunk):
