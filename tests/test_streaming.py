@@ -272,3 +272,11 @@ def test_imagenet_lt_batches_are_decoded_by_workers_with_the_same_crops(large_tr
     assert torch.equal(batches[0], batches[2])
     assert torch.equal(lists[0].batch(index)[0], lists[2].batch(index)[0])
     assert lists[2].subset([1, 2]).num_workers == 2
+
+
+def test_the_unlabelled_pool_asks_for_in_memory_data(small_tree):
+    with pytest.raises(ValueError, match="pass `stream=False`"):
+        load_data(
+            f"imagefolder:{small_tree}", val_per_class=2, stream=True, num_workers=0,
+            unlabelled_max_per_class=2,
+        )  # fmt: skip

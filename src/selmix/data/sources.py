@@ -973,6 +973,11 @@ def load_data(
     train_idx, val_idx = long_tail_split(full_train.labels, counts, val_per_class, generator)
     unlabelled = None
     if unlabelled_max_per_class is not None:
+        if not isinstance(full_train, ImageTensorDataset):
+            raise ValueError(
+                "`unlabelled_max_per_class` needs the training images in memory, but "
+                f"{spec!r} is streamed from disk; pass `stream=False`"
+            )
         rho_u = 1.0 if unlabelled_imbalance is None else float(unlabelled_imbalance)
         counts_u = long_tail_counts(unlabelled_max_per_class, num_classes, rho_u)
         taken = torch.zeros(len(full_train), dtype=torch.bool)
