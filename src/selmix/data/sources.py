@@ -4,8 +4,9 @@ Sources: Fashion-MNIST IDX files, CIFAR-10 (torchvision pickles, JPEG tree or ar
 image folders and the packaged Fashion-MNIST-LT demo. :func:`load_data` turns any of them
 into a long-tailed training set, a balanced validation set and the official test set.
 
-Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images.
-Sources made of many small image files (the CIFAR-10 JPEG tree or archive, image folders)
+Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images,
+except image folders too large for memory, which are streamed from disk
+(:class:`~selmix.data.StreamingImageDataset`). Sources made of many small image files (the CIFAR-10 JPEG tree or archive, image folders)
 are decoded once into an ``.npz`` cache, so later runs load in about a second.
 """
 
