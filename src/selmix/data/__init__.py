@@ -4,8 +4,9 @@
 official test sets as :class:`ImageTensorDataset` objects; ``load_data("demo")`` is a small
 Fashion-MNIST-LT subset shipped with the package. Any other ``(x, y)`` torch data set is
 usable through :func:`as_tensor_dataset`. Image folders too large for memory are streamed
-from disk by worker processes (:class:`StreamingImageDataset`). Semi-supervised splits (labelled, unlabelled
-pool with hidden labels, validation) come from :func:`semi_supervised_split`.
+from disk by worker processes (:class:`StreamingImageDataset`). Semi-supervised splits
+(labelled, unlabelled pool with hidden labels, validation) come from
+:func:`semi_supervised_split`.
 """
 
 from selmix.data.augment import (

@@ -6,8 +6,9 @@ into a long-tailed training set, a balanced validation set and the official test
 
 Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images,
 except image folders too large for memory, which are streamed from disk
-(:class:`~selmix.data.StreamingImageDataset`). Sources made of many small image files (the CIFAR-10 JPEG tree or archive, image folders)
-are decoded once into an ``.npz`` cache, so later runs load in about a second.
+(:class:`~selmix.data.StreamingImageDataset`). Sources made of many small image files
+(the CIFAR-10 JPEG tree or archive, image folders) are decoded once into an ``.npz``
+cache, so later runs load in about a second.
 """
 
 from __future__ import annotations
