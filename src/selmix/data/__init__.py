@@ -3,11 +3,18 @@
 ``load_data("cifar10:PATH", imbalance=100)`` gives the long-tailed train, balanced val and
 official test sets as :class:`ImageTensorDataset` objects; ``load_data("demo")`` is a small
 Fashion-MNIST-LT subset shipped with the package. Any other ``(x, y)`` torch data set is
-usable through :func:`as_tensor_dataset`. Semi-supervised splits (labelled, unlabelled
-pool with hidden labels, validation) come from :func:`semi_supervised_split`.
+usable through :func:`as_tensor_dataset`. Image folders too large for memory are streamed
+from disk by worker processes (:class:`StreamingImageDataset`). Semi-supervised splits
+(labelled, unlabelled pool with hidden labels, validation) come from
+:func:`semi_supervised_split`.
 """
 
-from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.augment import (
+    imagenet_eval_transform,
+    imagenet_train_transform,
+    normalize,
+    random_crop_flip,
+)
 from selmix.data.longtail import long_tail_counts, long_tail_split
 from selmix.data.semisup_split import (
     UNLABELLED_DISTRIBUTIONS,
@@ -32,6 +39,7 @@ from selmix.data.sources import (
     load_image_folder,
     read_idx,
 )
+from selmix.data.streaming import StreamingImageDataset, WorkerPool, default_num_workers
 from selmix.data.tensor_dataset import (
     DatasetAdapter,
     ImageTensorDataset,
@@ -51,9 +59,14 @@ __all__ = [
     "ImageTensorDataset",
     "SemiSupervisedData",
     "SemiSupervisedSplit",
+    "StreamingImageDataset",
     "UnlabelledDataset",
+    "WorkerPool",
     "as_tensor_dataset",
     "channel_stats",
+    "default_num_workers",
+    "imagenet_eval_transform",
+    "imagenet_train_transform",
     "load_cifar10",
     "load_data",
     "load_demo",

@@ -8,6 +8,8 @@ CPU and GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -85,3 +87,82 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     scale = (1.0 / (255.0 * std)).to(images.device, torch.float32)
     shift = (mean / std).to(images.device, torch.float32)
     return images.float() * scale[:, None, None] - shift[:, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image transforms of decoded files (the streaming path, selmix.data.streaming)
+
+#: Images whose shorter side is larger than this get the ImageNet transforms by default.
+LARGE_IMAGE_SIDE = 64
+
+
+class PILToUint8:
+    """PIL image -> uint8 Tensor[C, H, W], resized (bilinear) to ``size`` = (H, W) if given.
+
+    The same decoding as the in-memory image-folder path, so both give the same pixels.
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None) -> None:
+        self.size = size
+
+    def __call__(self, image: object) -> Tensor:
+        import numpy as np
+        from PIL import Image
+
+        if self.size is not None and image.size != (self.size[1], self.size[0]):  # type: ignore[attr-defined]
+            image = image.resize(  # type: ignore[attr-defined]
+                (self.size[1], self.size[0]), Image.Resampling.BILINEAR
+            )
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"PILToUint8(size={self.size})"
+
+
+def imagenet_train_transform(
+    size: int = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
+) -> Callable[[object], Tensor]:
+    """The standard ImageNet training transform: random-resized crop, horizontal flip.
+
+    PIL image -> uint8 Tensor[C, size, size]. Its randomness comes from torch's global
+    generator, which the streaming path seeds per image (see
+    :func:`selmix.data.streaming.item_seed`).
+
+    Args:
+        size: side of the output.
+        scale: range of the crop's area as a fraction of the image's.
+        flip: mirror half of the images left-right.
+    """
+    from torchvision.transforms import v2
+
+    check_int("size", size, minimum=1)
+    steps: list[Callable] = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
+
+
+def imagenet_eval_transform(
+    size: int = 224, resize: int | None = None
+) -> Callable[[object], Tensor]:
+    """The standard ImageNet evaluation transform: resize the shorter side, centre crop.
+
+    PIL image -> uint8 Tensor[C, size, size].
+
+    Args:
+        size: side of the centre crop.
+        resize: shorter side after resizing; default ``round(size / 0.875)`` (256 for 224).
+    """
+    from torchvision.transforms import v2
+
+    check_int("size", size, minimum=1)
+    resize = round(size / 0.875) if resize is None else check_int("resize", resize, minimum=1)
+    if resize < size:
+        raise ValueError(f"`resize` must be >= `size` ({size}), got {resize}")
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from selmix._validation import check_int
+from selmix.data.streaming import WorkerPool, seeded_items, to_device
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
 __all__ = [
@@ -502,6 +503,10 @@ class ImageListDataset(torch.utils.data.Dataset):
         resize: shorter side after resizing.
         crop: side of the square crop.
         mean, std: per-channel normalisation in [0, 1] units (ImageNet's by default).
+        num_workers: processes decoding each batch (persistent DataLoader workers, see
+            :class:`~selmix.data.WorkerPool`); None: ``min(4, cores - 1)``; 0: the main
+            process. Augmented batches are the same whatever the number: each image's
+            crop and flip come from a seed drawn per batch from the caller's generator.
     """
 
     def __init__(
@@ -516,6 +521,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         crop: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        num_workers: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.paths = list(paths)
@@ -534,6 +540,12 @@ class ImageListDataset(torch.utils.data.Dataset):
             raise ValueError(f"`crop` must be <= `resize` ({resize}), got {crop}")
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
+        self.pool = WorkerPool(_ImageListReader(self), num_workers)
+
+    @property
+    def num_workers(self) -> int:
+        """Processes decoding each batch (0: the main process)."""
+        return self.pool.num_workers
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -561,12 +573,13 @@ class ImageListDataset(torch.utils.data.Dataset):
     ) -> tuple[Tensor, Tensor]:
         """Decodes the given images: ``(float32 [B, 3, crop, crop], labels [B])``."""
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        decoded = [self._load(int(i), augment, generator) for i in index.tolist()]
-        images = torch.stack(decoded) if decoded else torch.empty(0, 3, self.crop, self.crop)
+        images = self.pool.load(seeded_items(index.tolist(), augment, True, generator))
+        if not images.numel():
+            images = torch.empty(0, 3, self.crop, self.crop)
         images = (images - self.mean[:, None, None]) / self.std[:, None, None]
         labels = self.labels[index]
         if device is not None:
-            images, labels = images.to(device), labels.to(device)
+            images, labels = to_device(images, device), labels.to(device)
         return images, labels
 
     def subset(self, indices: Any) -> ImageListDataset:
@@ -575,7 +588,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return ImageListDataset(
             self.root, [self.paths[i] for i in index], self.labels[index], self.num_classes,
             self.classes, resize=self.resize, crop=self.crop, mean=self.mean.tolist(),
-            std=self.std.tolist(),
+            std=self.std.tolist(), num_workers=self.num_workers,
         )  # fmt: skip
 
     def _load(self, index: int, augment: bool, generator: torch.Generator | None) -> Tensor:
@@ -605,6 +618,22 @@ class ImageListDataset(torch.utils.data.Dataset):
         window = array[top : top + self.crop, left : left + self.crop]
         tensor = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1).float() / 255
         return tensor.flip(2) if flip else tensor
+
+
+class _ImageListReader(torch.utils.data.Dataset):
+    """``reader[(i, augment, seed)]``: image i of an :class:`ImageListDataset`, its random
+    crop and flip drawn from a generator seeded with ``seed``."""
+
+    def __init__(self, dataset: ImageListDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, bool, int | None]) -> Tensor:
+        index, augment, seed = item
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.dataset._load(index, augment, generator)
 
 
 def read_image_list(path: str | os.PathLike) -> tuple[list[str], list[int]]:

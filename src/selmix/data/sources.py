@@ -4,9 +4,11 @@ Sources: Fashion-MNIST IDX files, CIFAR-10 (torchvision pickles, JPEG tree or ar
 image folders and the packaged Fashion-MNIST-LT demo. :func:`load_data` turns any of them
 into a long-tailed training set, a balanced validation set and the official test set.
 
-Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images.
-Sources made of many small image files (the CIFAR-10 JPEG tree or archive, image folders)
-are decoded once into an ``.npz`` cache, so later runs load in about a second.
+Every source is decoded into an :class:`~selmix.data.ImageTensorDataset` of uint8 images,
+except image folders too large for memory, which are streamed from disk
+(:class:`~selmix.data.StreamingImageDataset`). Sources made of many small image files
+(the CIFAR-10 JPEG tree or archive, image folders) are decoded once into an ``.npz``
+cache, so later runs load in about a second.
 """
 
 from __future__ import annotations
@@ -20,18 +22,31 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from selmix._validation import check_int, check_positive
+from selmix.data.augment import (
+    LARGE_IMAGE_SIDE,
+    PILToUint8,
+    imagenet_eval_transform,
+    imagenet_train_transform,
+)
 from selmix.data.longtail import long_tail_counts, long_tail_split
 from selmix.data.semisup_split import UnlabelledDataset
+from selmix.data.streaming import (
+    ImageFileReader,
+    StreamingImageDataset,
+    WorkerPool,
+    resolve_num_workers,
+)
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
 FASHION_MNIST_CLASSES = [
@@ -358,30 +373,74 @@ def load_image_folder(
     root: str | os.PathLike,
     image_size: int | tuple[int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> dict[str, ImageTensorDataset]:
+    *,
+    stream: bool | None = None,
+    num_workers: int | None = None,
+    train_transform: Callable[[Any], Tensor] | None = None,
+    eval_transform: Callable[[Any], Tensor] | None = None,
+    crop_size: int = 224,
+    memory_fraction: float = 0.25,
+) -> dict[str, ImageTensorDataset | StreamingImageDataset]:
     """Loads ``root/train/<class>/*`` and, if present, ``root/val/...`` and ``root/test/...``.
 
     Classes are the sorted sub-folder names of ``train/`` (every file below a class folder
     counts, as in torchvision's ``ImageFolder``); ``val/`` and ``test/`` may omit classes
-    but not add new ones. Images are decoded to uint8 at their native size, which must be
-    the same for all of them, unless ``image_size`` is given, in which case every image is
-    resized (bilinear) to it. They are kept grey (1 channel) if all are grey and converted
-    to RGB otherwise. Mean and std are measured on the training images.
+    but not add new ones. Images are kept grey (1 channel) if all are grey and converted
+    to RGB otherwise.
+
+    **In memory or streamed.** The decoded size of the tree (N x C x H x W bytes, from the
+    headers of a sample of its files) is compared with ``memory_fraction`` of the memory
+    available: a tree that fits is decoded once into uint8 tensors
+    (:class:`~selmix.data.ImageTensorDataset`; every image must then share one size unless
+    ``image_size`` is given, and mean and std are measured on all training images); a
+    larger one is read batch by batch from disk by ``num_workers`` processes
+    (:class:`~selmix.data.StreamingImageDataset`). ``stream`` forces either.
+
+    **Transforms of a streamed tree.** Images larger than
+    :data:`~selmix.data.augment.LARGE_IMAGE_SIDE` pixels (shorter side, without
+    ``image_size``) get the standard ImageNet transforms: random-resized crop and flip for
+    training, resize and ``crop_size`` centre crop for evaluation. Smaller ones (or all,
+    with ``image_size``) are decoded as in memory and get the same batched random crop
+    (padding 4) and flip, so both paths give the same batches. ``train_transform`` and
+    ``eval_transform`` replace either (PIL image -> Tensor[C, H, W]; uint8 output is
+    normalised with the measured statistics, float output is used as it is; their
+    randomness must come from torch's global generator, which is seeded per image).
+    Statistics of a streamed tree come from up to 1,000 evenly spaced training images.
 
     Args:
         root: the folder holding ``train/``.
-        image_size: None (all images must share one size), an int (square) or ``(H, W)``.
-        cache_dir: if given, the decoded tensors are cached there as ``.npz`` (key: path and
-            modification times) and later calls read the cache.
+        image_size: None (native size), an int (square) or ``(H, W)``: resize every image.
+        cache_dir: if given, decoded in-memory tensors are cached there as ``.npz`` (key:
+            path and modification times) and later calls read the cache.
+        stream: None (choose by size), True (stream) or False (decode into memory).
+        num_workers: decoding processes of a streamed tree (None: ``min(4, cores - 1)``;
+            0: the main process decodes).
+        train_transform, eval_transform: per-image transforms of a streamed tree.
+        crop_size: output side of the ImageNet transforms.
+        memory_fraction: share of the available memory a tree may take in memory.
 
     Returns:
-        ``{"train": ..., "val": ..., "test": ...}`` for the splits present, each an
-        ImageTensorDataset with the same classes.
+        ``{"train": ..., "val": ..., "test": ...}`` for the splits present, with the same
+        classes; streamed splits share one reader and one pool of workers.
     """
     root = Path(root)
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"image folder {root} must contain a train/ folder")
     size = _check_image_size(image_size)
+    if stream is not None and not isinstance(stream, bool):
+        raise TypeError(f"`stream` must be None, True or False, got {stream!r}")
+    resolve_num_workers(num_workers)
+    check_int("crop_size", crop_size, minimum=1)
+    if not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
+        raise ValueError(f"`memory_fraction` must lie in (0, 1], got {memory_fraction!r}")
+    if stream is None:
+        files = _tree_files(root, ("train", "val", "test"))
+        estimate = estimate_decoded_bytes([path for _, _, _, path in files], size)
+        stream = estimate > memory_fraction * available_memory()
+    if stream:
+        return _stream_image_folder(
+            root, size, num_workers, train_transform, eval_transform, crop_size
+        )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     decoded = _cached_decode("imagefolder", root, ("train", "val", "test"), size, cache)
     train_images, train_labels = decoded.splits["train"]
@@ -392,6 +451,139 @@ def load_image_folder(
         )
         for split, (images, labels) in decoded.splits.items()
     }
+
+
+# (split, class, file name relative to the class folder, path)
+_File = tuple[str, str, str, Path]
+
+
+def _tree_files(root: Path, splits: Sequence[str]) -> list[_File]:
+    """The image files of a tree, in the order the in-memory path stores them."""
+    files = []
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if class_dir.name.startswith("."):
+                continue
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and _is_image_name(path.name):
+                    files.append(
+                        (split, class_dir.name, path.relative_to(class_dir).as_posix(), path)
+                    )
+    return files
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable`` on Linux)."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: never stream by default
+
+
+def estimate_decoded_bytes(
+    paths: Sequence[Path], image_size: tuple[int, int] | None = None, sample: int = 64
+) -> int:
+    """N x C x H x W of decoding ``paths`` to uint8, from the headers of up to ``sample``
+    evenly spaced files (only headers are read: PIL decodes pixels lazily)."""
+    if not paths:
+        return 0
+    sizes, grey = _sample_headers(paths, sample)
+    channels = 1 if grey else 3
+    if image_size is not None:
+        pixels = image_size[0] * image_size[1]
+    else:
+        pixels = sum(w * h for w, h in sizes) / len(sizes)
+    return int(len(paths) * channels * pixels)
+
+
+def _sample_headers(paths: Sequence[Path], sample: int) -> tuple[list[tuple[int, int]], bool]:
+    """(width, height) of up to ``sample`` evenly spaced files, and whether all are grey."""
+    from PIL import Image, UnidentifiedImageError
+
+    count = min(len(paths), sample)
+    chosen = sorted({round(k * (len(paths) - 1) / max(count - 1, 1)) for k in range(count)})
+    sizes, grey = [], True
+    for i in chosen:
+        try:
+            with Image.open(paths[i]) as image:
+                sizes.append(image.size)
+                grey = grey and image.mode in _GREY_MODES
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read image {paths[i]}: {error}") from error
+    return sizes, grey
+
+
+def _stream_image_folder(
+    root: Path,
+    size: tuple[int, int] | None,
+    num_workers: int | None,
+    train_transform: Callable[[Any], Tensor] | None,
+    eval_transform: Callable[[Any], Tensor] | None,
+    crop_size: int,
+) -> dict[str, StreamingImageDataset]:
+    files = _tree_files(root, ("train", "val", "test"))
+    train_files = [f for f in files if f[0] == "train"]
+    if not train_files:
+        raise FileNotFoundError(f"no training images (train/<class>/<image>) found in {root}")
+    classes = sorted({c for _, c, _, _ in train_files})
+    index = {c: k for k, c in enumerate(classes)}
+    ordered: list[_File] = []
+    for split in ("train", "val", "test"):
+        split_files = [f for f in files if f[0] == split]
+        unknown = sorted({c for _, c, _, _ in split_files if c not in index})
+        if unknown:
+            raise ValueError(f"{root}: {split}/ has classes {unknown} that train/ does not have")
+        ordered += sorted(split_files, key=lambda f: (index[f[1]], f[2]))
+    paths = [f[3] for f in ordered]
+    sizes, grey = _sample_headers(paths, 64)
+    mode = "L" if grey else "RGB"
+    batch_crop = False
+    if train_transform is not None or eval_transform is not None:
+        train_transform = train_transform or eval_transform
+        eval_transform = eval_transform or train_transform
+    elif size is None and min(min(s) for s in sizes) > LARGE_IMAGE_SIDE:
+        train_transform = imagenet_train_transform(crop_size)
+        eval_transform = imagenet_eval_transform(crop_size)
+    else:
+        if size is None and len(set(sizes)) > 1:
+            raise ValueError(
+                f"{root}: images of {len(set(sizes))} sizes (e.g. {sorted(set(sizes))[:2]}, "
+                "width x height) are too small for the ImageNet transforms; pass "
+                "`image_size` to resize every image to one size"
+            )
+        train_transform = eval_transform = PILToUint8(size)
+        batch_crop = True
+    reader = ImageFileReader(paths, mode, train_transform, eval_transform)
+    labels = torch.tensor([index[f[1]] for f in ordered], dtype=torch.long)
+    splits = [f[0] for f in ordered]
+    pool = WorkerPool(reader, num_workers)
+    first = reader[(0, False, None)]
+    image_shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+
+    def split_set(name: str, mean: Any, std: Any) -> StreamingImageDataset:
+        rows = torch.tensor([i for i, s in enumerate(splits) if s == name], dtype=torch.long)
+        return StreamingImageDataset(
+            reader, labels[rows], classes, mean, std, image_shape, rows=rows,
+            random_transform=not batch_crop, batch_crop=batch_crop, pool=pool,
+        )  # fmt: skip
+
+    channels = image_shape[0]
+    train = split_set("train", torch.zeros(channels), torch.ones(channels))
+    if first.dtype == torch.uint8:
+        mean, std = train.channel_stats()
+    else:
+        mean, std = torch.zeros(channels), torch.ones(channels)  # the transform normalises
+    return {name: split_set(name, mean, std) for name in ("train", "val", "test") if name in splits}
 
 
 def _check_image_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -661,6 +853,8 @@ def load_data(
     *,
     unlabelled_max_per_class: int | None = None,
     unlabelled_imbalance: float | None = None,
+    stream: bool | None = None,
+    num_workers: int | None = None,
 ) -> DataSplits:
     """Loads a data source and splits it into long-tailed train, balanced val and test.
 
@@ -696,6 +890,10 @@ def load_data(
         cache_dir: decoded-image cache folder (see :func:`load_cifar10`).
         unlabelled_max_per_class: M_1, or None for no unlabelled pool.
         unlabelled_imbalance: rho_u (default 1, uniform).
+        stream: ``"imagefolder:DIR"`` only: None decodes the tree into memory when it fits
+            (a quarter of the available memory) and streams it from disk otherwise; True or
+            False forces either (see :func:`load_image_folder`).
+        num_workers: processes decoding a streamed tree (None: ``min(4, cores - 1)``).
 
     Returns:
         DataSplits(train, val, test, unlabelled, classes).
@@ -720,6 +918,8 @@ def load_data(
         check_positive("unlabelled_imbalance", unlabelled_imbalance)
         if unlabelled_max_per_class is None:
             raise ValueError("`unlabelled_imbalance` needs `unlabelled_max_per_class` (M_1)")
+    if stream is not None and not isinstance(stream, bool):
+        raise TypeError(f"`stream` must be None, True or False, got {stream!r}")
     if spec == "demo":
         return _subsample_demo(
             imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
@@ -744,7 +944,9 @@ def load_data(
         full_train = load_cifar10(location, train=True, cache_dir=cache_dir)
         test = load_cifar10(location, train=False, cache_dir=cache_dir)
     else:
-        folder = load_image_folder(location, cache_dir=cache_dir)
+        folder = load_image_folder(
+            location, cache_dir=cache_dir, stream=stream, num_workers=num_workers
+        )
         if "test" not in folder:
             raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
         full_train, test, official_val = folder["train"], folder["test"], folder.get("val")
@@ -773,6 +975,11 @@ def load_data(
     train_idx, val_idx = long_tail_split(full_train.labels, counts, val_per_class, generator)
     unlabelled = None
     if unlabelled_max_per_class is not None:
+        if not isinstance(full_train, ImageTensorDataset):
+            raise ValueError(
+                "`unlabelled_max_per_class` needs the training images in memory, but "
+                f"{spec!r} is streamed from disk; pass `stream=False`"
+            )
         rho_u = 1.0 if unlabelled_imbalance is None else float(unlabelled_imbalance)
         counts_u = long_tail_counts(unlabelled_max_per_class, num_classes, rho_u)
         taken = torch.zeros(len(full_train), dtype=torch.bool)

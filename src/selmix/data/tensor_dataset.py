@@ -17,8 +17,11 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from selmix._validation import check_int
 from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.streaming import WorkerPool, run_seeded, seeded_items, to_device
 
 IndexLike = Tensor | Sequence[int] | range
+# Largest float64 temporary of channel_stats, in bytes.
+_STATS_CHUNK_BYTES = 64 << 20
 
 
 class ImageTensorDataset(Dataset):
@@ -172,8 +175,19 @@ class DatasetAdapter(Dataset):
 
     Batches are stacked from ``dataset[i]``, so each item's ``x`` must already be a tensor
     (add ``torchvision.transforms.ToTensor()`` and normalisation to the data set's transform).
-    There is no augmentation beyond what the data set's own transform does: ``augment`` and
-    ``generator`` are accepted and ignored.
+    There is no augmentation beyond what the data set's own transform does. With
+    ``augment``, one seed is drawn from ``generator`` per batch and item ``b`` is read with
+    torch's (and Python's) global generator seeded from it, so a random transform gives
+    the same batch for the same generator state, in the main process or in workers.
+
+    Args:
+        dataset: a map-style data set of ``(x, y)`` pairs.
+        labels: int Tensor[N]; read from the data set when not given.
+        classes: class names.
+        num_classes: K.
+        num_workers: processes reading items (``torch.utils.data.DataLoader`` workers, kept
+            between batches); 0 (the default) reads in the main process, best for a data
+            set already in memory. Workers pay off when items are decoded from files.
 
     Attributes:
         dataset: the wrapped data set.
@@ -188,6 +202,7 @@ class DatasetAdapter(Dataset):
         labels: Tensor | None = None,
         classes: Sequence[str] | None = None,
         num_classes: int | None = None,
+        num_workers: int = 0,
     ) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
@@ -207,6 +222,12 @@ class DatasetAdapter(Dataset):
             if classes is not None
             else [str(k) for k in range(self.num_classes)]
         )
+        self.pool = WorkerPool(_ItemReader(dataset), num_workers)
+
+    @property
+    def num_workers(self) -> int:
+        """Processes reading items (0: the main process)."""
+        return self.pool.num_workers
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -228,24 +249,15 @@ class DatasetAdapter(Dataset):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Stacks ``dataset[i][0]`` for the indices; returns ``(x [B, ...], labels [B])``."""
+        """Stacks ``dataset[i][0]`` for the indices; returns ``(x [B, ...], labels [B])``.
+
+        A batch copied to a GPU goes through pinned memory.
+        """
         index = _as_index(indices, len(self))
-        inputs = []
-        for i in index.tolist():
-            x = self.dataset[i][0]
-            if not isinstance(x, Tensor):
-                raise TypeError(
-                    f"`dataset` items must be (Tensor, label) pairs, got a {type(x).__name__} "
-                    "input; add torchvision.transforms.ToTensor() to its transform"
-                )
-            inputs.append(x)
-        if inputs:
-            images = torch.stack(inputs)
-        else:
-            images = torch.empty(0)
+        images = self.pool.load(seeded_items(index.tolist(), augment, True, generator))
         labels = self.labels[index]
         if device is not None:
-            images, labels = images.to(device), labels.to(device)
+            images, labels = to_device(images, device), labels.to(device)
         return images, labels
 
     def subset(self, indices: IndexLike) -> DatasetAdapter:
@@ -256,7 +268,28 @@ class DatasetAdapter(Dataset):
             labels=self.labels[index],
             classes=self.classes,
             num_classes=self.num_classes,
+            num_workers=self.num_workers,
         )
+
+
+class _ItemReader(Dataset):
+    """``reader[(i, augment, seed)]`` is ``dataset[i][0]``, read under ``seed``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, bool, int | None]) -> Tensor:
+        index, _, seed = item
+        x = run_seeded(seed, lambda: self.dataset[index][0])
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"`dataset` items must be (Tensor, label) pairs, got a {type(x).__name__} "
+                "input; add torchvision.transforms.ToTensor() to its transform"
+            )
+        return x
 
 
 def as_tensor_dataset(dataset: Any) -> ImageTensorDataset | DatasetAdapter:
@@ -285,12 +318,17 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
 
     Args:
         images: uint8 Tensor[N, C, H, W].
-        chunk: images per step, bounding the float64 temporary memory.
+        chunk: images per step at most, bounding the float64 temporary memory (which is
+            also kept under 64 MB per step whatever the image size).
 
     Returns:
         ``(mean, std)``, each float32 Tensor[C].
     """
     channels = images.shape[1]
+    # Bound the float64 temporaries by bytes too: 4096 images of 256 x 256 x 3 would take
+    # 6.4 GB each, several times the uint8 images themselves.
+    per_image = max(images[0].numel() * 8, 1) if images.shape[0] else 1
+    chunk = max(1, min(chunk, _STATS_CHUNK_BYTES // per_image))
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     for start in range(0, images.shape[0], chunk):
