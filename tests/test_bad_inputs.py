@@ -177,6 +177,10 @@ CASES: dict[str, tuple[list[str], str]] = {
         [*RESUME, "--imbalance", "2", "--max-per-class", "9"],
         "max_per_class"),
     "resume other seed": ([*RESUME, "--seed", "1"], "seed"),
+    # the good run decoded its small tree into memory; streamed, it would be another run
+    "resume other storage": ([*RESUME, "--stream", "disk"], "storage"),
+    "stream unknown": ([*FT, "--stream", "cloud"], "stream"),
+    "num_workers negative": ([*FT, "--num-workers", "-1"], "num_workers"),
     "resume other steps": ([*RESUME, "--steps", "6"],
                            "steps"),
     "head_classes negative": ([*FT, "--set", "head_classes=[-1]"], "head_classes"),
@@ -756,3 +760,21 @@ def test_a_checkpoint_of_non_finite_weights_is_not_written(tmp_path: Path) -> No
     trainer.step = 2
     trainer.save_checkpoint()
     assert path.read_bytes() == written and trainer.good_checkpoint == (str(path), 1)
+
+
+def test_a_streamed_run_through_the_cli_matches_the_in_memory_run(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """--stream disk decodes each batch from the tree; without augmentation (small images
+    keep the same crop/flip either way) it trains the same model as the in-memory run."""
+    import torch
+
+    runs = {}
+    for storage in ("memory", "disk"):
+        out = tmp_path / storage
+        argv = _finetune_argv(world, out, "--stream", storage, "--num-workers", "0",
+                              "--set", "augment=false", "--set", "select=last")  # fmt: skip
+        assert main(argv) == 0
+        runs[storage] = load_checkpoint(out / "model.pt")["state_dict"]
+    for name, tensor in runs["memory"].items():
+        torch.testing.assert_close(runs["disk"][name], tensor)

@@ -104,6 +104,11 @@ def _config_from(config_class: type, settings: dict[str, Any], options: list[Opt
 
 
 # -- the settings of each command ---------------------------------------------------------------
+# --stream values and what selmix.data.load_data's `stream` takes for each
+_STREAM_CHOICES = ("auto", "memory", "disk")
+_STREAM_ARGUMENT = {"auto": None, "memory": False, "disk": True}
+
+
 def _data_options(required: bool = True) -> list[Option]:
     options = [
         Option(
@@ -133,6 +138,16 @@ def _data_options(required: bool = True) -> list[Option]:
         Option(
             "cache_dir", None, "folder for decoded-data caches (e.g. the CIFAR-10 archive); "
             "unset: the data source's default", metavar="DIR",
+        ),
+        Option(
+            "stream", "auto", "imagefolder trees: decode every image into memory ('memory'), "
+            "decode each batch from disk in worker processes ('disk'), or choose by the "
+            "estimated decoded size against available memory ('auto')",
+            choices=_STREAM_CHOICES, metavar="auto|memory|disk",
+        ),
+        Option(
+            "num_workers", None, "worker processes that decode streamed images; 0: the main "
+            "process; unset: min(4, cores - 1)", type=int, metavar="N",
         ),
     ]  # fmt: skip
 
@@ -419,9 +434,12 @@ def _load_data(settings: dict[str, Any]) -> Any:
             f"`data` must be a data source string such as imagefolder:DIR, got {spec!r}"
         )
     kwargs = {"seed": settings["seed"]}
-    for key in ("imbalance", "max_per_class", "val_per_class", "cache_dir"):
+    for key in ("imbalance", "max_per_class", "val_per_class", "cache_dir", "num_workers"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
+    stream = _STREAM_ARGUMENT[settings.get("stream") or "auto"]
+    if stream is not None:
+        kwargs["stream"] = stream
     return load_data(spec, **kwargs)
 
 
@@ -561,7 +579,7 @@ def _file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def _run_identity(settings: dict[str, Any]) -> dict[str, Any]:
+def _run_identity(settings: dict[str, Any], splits: Any = None) -> dict[str, Any]:
     """What a fine-tuning run is made from beyond its settings: the data source (its kind
     and resolved path), how the splits are cut and the starting model file (path and
     content digest). A resumed run must agree on all of them."""
@@ -574,7 +592,17 @@ def _run_identity(settings: dict[str, Any]) -> dict[str, Any]:
         "max_per_class": settings["max_per_class"],
         "val_per_class": settings["val_per_class"],
         "checkpoint": f"{checkpoint} (sha256 {_file_digest(checkpoint)})",
+        # streamed trees get other transforms, and --stream auto can choose differently
+        # when the free memory changes between a run and its resume
+        "storage": _storage(splits),
     }
+
+
+def _storage(splits: Any) -> str:
+    from selmix.data import StreamingImageDataset
+
+    streamed = splits is not None and isinstance(splits.train, StreamingImageDataset)
+    return "disk" if streamed else "memory"
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -673,7 +701,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
-    identity = _run_identity(settings)
+    identity = _run_identity(settings, splits)
     unlabelled = getattr(splits, "unlabelled", None)
     resume_state = None
     if settings["resume"] is not None:
