@@ -58,6 +58,7 @@ _RUN_FIELDS = (
     "objective", "objective_params", "policy", "gain_scale", "normalize_gain", "steps",
     "batch_size", "lr_head", "lr_backbone", "frozen_backbone", "momentum", "weight_decay",
     "feedback_every", "lam_min", "confusion_smoothing", "augment", "seed",
+    "soft_confusion", "uniform_mix", "multiplier_step",
 )  # fmt: skip
 
 
@@ -112,6 +113,10 @@ class FinetuneConfig(ConfigMixin):
     feedback_every: int = 50
     lam_min: float = 0.6
     confusion_smoothing: float = 0.0
+    # ROBUST-HOOK (issue 13, branch robust): stabilisers measured by benchmarks/robustness.py
+    soft_confusion: bool = False
+    uniform_mix: float = 0.0
+    multiplier_step: float = 1.0
     augment: bool = True
     eval_batch_size: int = 512
     seed: int = 0
@@ -135,6 +140,9 @@ class FinetuneConfig(ConfigMixin):
         check_int("feedback_every", self.feedback_every, minimum=1)
         check_in_range("lam_min", self.lam_min, 0.0, 1.0)
         check_positive("confusion_smoothing", self.confusion_smoothing, strict=False)
+        check_in_range("uniform_mix", self.uniform_mix, 0.0, 1.0)
+        check_positive("multiplier_step", self.multiplier_step)
+        check_in_range("multiplier_step", self.multiplier_step, 0.0, 1.0)
         check_int("eval_batch_size", self.eval_batch_size, minimum=1)
         check_int("seed", self.seed)
         if self.checkpoint_every is not None:
@@ -392,6 +400,26 @@ class Trainer:
         return Evaluation(counts.cpu(), prototypes.float().cpu(), class_counts.cpu())
 
     @torch.no_grad()
+    def _soft_counts(self) -> torch.Tensor:
+        """ROBUST-HOOK: per true class, the summed validation softmax probabilities (K x K).
+
+        Single-process only; the redesigned Trainer takes it from ``Evaluation.soft_counts``.
+        """
+        self.model.eval()
+        if self.config.frozen_backbone:
+            cache = self._cache("val", self.val)
+            feats, labels = cache.features, cache.labels
+        else:
+            feats = extract_features(
+                self.split.features, self.val, self.device, self.config.eval_batch_size
+            )
+            labels = torch.as_tensor(self.val.labels).long()
+        probs = torch.softmax(self.split.head(feats).double(), dim=1)
+        soft = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
+        soft.index_add_(0, labels.cpu(), probs.cpu())
+        return soft
+
+    @torch.no_grad()
     def _predict_unlabelled(self) -> torch.Tensor:
         self.model.eval()
         if self.config.frozen_backbone:
@@ -413,16 +441,19 @@ class Trainer:
         # the objective, multipliers and gain see the (optionally smoothed) estimate of C;
         # the logged metrics are those of the raw counts
         estimate = smoothed_confusion(evaluation.counts, config.confusion_smoothing)
-        self.objective.update(estimate)
+        self.objective.update(estimate, step_size=config.multiplier_step)
         with torch.no_grad():
             value = float(self.objective(estimate))
         head = self.split.head
+        soft = self._soft_counts() if config.soft_confusion else None  # ROBUST-HOOK
         gain = gain_matrix(
-            self.objective, estimate, evaluation.prototypes.to(self.device), head, config.mix
-        ).cpu()
+            self.objective, estimate, evaluation.prototypes.to(self.device), head, config.mix,
+            soft_confusion=soft,
+        ).cpu()  # fmt: skip
         self.distribution = mixup_distribution(
-            gain, config.gain_scale, config.policy, config.normalize_gain
-        ).cpu()
+            gain, config.gain_scale, config.policy, config.normalize_gain,
+            uniform_mix=config.uniform_mix,
+        ).cpu()  # fmt: skip
         record: dict[str, Any] = {
             "step": self.step,
             "objective": value,
