@@ -104,22 +104,34 @@ CASES: list[Case] = [
     Case("fm-r100-ce-v100-frozen-hmean", _fm(100, "standard", "ce"), 100, True, "h_mean"),
     Case(
         "fm-r100-ce-v500-frozen-mrcov",
-        _fm(100, "standard", "ce"), 500, True, "mean_recall_min_coverage",
+        _fm(100, "standard", "ce"),
+        500,
+        True,
+        "mean_recall_min_coverage",
     ),  # fmt: skip
     Case("fm-r200-shuf-ce-v20-frozen-minrec", _fm(200, "shuffled", "ce"), 20, True, "min_recall"),
-    Case("fm-r10-rev-mix-v500-frozen-minrec", _fm(10, "reversed", "mixup"), 500, True, "min_recall"),
+    Case(
+        "fm-r10-rev-mix-v500-frozen-minrec", _fm(10, "reversed", "mixup"), 500, True, "min_recall"
+    ),
     Case("fm-r100-la-v100-tuned-minrec", _fm(100, "standard", "la"), 100, False, "min_recall"),
     Case("folder-r100-ce-v100-frozen-minrec", _folder(100, "ce"), 100, True, "min_recall"),
     Case("folder-r100-ce-v100-frozen-hmean", _folder(100, "ce"), 100, True, "h_mean"),
     Case("c10-r100-la-v100-frozen-minrec", _c10(100, "standard", "la"), 100, True, "min_recall"),
     Case("c10-r100-la-v100-tuned-minrec", _c10(100, "standard", "la"), 100, False, "min_recall"),
-    Case("c10-r200-rev-ce-v100-frozen-minrec", _c10(200, "reversed", "ce"), 100, True, "min_recall"),
+    Case(
+        "c10-r200-rev-ce-v100-frozen-minrec", _c10(200, "reversed", "ce"), 100, True, "min_recall"
+    ),
     Case(
         "c10-r200-rev-ce-v500-frozen-mrcov",
-        _c10(200, "reversed", "ce"), 500, True, "mean_recall_min_coverage",
+        _c10(200, "reversed", "ce"),
+        500,
+        True,
+        "mean_recall_min_coverage",
     ),  # fmt: skip
     Case("c10-r10-shuf-mix-v20-frozen-hmean", _c10(10, "shuffled", "mixup"), 20, True, "h_mean"),
-    Case("c10-r100-mix-v100-frozen-minrec", _c10(100, "standard", "mixup"), 100, True, "min_recall"),
+    Case(
+        "c10-r100-mix-v100-frozen-minrec", _c10(100, "standard", "mixup"), 100, True, "min_recall"
+    ),
 ]
 
 
@@ -193,7 +205,9 @@ def build_start(spec: StartSpec, data: CaseData | None = None) -> Path:
         return path
     data = data or load_case_data(spec)
     torch.manual_seed(spec.seed)
-    model = create_model("small_cnn", data.train.num_classes, in_channels=data.train.images.shape[1])
+    model = create_model(
+        "small_cnn", data.train.num_classes, in_channels=data.train.images.shape[1]
+    )
     settings: dict[str, Any] = {"loss": "ce", "mixup_alpha": 0.0}
     if spec.loss == "la":
         settings["loss"] = "logit_adjusted"
