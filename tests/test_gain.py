@@ -401,3 +401,16 @@ def test_soft_confusion_is_validated():
         gain_matrix("min_recall", hard, prototypes, head, soft_confusion=soft[:2, :2])
     with pytest.raises(ValueError, match="soft_confusion"):
         gain_matrix("min_recall", hard, prototypes, head, soft_confusion=-soft)
+
+
+def test_zero_diagonal_entry_gets_positive_gain_with_pseudo_count():
+    """The default estimate (counts + 1 per cell) also makes a never-predicted class visible."""
+    hard, _, prototypes, head = _class_never_predicted()
+    smoothed = hard + 1.0
+    objective = get_objective("min_recall")
+    objective.update(smoothed)
+    gain = gain_matrix(objective, smoothed, prototypes, head, 0.8)
+    assert gain[2].max() > 0
+    assert int(gain.flatten().argmax()) // 3 == 2
+    policy = selmix.mixup_distribution(gain, scale=3.0, normalize_gain=True)
+    assert float(policy[2].sum()) > 0.5
