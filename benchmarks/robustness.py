@@ -102,6 +102,12 @@ def _ablation(base: str, **changes: Any) -> dict[str, dict[str, Any]]:
     return preset
 
 
+def _frozen_steps(base: str, steps: int) -> dict[str, dict[str, Any]]:
+    preset = copy.deepcopy(PRESETS[base])
+    preset["frozen"]["steps"] = steps
+    return preset
+
+
 # one part of "soft-stabilised" removed (or replaced) at a time
 PRESETS.update(
     {
@@ -114,6 +120,8 @@ PRESETS.update(
         "soft-stabilised-raw_gain": _ablation("soft-stabilised", normalize_gain=False),
         "soft-stabilised-E50": _ablation("soft-stabilised", feedback_every=50),
         "defaults-soft": _ablation("defaults", soft_confusion=True, confusion_smoothing=0.0),
+        "defaults-raw_gain": _ablation("defaults", normalize_gain=False),
+        "defaults-4000": _frozen_steps("defaults", 4000),
     }
 )
 
