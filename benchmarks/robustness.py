@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "gain_scale": 3.0,
             "feedback_every": 10,
         },
-        "frozen": {"steps": 2000},
+        "frozen": {"steps": 4000},
         # backbone fine-tuning on request: the head first (as frozen), then the whole model
         # from the selected head with a 10x lower head learning rate
         "tuned": {
@@ -121,7 +121,7 @@ PRESETS.update(
         "soft-stabilised-E50": _ablation("soft-stabilised", feedback_every=50),
         "defaults-soft": _ablation("defaults", soft_confusion=True, confusion_smoothing=0.0),
         "defaults-raw_gain": _ablation("defaults", normalize_gain=False),
-        "defaults-4000": _frozen_steps("defaults", 4000),
+        "defaults-2000": _frozen_steps("defaults", 2000),
     }
 )
 
