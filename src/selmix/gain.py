@@ -176,9 +176,8 @@ def gain_matrix(
 
     device = prototypes.device
     dtype = prototypes.dtype if prototypes.is_floating_point() else torch.float32
-    grad_a = _confusion_gradient(
-        as_objective(objective), confusion.to(device), soft_confusion
-    ).to(dtype)
+    grad_a = _confusion_gradient(as_objective(objective), confusion.to(device), soft_confusion)
+    grad_a = grad_a.to(dtype)
     features = prototypes.detach().to(dtype)
     weight = head.weight.detach().to(device=device, dtype=dtype)
     has_bias = head.bias is not None
