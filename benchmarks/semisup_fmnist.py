@@ -418,6 +418,8 @@ def main() -> None:
                         feedback_every=args.feedback_every,
                         frozen_backbone=args.backbone == "frozen", seed=seed, progress=False,
                         log_path=log_path,
+                        # the settings measured before the defaults of issue 13
+                        normalize_gain=False, head_first_steps=0,
                     )  # fmt: skip
                     seconds = time.perf_counter() - run_started
                     cpu_seconds = time.process_time() - run_cpu
