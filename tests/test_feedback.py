@@ -70,8 +70,10 @@ def test_a_plain_loop_with_selmix_feedback_reproduces_the_trainer_exactly():
     """The Trainer's frozen-backbone run is this loop: it could be built on SelMixFeedback."""
     data = tiny_data()
     settings = {"steps": 20, "feedback_every": 5, "batch_size": 16, "lr_head": 0.05,
-                "gain_scale": 10.0, "confusion_smoothing": 1.0, "seed": 4}  # fmt: skip
-    # select="last": the loop below returns its last weights, not the best step's
+                "gain_scale": 10.0, "confusion_smoothing": 1.0, "seed": 4,
+                "normalize_gain": False}  # fmt: skip
+    # normalize_gain=False: SelMixFeedback's form of the policy (the Trainer's default is
+    # scale-free); select="last": the loop below returns its last weights, not the best step's
     trained = finetune(tiny_model(), data, data, "min_recall", frozen_backbone=True,
                        progress=False, select="last", **settings).model  # fmt: skip
 

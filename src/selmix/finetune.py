@@ -6,6 +6,8 @@ distribution P (and, semi-supervised, refresh the pseudo-labels), and score the 
 the objective (the best step is kept, the start included). Every step: draw B pairs
 (i, j) ~ P, x1 from class i and x2 from class j, mix their features with lam ~ U[lam_min, 1]
 and take an SGD step on the cross-entropy with label i. Batch norm stays in eval mode.
+With the backbone fine-tuned, a head-first phase trains the head on cached features before
+the whole model trains (``head_first_steps``; docs/DESIGN.md, "Robust defaults").
 
 The loop is a :class:`Trainer` composed of small parts that are tested alone: the
 objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
