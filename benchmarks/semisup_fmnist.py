@@ -370,9 +370,17 @@ def main() -> None:
                 starts[start_name] = model
                 runs.append(
                     start_record(
-                        model, start_name, data, test, held_out, distribution, seed,
-                        seconds=info.get("seconds"), cpu_seconds=info.get("cpu_seconds"),
-                        pretrain_steps=info["steps"], cached=info["cached"],
+                        model,
+                        start_name,
+                        data,
+                        test,
+                        held_out,
+                        distribution,
+                        seed,
+                        seconds=info.get("seconds"),
+                        cpu_seconds=info.get("cpu_seconds"),
+                        pretrain_steps=info["steps"],
+                        cached=info["cached"],
                     )  # fmt: skip
                 )
             if not args.no_crt_start:
@@ -383,7 +391,13 @@ def main() -> None:
                 )  # fmt: skip
                 runs.append(
                     start_record(
-                        starts[CRT_START], CRT_START, data, test, held_out, distribution, seed,
+                        starts[CRT_START],
+                        CRT_START,
+                        data,
+                        test,
+                        held_out,
+                        distribution,
+                        seed,
                         seconds=time.perf_counter() - crt_started,
                         cpu_seconds=time.process_time() - crt_cpu,
                     )  # fmt: skip
@@ -418,6 +432,8 @@ def main() -> None:
                         feedback_every=args.feedback_every,
                         frozen_backbone=args.backbone == "frozen", seed=seed, progress=False,
                         log_path=log_path,
+                        # the settings measured before the defaults of issue 13
+                        normalize_gain=False, head_first_steps=0,
                     )  # fmt: skip
                     seconds = time.perf_counter() - run_started
                     cpu_seconds = time.process_time() - run_cpu

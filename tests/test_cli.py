@@ -210,7 +210,7 @@ def test_precedence_defaults_config_flags_set(tmp_path: Path) -> None:
     config_file.write_text("steps: 11\ngain_scale: 3\nlr_head: 0.01\n")
     base = ["finetune", "--data", "demo", "--checkpoint", "m.pt", "--out", "o"]
     settings = resolve_settings("finetune", base)
-    assert settings["steps"] == 1000 and settings["policy"] == "selmix"
+    assert settings["steps"] == 4000 and settings["policy"] == "selmix"
     settings = resolve_settings("finetune", [*base, "--config", str(config_file)])
     assert settings["steps"] == 11 and settings["gain_scale"] == 3.0
     settings = resolve_settings(
@@ -266,7 +266,7 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
         assert "(default:" in text
     assert main(["finetune", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "SGD steps (default: 1000)" in " ".join(text.split())
+    assert "SGD steps, the head-first phase included (default: 4000)" in " ".join(text.split())
     assert "mean_recall_min_coverage" in text  # the objectives are listed
 
 

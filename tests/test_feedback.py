@@ -42,7 +42,9 @@ def test_update_computes_the_gain_and_policy_of_the_validation_confusion():
     objective.update(estimate)
     expected_gain = gain_matrix(objective, estimate, evaluation.prototypes, model.head, 0.75)
     torch.testing.assert_close(record["gain"], expected_gain)
-    torch.testing.assert_close(feedback.distribution, mixup_distribution(expected_gain, 5.0))
+    # the default policy is the scale-free one (normalize_gain=True)
+    expected = mixup_distribution(expected_gain, 5.0, "selmix", True)
+    torch.testing.assert_close(feedback.distribution, expected)
     assert record["step"] == 7
     assert record["multipliers"] == pytest.approx(objective.multipliers.tolist())
     assert record["objective"] == pytest.approx(float(objective(estimate)))
@@ -120,3 +122,29 @@ def test_feedback_validates_its_inputs():
     two_classes = evaluate(create_model("linear", 2, in_channels=6), tiny_data().subset(range(45)))
     with pytest.raises(ValueError, match="`evaluation` must be for 3 classes"):
         feedback.update_from_evaluation(two_classes, torch.nn.Linear(6, 2))
+
+
+def test_selmix_feedback_has_the_fine_tuning_defaults():
+    """A loop of one's own gets the same robust defaults as selmix.finetune."""
+    import inspect
+
+    from selmix import FinetuneConfig
+
+    defaults = FinetuneConfig()
+    parameters = inspect.signature(SelMixFeedback).parameters
+    shared = ["policy", "gain_scale", "normalize_gain", "lam_min", "confusion_smoothing",
+              "soft_confusion", "uniform_mix", "multiplier_step"]  # fmt: skip
+    for name in shared:
+        assert parameters[name].default == getattr(defaults, name), name
+
+
+def test_the_stabilisers_reach_selmix_feedback():
+    data, model = tiny_data(), tiny_model()
+    plain = SelMixFeedback("min_recall", data.labels, seed=0)
+    mixed = SelMixFeedback("min_recall", data.labels, seed=0, uniform_mix=0.5)
+    plain.update(model, data)
+    mixed.update(model, data)
+    K = plain.num_classes
+    torch.testing.assert_close(mixed.distribution, 0.5 * plain.distribution + 0.5 / K**2)
+    with pytest.raises(ValueError, match="`multiplier_step`"):
+        SelMixFeedback("min_recall", data.labels, multiplier_step=0)

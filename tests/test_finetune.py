@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -27,6 +28,10 @@ def pretrained(demo):
     model = create_model("small_cnn", 10, in_channels=1)
     pretrain(model, demo.train, epochs=4, lr=0.05, seed=0, progress=False)
     return model
+
+
+# the whole model from the first step (the paper's mode; the default freezes the backbone)
+WHOLE_MODEL = {"frozen_backbone": False, "head_first_steps": 0}
 
 
 def small(dataset: ImageTensorDataset, per_class: int) -> ImageTensorDataset:
@@ -74,7 +79,7 @@ def test_batch_norm_statistics_stay_frozen(demo, pretrained):
     conv = model.features.block1[0].weight.detach().clone()
     finetune(
         model, small(demo.train, 20), demo.val, "min_recall", steps=5, progress=False,
-        select="last",
+        select="last", **WHOLE_MODEL,
     )  # fmt: skip
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -87,7 +92,7 @@ def test_head_and_backbone_learning_rates(demo, pretrained):
     model = copy.deepcopy(pretrained)
     result = finetune(
         model, small(demo.train, 20), demo.val, "mean_recall", steps=4, feedback_every=2,
-        lr_head=0.02, progress=False,
+        lr_head=0.02, progress=False, **WHOLE_MODEL,
     )  # fmt: skip
     first = result.history[0]
     assert first["lr_head"] == pytest.approx(0.02)
@@ -100,7 +105,7 @@ def test_head_and_backbone_learning_rates(demo, pretrained):
     conv = model.features.block2[0].weight.detach().clone()
     finetune(
         model, small(demo.train, 20), demo.val, "mean_recall", steps=3, lr_backbone=0.0,
-        weight_decay=0.0, progress=False,
+        weight_decay=0.0, progress=False, **WHOLE_MODEL,
     )  # fmt: skip
     assert torch.equal(model.features.block2[0].weight, conv)
 
@@ -113,7 +118,7 @@ def test_kill_and_resume_equals_uninterrupted(demo, pretrained, tmp_path, monkey
     train, val = small(demo.train, 15), small(demo.val, 10)
     settings = dict(
         steps=12, feedback_every=5, batch_size=16, checkpoint_every=4, progress=False,
-        objective="min_recall",
+        objective="min_recall", **WHOLE_MODEL,
     )  # fmt: skip
     reference = copy.deepcopy(pretrained)
     uninterrupted = finetune(
@@ -382,3 +387,108 @@ def test_evaluation_soft_counts_sum_the_softmax_rows(demo, pretrained):
     assert evaluation.soft_counts.dtype == torch.float64
     torch.testing.assert_close(evaluation.soft_counts, expected)
     torch.testing.assert_close(evaluation.soft_counts.sum(1), evaluation.class_counts.double())
+
+
+# -- head first, then the whole model (the default when the backbone is fine-tuned) ----------
+def test_head_first_phase_then_the_whole_model(demo, pretrained):
+    model = copy.deepcopy(pretrained)
+    start_conv = model.features.block1[0].weight.detach().clone()
+    convs = {}
+
+    def watch(record):
+        convs[record["step"]] = model.features.block1[0].weight.detach().clone()
+
+    result = finetune(
+        model, small(demo.train, 20), demo.val, "min_recall", steps=6, head_first_steps=3,
+        feedback_every=1, frozen_backbone=False, lr_head=0.02, callback=watch,
+        progress=False, select="last",
+    )  # fmt: skip
+    history = {record["step"]: record for record in result.history}
+    # head phase: the backbone does not move, the head's rate decays over the 3 steps
+    for step in (0, 1, 2, 3):
+        assert torch.equal(convs[step], start_conv), step
+        assert history[step]["lr_backbone"] == 0.0
+    assert history[0]["lr_head"] == pytest.approx(0.02)
+    # whole-model phase: its own cosine over the 3 remaining steps, head at lr_head / 10 and
+    # backbone at lr_head / 100
+    assert history[4]["lr_head"] == pytest.approx(0.002 * 0.75)
+    assert history[4]["lr_backbone"] == pytest.approx(0.0002 * 0.75)
+    assert not torch.equal(convs[6], start_conv)
+    assert result.config.head_first == 3 and result.last_step == 6
+
+
+def test_head_first_default_and_validation():
+    assert FinetuneConfig().head_first == 0  # frozen backbone: one phase
+    assert FinetuneConfig(frozen_backbone=False).head_first == 2000
+    assert FinetuneConfig(frozen_backbone=False, steps=600).head_first == 300
+    tuned = FinetuneConfig(frozen_backbone=False)
+    assert tuned.backbone_phase_lr_head == pytest.approx(3e-4)
+    assert tuned.backbone_lr == pytest.approx(3e-5)
+    user = FinetuneConfig(frozen_backbone=False, lr_backbone=1e-4)
+    assert user.backbone_lr == 1e-4  # a user's value wins
+    paper = FinetuneConfig(frozen_backbone=False, head_first_steps=0)
+    assert paper.backbone_lr == pytest.approx(3e-4) and paper.backbone_phase_lr_head == 3e-3
+    with pytest.raises(ValueError, match="`head_first_steps` must be < `steps`"):
+        FinetuneConfig(frozen_backbone=False, steps=100, head_first_steps=100)
+
+
+def test_resume_across_the_head_first_boundary(demo, pretrained, tmp_path, monkeypatch):
+    train, val = small(demo.train, 15), small(demo.val, 10)
+    settings = dict(
+        steps=10, head_first_steps=4, frozen_backbone=False, feedback_every=3, batch_size=16,
+        checkpoint_every=3, progress=False, objective="min_recall",
+    )  # fmt: skip
+    reference = copy.deepcopy(pretrained)
+    uninterrupted = finetune(
+        reference, train, val, checkpoint_path=str(tmp_path / "a.pt"), **settings
+    )
+    killed = copy.deepcopy(pretrained)
+    calls = {"n": 0}
+    original_step = torch.optim.SGD.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # dies in step 8, after the checkpoint of step 6 (backbone phase)
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed, train, val, checkpoint_path=str(tmp_path / "b.pt"), **settings)
+    monkeypatch.setattr(torch.optim.SGD, "step", original_step)
+    state = load_checkpoint(tmp_path / "b.pt")
+    assert state["step"] == 6 and state["head_phase"] is False
+    resumed_model = copy.deepcopy(pretrained)
+    resumed = finetune(
+        resumed_model, train, val, checkpoint_path=str(tmp_path / "b.pt"),
+        resume=tmp_path / "b.pt", **settings,
+    )  # fmt: skip
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert untimed(resumed.history) == untimed(uninterrupted.history)
+    assert resumed.best_step == uninterrupted.best_step
+
+
+# -- the stabilisers of issue 13 reach the feedback step ---------------------------------------
+def test_uniform_mix_and_multiplier_step_reach_the_feedback(demo, pretrained):
+    train, val = small(demo.train, 15), small(demo.val, 10)
+    common = dict(steps=1, feedback_every=1, batch_size=8, progress=False, select="last")
+    plain = finetune(copy.deepcopy(pretrained), train, val, "min_recall", **common)
+    half = finetune(
+        copy.deepcopy(pretrained), train, val, "min_recall", multiplier_step=0.5,
+        uniform_mix=1.0, **common,
+    )  # fmt: skip
+    initial = torch.full((10,), 0.1, dtype=torch.float64)  # min recall starts uniform
+    fresh = torch.tensor(plain.history[0]["multipliers"], dtype=torch.float64)
+    halfway = torch.tensor(half.history[0]["multipliers"], dtype=torch.float64)
+    assert torch.allclose(halfway, 0.5 * initial + 0.5 * fresh)
+    assert half.history[0]["policy_entropy"] == pytest.approx(math.log(100))  # all uniform
+    assert plain.history[0]["policy_entropy"] < math.log(100)
+    soft = finetune(
+        copy.deepcopy(pretrained), train, val, "min_recall", soft_confusion=True,
+        confusion_smoothing=0.0, **common,
+    )  # fmt: skip
+    hard = finetune(
+        copy.deepcopy(pretrained), train, val, "min_recall", confusion_smoothing=0.0, **common
+    )
+    assert not torch.allclose(soft.gains[0][1], hard.gains[0][1])

@@ -110,7 +110,13 @@ def test_full_backbone_logits_are_bf16_and_the_loss_float32(monkeypatch):
         data,
         data,
         None,
-        FinetuneConfig(precision="bf16", progress=False, batch_size=8),
+        FinetuneConfig(
+            precision="bf16",
+            progress=False,
+            batch_size=8,
+            frozen_backbone=False,
+            head_first_steps=0,
+        ),
     )
     seen = {}
     original = F.cross_entropy
@@ -255,8 +261,15 @@ def test_closed_form_is_used_only_for_a_plain_linear_head():
     data = tiny_set()
     frozen = Trainer(tiny_model(), data, data, None, FinetuneConfig(frozen_backbone=True))
     assert isinstance(frozen._head_step, _LinearHeadStep)
-    full = Trainer(tiny_model(), data, data, None, FinetuneConfig())
+    full = Trainer(tiny_model(), data, data, None,
+                   FinetuneConfig(frozen_backbone=False, head_first_steps=0))  # fmt: skip
     assert full._head_step is None
+    # head-first: the closed form while the head trains alone, autograd once the backbone does
+    phased_config = FinetuneConfig(frozen_backbone=False, head_first_steps=5, steps=10)
+    phased = Trainer(tiny_model(), data, data, None, phased_config)
+    assert isinstance(phased._head_step, _LinearHeadStep)
+    phased._start_phase(head_phase=False)
+    assert phased._head_step is None
     hooked = tiny_model()
     hooked.head.register_forward_hook(lambda module, inputs, output: output * 2)
     trainer = Trainer(hooked, data, data, None, FinetuneConfig(frozen_backbone=True))

@@ -348,3 +348,69 @@ def test_the_gain_ranks_pairs_that_help_the_worst_class():
     best_row = int(np.unravel_index(np.argmax(gains), gains.shape)[0])
     assert best_row == worst
     assert selmix.mixup_distribution(torch.from_numpy(gains))[worst].sum() > 0.5
+
+
+# -- classes at zero: the soft confusion matrix in the derivative factor -----------------------
+def _class_never_predicted() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Linear]:
+    """K = 3, class 2 never predicted: hard counts with a zero diagonal entry, soft counts."""
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    head = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        head.weight.copy_(prototypes)
+        head.weight[2] *= 0.2
+        head.bias.copy_(torch.tensor([0.0, 0.0, -3.0]))
+    logits = head(prototypes).detach()
+    per_class = 50.0
+    hard = torch.zeros(3, 3, dtype=torch.float64)
+    hard[torch.arange(3), logits.argmax(dim=1)] = per_class
+    soft = torch.softmax(logits, dim=1) * per_class
+    return hard, soft, prototypes, head
+
+
+def test_zero_diagonal_entry_gets_positive_gain_with_soft_confusion():
+    hard, soft, prototypes, head = _class_never_predicted()
+    assert hard[2, 2] == 0 and (soft > 0).all()
+    objective = get_objective("min_recall")
+    objective.update(hard)
+    without = gain_matrix(objective, hard, prototypes, head, 0.8)
+    with_soft = gain_matrix(objective, hard, prototypes, head, 0.8, soft_confusion=soft)
+    # the hard factor C[2, 2] = 0 hides class 2 from the gain
+    assert without[2].max() <= 0
+    # the soft factor makes its pairs the ones with the largest, positive gain
+    assert with_soft[2].max() > 0
+    assert int(with_soft.flatten().argmax()) // 3 == 2
+    policy = selmix.mixup_distribution(with_soft, scale=3.0, normalize_gain=True)
+    assert float(policy[2].sum()) > 0.5
+
+
+def test_soft_confusion_equal_to_confusion_changes_nothing():
+    confusion = torch.tensor([[30.0, 5, 3], [4, 25, 6], [3, 7, 20]], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    prototypes = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    head = nn.Linear(5, 3).double()
+    objective = get_objective("h_mean")
+    plain = gain_matrix(objective, confusion, prototypes, head)
+    same = gain_matrix(objective, confusion, prototypes, head, soft_confusion=confusion * 7)
+    torch.testing.assert_close(plain, same, rtol=1e-12, atol=1e-15)
+
+
+def test_soft_confusion_is_validated():
+    hard, soft, prototypes, head = _class_never_predicted()
+    with pytest.raises(ValueError, match="soft_confusion"):
+        gain_matrix("min_recall", hard, prototypes, head, soft_confusion=soft[:2, :2])
+    with pytest.raises(ValueError, match="soft_confusion"):
+        gain_matrix("min_recall", hard, prototypes, head, soft_confusion=-soft)
+
+
+def test_zero_diagonal_entry_gets_positive_gain_with_pseudo_count():
+    """The default estimate (counts + 1 per cell) also makes a never-predicted class visible."""
+    hard, _, prototypes, head = _class_never_predicted()
+    smoothed = hard + 1.0
+    objective = get_objective("min_recall")
+    objective.update(smoothed)
+    gain = gain_matrix(objective, smoothed, prototypes, head, 0.8)
+    assert gain[2].max() > 0
+    assert int(gain.flatten().argmax()) // 3 == 2
+    policy = selmix.mixup_distribution(gain, scale=3.0, normalize_gain=True)
+    assert float(policy[2].sum()) > 0.5

@@ -244,8 +244,12 @@ def test_head_tail_coverage_multipliers_and_value(metric, counts, head_classes, 
     np.testing.assert_allclose(objective.multipliers.numpy(), expected, rtol=1e-12, atol=1e-12)
     recall = np_recall(counts)
     value = recall.mean() if metric == "mean_recall" else np_h_mean(recall)
-    by_hand = (value + np.sum(expected * coverage)) / (1 + expected.max())
+    # MATH.md section 2: the normaliser is 1 + max(l_H, l_T), not 1 + the largest spread value
+    by_hand = (value + np.sum(expected * coverage)) / (1 + max(l_head, l_tail))
     assert float(objective(tensor(counts))) == pytest.approx(by_hand, rel=1e-12)
+    if not np.isclose(max(l_head, l_tail), expected.max()):  # the spread form differs here
+        spread_form = (value + np.sum(expected * coverage)) / (1 + expected.max())
+        assert float(objective(tensor(counts))) != pytest.approx(spread_form, rel=1e-9)
 
 
 def test_updates_have_no_momentum():
@@ -254,6 +258,32 @@ def test_updates_have_no_momentum():
     objective.update(tensor(COUNTS4.T.copy()))
     expected = np_softmax(-50.0 * np_recall(COUNTS4.T))
     np.testing.assert_allclose(objective.multipliers.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["min_recall", "mean_recall_min_coverage"])
+def test_multiplier_step_size_averages_the_updates(name):
+    step = 0.3
+    smoothed = get_objective(name)
+    smoothed.update(tensor(COUNTS4))  # step 1: from the initial multipliers
+    initial = get_objective(name)
+    initial(tensor(COUNTS4))  # binds K, sets the initial multipliers
+    first, second = get_objective(name), get_objective(name)
+    first.update(tensor(COUNTS4))
+    second.update(tensor(COUNTS4.T.copy()))
+    smoothed = get_objective(name)
+    smoothed.update(tensor(COUNTS4), step_size=step)
+    expected_first = (1 - step) * initial.multipliers + step * first.multipliers
+    np.testing.assert_allclose(smoothed.multipliers.numpy(), expected_first.numpy(), rtol=1e-12)
+    smoothed.update(tensor(COUNTS4.T.copy()), step_size=step)
+    expected = (1 - step) * expected_first + step * second.multipliers
+    np.testing.assert_allclose(smoothed.multipliers.numpy(), expected.numpy(), rtol=1e-12)
+    assert not np.allclose(expected.numpy(), second.multipliers.numpy())
+
+
+@pytest.mark.parametrize("step", [0.0, -0.5, 1.5])
+def test_multiplier_step_size_is_validated(step):
+    with pytest.raises(ValueError, match="step_size"):
+        get_objective("min_recall").update(tensor(COUNTS4), step_size=step)
 
 
 # -- state -------------------------------------------------------------------------------------

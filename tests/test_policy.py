@@ -186,3 +186,20 @@ def test_entropy_and_effective_pairs_by_hand():
     assert policy_entropy(torch.from_numpy(selmix_policy)) == pytest.approx(
         -np.sum(p * np.log(p)), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("policy", ["selmix", "greedy", "uniform"])
+def test_uniform_mix_keeps_every_pair_at_eps_over_k2(policy):
+    gain = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 0.0, 4.0], [-2.0, -2.0, 1.0]])
+    eps = 0.2
+    plain = mixup_distribution(gain, scale=5.0, policy=policy)
+    mixed = mixup_distribution(gain, scale=5.0, policy=policy, uniform_mix=eps)
+    torch.testing.assert_close(mixed, (1 - eps) * plain + eps / 9)
+    assert float(mixed.min()) >= eps / 9 - 1e-12
+    assert float(mixed.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5])
+def test_uniform_mix_is_validated(eps):
+    with pytest.raises(ValueError, match="uniform_mix"):
+        mixup_distribution(torch.eye(3), uniform_mix=eps)

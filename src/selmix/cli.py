@@ -280,7 +280,15 @@ def _epilog(command: str, options: list[Option]) -> str:
         from selmix.objectives import list_objectives
 
         lines.append("objectives: " + ", ".join(list_objectives()))
-    lines.append("precedence: defaults < --config < explicit flags < --set")
+    if any(option.field == "preset" for option in options):
+        from selmix.finetune import PRESETS
+
+        for name, values in PRESETS.items():
+            shown = ", ".join(f"{key}={_yaml_inline(value)}" for key, value in values.items())
+            lines.append(f"preset {name}: {shown or 'the defaults above'}")
+        lines.append("precedence: defaults < preset < --config < explicit flags < --set")
+    else:
+        lines.append("precedence: defaults < --config < explicit flags < --set")
     return "\n".join(lines)
 
 
@@ -408,11 +416,14 @@ def resolve_settings(command: str, argv: Sequence[str]) -> dict[str, Any]:
     config_path = explicit.pop("config", None)
     overrides = explicit.pop("overrides", None) or []
 
-    values = {key: copy.deepcopy(option.default) for key, option in options.items()}
+    given: dict[str, Any] = {}
     if config_path is not None:
-        values.update(_load_config_file(config_path, options))
-    values.update(explicit)
-    values.update(_parse_overrides(overrides, options))
+        given.update(_load_config_file(config_path, options))
+    given.update(explicit)
+    given.update(_parse_overrides(overrides, options))
+    values = {key: copy.deepcopy(option.default) for key, option in options.items()}
+    values.update(_preset_values(options, given))  # under everything the user gave
+    values.update(given)
     values = {key: _coerce(key, value, options[key].default) for key, value in values.items()}
     for key, option in options.items():
         if option.required and values.get(key) in (None, ""):
@@ -422,6 +433,22 @@ def resolve_settings(command: str, argv: Sequence[str]) -> dict[str, Any]:
             known = ", ".join(option.choices)
             raise UsageError(f"unknown `{key}` {values[key]!r}; expected one of {known}")
     return values
+
+
+def _preset_values(options: dict[str, Option], given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the preset named in ``given`` (``--preset``, ``preset:`` in
+    --config or ``--set preset=...``), by option key; empty for a command without presets
+    or an unknown name (reported by the choices check)."""
+    preset_key = next((k for k, o in options.items() if o.field == "preset"), None)
+    if preset_key is None or preset_key not in given:
+        return {}
+    from selmix.finetune import PRESETS
+
+    name = given[preset_key]
+    if not isinstance(name, str) or name not in PRESETS:
+        return {}
+    by_field = {option.field: key for key, option in options.items() if option.field}
+    return {by_field[field]: value for field, value in PRESETS[name].items() if field in by_field}
 
 
 # -- shared helpers -----------------------------------------------------------------------------

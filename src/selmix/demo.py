@@ -23,11 +23,11 @@ __all__ = ["DEMO_OBJECTIVES", "demo_settings", "run_demo"]
 DEMO_OBJECTIVES = ("min_recall", "g_mean", "mean_recall_min_coverage")
 
 # The full demo takes about 1-2 minutes on 2 idle CPU cores; the fast one (tests) about 15 s.
-# Pre-training uses the logit-adjusted cross-entropy: with plain cross-entropy the rarest,
-# most confusable class (Shirt) ends at 0% validation recall, where the gain of every pair
-# is 0 (the softmax parametrisation of C is saturated) and no first-order method can move
-# it. The fine-tuning learning rate is small because the policy is sharp (a few pairs get
-# all the mass) and the small CNN's features are large: lr_head = 1e-2 overshoots.
+# Pre-training uses the logit-adjusted cross-entropy (a start with every class above 0).
+# The full demo fine-tunes with the library's defaults (frozen backbone, feedback every 10,
+# scale-free policy s = 3, pseudo-count 1, the best step returned) for 2000 steps instead
+# of 4000, to stay well under 90 s (test min recall 57.3% at 2000 steps, 58.7% at 4000,
+# at twice the fine-tuning time). The fast one keeps a short run for the tests.
 _SETTINGS: dict[bool, dict[str, dict[str, Any]]] = {
     False: {
         "data": {},
@@ -35,10 +35,7 @@ _SETTINGS: dict[bool, dict[str, dict[str, Any]]] = {
             "epochs": 10, "batch_size": 128, "lr": 0.1, "loss": "logit_adjusted",
             "augment": False,
         },
-        "finetune": {
-            "steps": 100, "batch_size": 64, "lr_head": 2e-4, "feedback_every": 10,
-            "frozen_backbone": False,
-        },
+        "finetune": {"frozen_backbone": True, "steps": 2000},
     },
     True: {
         "data": {"imbalance": 100.0, "max_per_class": 300, "val_per_class": 30},

@@ -35,7 +35,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from selmix._validation import check_choice, check_in_range, check_int, check_positive
+from selmix._validation import (
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_int,
+    check_positive,
+)
 from selmix.evaluate import Evaluation, evaluate
 from selmix.gain import gain_matrix
 from selmix.metrics import all_metrics
@@ -81,21 +87,26 @@ def feedback_step(
         evaluation: the validation set's confusion counts and class-mean features.
         head: the linear head ``nn.Linear(d, K)`` (the gain's logit directions).
         settings: anything with ``confusion_smoothing``, ``mix`` (E[lam]), ``gain_scale``,
-            ``policy`` and ``normalize_gain`` (a :class:`selmix.FinetuneConfig` or a
+            ``policy``, ``normalize_gain``, ``soft_confusion``, ``uniform_mix`` and
+            ``multiplier_step`` (a :class:`selmix.FinetuneConfig` or a
             :class:`SelMixFeedback`).
 
     Returns:
         A :class:`FeedbackResult`.
     """
     estimate = smoothed_confusion(evaluation.counts, settings.confusion_smoothing)
-    objective.update(estimate)
+    objective.update(estimate, step_size=settings.multiplier_step)
     with torch.no_grad():
         value = float(objective(estimate))
     prototypes = evaluation.prototypes.to(head.weight.device)
-    gain = gain_matrix(objective, estimate, prototypes, head, settings.mix).cpu()
-    distribution = mixup_distribution(
-        gain, settings.gain_scale, settings.policy, settings.normalize_gain
+    soft = evaluation.soft_counts if settings.soft_confusion else None
+    gain = gain_matrix(
+        objective, estimate, prototypes, head, settings.mix, soft_confusion=soft
     ).cpu()
+    distribution = mixup_distribution(
+        gain, settings.gain_scale, settings.policy, settings.normalize_gain,
+        uniform_mix=settings.uniform_mix,
+    ).cpu()  # fmt: skip
     return FeedbackResult(estimate, value, gain, distribution)
 
 
@@ -131,6 +142,14 @@ class SelMixFeedback:
         lam_min: mixing weights are drawn from U[lam_min, 1].
         confusion_smoothing: pseudo-count added to each validation confusion cell before
             the multipliers and the gain (0 is the paper).
+        soft_confusion: use the validation softmax probabilities in the gain's derivative
+            factor instead of the counts.
+        uniform_mix: share eps of the uniform policy mixed into P.
+        multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
+
+    The defaults are those of :class:`selmix.FinetuneConfig` (the robust defaults of
+    docs/DESIGN.md); ``gain_scale=10, normalize_gain=False, confusion_smoothing=0`` is the
+    paper.
         head_classes: head classes for the head/tail metrics in the records.
         seed: seeds the pair and lam draws (same seed, same pairs).
 
@@ -148,10 +167,13 @@ class SelMixFeedback:
         *,
         objective_params: dict[str, Any] | None = None,
         policy: str = "selmix",
-        gain_scale: float = 10.0,
-        normalize_gain: bool = False,
+        gain_scale: float = 3.0,
+        normalize_gain: bool = True,
         lam_min: float = 0.6,
-        confusion_smoothing: float = 0.0,
+        confusion_smoothing: float = 1.0,
+        soft_confusion: bool = False,
+        uniform_mix: float = 0.0,
+        multiplier_step: float = 1.0,
         head_classes: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
@@ -170,11 +192,16 @@ class SelMixFeedback:
         self.objective = as_objective(objective)
         self.policy = check_choice("policy", policy, POLICIES)
         self.gain_scale = check_positive("gain_scale", gain_scale)
-        self.normalize_gain = bool(normalize_gain)
+        self.normalize_gain = check_bool("normalize_gain", normalize_gain)
         self.lam_min = check_in_range("lam_min", lam_min, 0.0, 1.0)
         self.confusion_smoothing = check_positive(
             "confusion_smoothing", confusion_smoothing, strict=False
         )
+        self.soft_confusion = check_bool("soft_confusion", soft_confusion)
+        self.uniform_mix = check_in_range("uniform_mix", uniform_mix, 0.0, 1.0)
+        self.multiplier_step = check_in_range("multiplier_step", multiplier_step, 0.0, 1.0)
+        if self.multiplier_step == 0:
+            raise ValueError("`multiplier_step` must be in (0, 1], got 0")
         self.head_classes = None if head_classes is None else list(head_classes)
         self.generator = torch.Generator().manual_seed(check_int("seed", seed))
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)

@@ -6,6 +6,8 @@ distribution P (and, semi-supervised, refresh the pseudo-labels), and score the 
 the objective (the best step is kept, the start included). Every step: draw B pairs
 (i, j) ~ P, x1 from class i and x2 from class j, mix their features with lam ~ U[lam_min, 1]
 and take an SGD step on the cross-entropy with label i. Batch norm stays in eval mode.
+With the backbone fine-tuned, a head-first phase trains the head on cached features before
+the whole model trains (``head_first_steps``; docs/DESIGN.md, "Robust defaults").
 
 The loop is a :class:`Trainer` composed of small parts that are tested alone: the
 objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
@@ -80,6 +82,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
+    "HEAD_FIRST_STEPS",
+    "PRESETS",
     "SELECT",
     "Trainer",
     "check_resume",
@@ -91,6 +95,34 @@ __all__ = [
 SELECT = ("best", "last")
 #: The default ``precision`` of fine-tuning (see docs/results/precision_parity.md).
 PRECISION_DEFAULT = "fp32"
+#: Steps of the head-first phase when the backbone is fine-tuned and ``head_first_steps``
+#: is unset (docs/DESIGN.md, "Robust defaults").
+HEAD_FIRST_STEPS = 2000
+
+#: Named sets of settings (``FinetuneConfig.preset``), applied under the user's own values.
+#: ``"defaults"`` changes nothing: the field defaults are the robust defaults of
+#: docs/DESIGN.md. ``"paper"`` is the paper's supervised recipe (MATH.md sections 5-6: the
+#: whole model fine-tuned, E = 50, s = 10 on the raw gain, no smoothing, 2k steps of B = 128,
+#: lr_W = 3e-3, lr_g = 3e-4) with the last step returned.
+PRESETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "paper": {
+        "frozen_backbone": False,
+        "head_first_steps": 0,
+        "steps": 2000,
+        "batch_size": 128,
+        "feedback_every": 50,
+        "gain_scale": 10.0,
+        "normalize_gain": False,
+        "confusion_smoothing": 0.0,
+        "lr_head": 3e-3,
+        "lr_backbone": None,
+        "select": "last",
+        "soft_confusion": False,
+        "uniform_mix": 0.0,
+        "multiplier_step": 1.0,
+    },
+}
 #: Steps between resume checkpoints unless set (see ``FinetuneConfig.checkpoint_every``).
 CHECKPOINT_EVERY = 200
 #: The training loss is reported as diverging above this multiple of
@@ -105,7 +137,14 @@ _MixupForward = MixupForward
 
 @dataclass
 class FinetuneConfig(ConfigMixin):
-    """Settings of a SelMix fine-tuning run; defaults follow MATH.md (supervised CIFAR).
+    """Settings of a SelMix fine-tuning run.
+
+    The defaults are the robust defaults of docs/DESIGN.md ("Robust defaults", measured by
+    ``benchmarks/robustness.py``): the head trains on frozen features for 4000 steps with
+    feedback every 10 steps, a scale-free policy (s = 3), a pseudo-count of 1 on the
+    validation confusion matrix, and the best validation step is returned.
+    ``preset="paper"`` gives the paper's recipe (:data:`PRESETS`); a preset fills only the
+    settings the user did not give (see :meth:`from_dict`).
 
     Each field declares its help text, constraint, CLI flag and whether a resumed run must
     agree on it (``run``); see :mod:`selmix._config`; :func:`selmix._config.settings_of` lists
@@ -114,6 +153,12 @@ class FinetuneConfig(ConfigMixin):
 
     settings_name = "fine-tuning"
 
+    preset: str = setting(
+        "defaults", check=Choice(tuple(PRESETS)), flag=True,
+        help="named settings applied under the ones given: 'defaults' (the robust defaults) "
+        "or 'paper' (the paper's recipe: backbone fine-tuned, 2000 steps, E = 50, s = 10 on "
+        "the raw gain, no smoothing, the last step returned)",
+    )  # fmt: skip
     objective: str = setting(
         "min_recall", help="objective to maximise (see the list below)", run=True, flag=True,
         metavar="NAME",
@@ -126,12 +171,17 @@ class FinetuneConfig(ConfigMixin):
         "selmix", help="mixup pair policy", check=Choice(POLICIES), run=True, flag=True
     )
     gain_scale: float = setting(
-        10.0, help="s in P ~ exp(s * gain)", check=Real(), run=True, flag=True
-    )
+        3.0, help="s in P ~ exp(s * gain) (the paper: 10 on the raw gain)", check=Real(),
+        run=True, flag=True,
+    )  # fmt: skip
     normalize_gain: bool = setting(
-        False, help="scale-free policy exp(s * G / max|G|)", check=Flag(), run=True, flag=True
-    )
-    steps: int = setting(1000, help="SGD steps", check=Int(1), run=True, flag=True)
+        True, help="scale-free policy exp(s * G / max|G|) (the paper: off)", check=Flag(),
+        run=True, flag=True,
+    )  # fmt: skip
+    steps: int = setting(
+        4000, help="SGD steps, the head-first phase included", check=Int(1), run=True,
+        flag=True,
+    )  # fmt: skip
     batch_size: int = setting(
         128, help="mixup pairs per step (the global batch)", check=Int(1), run=True, flag=True
     )
@@ -139,25 +189,46 @@ class FinetuneConfig(ConfigMixin):
         3e-3, help="learning rate of the linear head", check=Real(), run=True, flag=True
     )
     lr_backbone: float | None = setting(
-        None, help="backbone learning rate; unset: lr_head / 10",
+        None, help="backbone learning rate; unset: lr_head / 10, or lr_head / 100 after a "
+        "head-first phase (whose backbone phase trains the head at lr_head / 10)",
         check=Optional(Real(strict=False)), run=True,
     )  # fmt: skip
     frozen_backbone: bool = setting(
-        False, help="train the linear head only, on features computed once", check=Flag(),
-        run=True, flag=True,
+        True, help="train the linear head only, on features computed once (off: the whole "
+        "model, after a head-first phase)", check=Flag(), run=True, flag=True,
+    )  # fmt: skip
+    head_first_steps: int | None = setting(
+        None, check=Optional(Int(0)), run=True, flag=True, metavar="STEPS",
+        help="with frozen_backbone off: the first STEPS steps train the head on cached "
+        f"features, the rest the whole model; unset: {HEAD_FIRST_STEPS} (steps // 2 for "
+        "shorter runs; 0: the paper)",
     )  # fmt: skip
     momentum: float = setting(0.9, help="SGD momentum", check=Real(high=1.0), run=True)
     weight_decay: float = setting(5e-4, help="SGD weight decay", check=Real(strict=False), run=True)
     feedback_every: int = setting(
-        50, help="steps between feedback (validation) steps", check=Int(1), run=True, flag=True
-    )
+        10, help="steps between feedback (validation) steps (the paper: 50)", check=Int(1),
+        run=True, flag=True,
+    )  # fmt: skip
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
     )
     confusion_smoothing: float = setting(
-        0.0, check=Real(strict=False), run=True,
+        1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
-        "and the gain (0 = the paper; about 1 lets the gain see classes with zero recall)",
+        "and the gain (0 = the paper; 1 lets the gain see classes with zero recall)",
+    )  # fmt: skip
+    soft_confusion: bool = setting(
+        False, check=Flag(), run=True,
+        help="use the validation softmax probabilities (never 0) in the gain's derivative "
+        "factor instead of the counts (an alternative to confusion_smoothing)",
+    )  # fmt: skip
+    uniform_mix: float = setting(
+        0.0, check=Real(strict=False, high=1.0), run=True,
+        help="share eps of the uniform policy mixed into P: (1 - eps) P + eps / K^2",
+    )  # fmt: skip
+    multiplier_step: float = setting(
+        1.0, check=Real(high=1.0), run=True,
+        help="step a of the multiplier update l <- (1 - a) l + a l_new (1: the paper)",
     )  # fmt: skip
     augment: bool = setting(
         True, help="random crop and flip (full-backbone mode)", check=Flag(), run=True
@@ -235,10 +306,78 @@ class FinetuneConfig(ConfigMixin):
         "image) to TensorBoard in DIR (needs the extra selmix[tensorboard])",
     )  # fmt: skip
 
+    def __post_init__(self) -> None:
+        if self.multiplier_step <= 0:
+            raise ValueError(f"`multiplier_step` must be in (0, 1], got {self.multiplier_step}")
+        if not self.frozen_backbone and self.head_first_steps is not None:
+            if self.head_first_steps >= self.steps:
+                raise ValueError(
+                    f"`head_first_steps` must be < `steps` ({self.steps}) when the backbone "
+                    f"is fine-tuned, got {self.head_first_steps}"
+                )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Builds a config; the preset named in ``values`` fills the settings it lacks.
+
+        ``values`` holds what the user gave (a YAML file, keyword overrides); a full dict
+        (``to_dict``) leaves its preset nothing to fill, so :meth:`replace` never re-applies
+        one.
+
+        Raises:
+            ValueError: an unknown setting or preset (one line).
+        """
+        name = values.get("preset", "defaults")
+        if name not in PRESETS:
+            raise ValueError(
+                f"`preset` must be one of {', '.join(map(repr, PRESETS))}, got {name!r}"
+            )
+        return super().from_dict({**PRESETS[name], **values})
+
+    @classmethod
+    def resolve(
+        cls, config: FinetuneConfig | dict[str, Any] | None, overrides: dict[str, Any]
+    ) -> FinetuneConfig:
+        """The config of a run: defaults < preset < ``config`` < ``overrides``.
+
+        A preset named in ``overrides`` over a :class:`FinetuneConfig` instance is applied
+        over the instance (whose fields cannot tell given from default values), then the
+        other overrides.
+        """
+        if config is None or isinstance(config, dict):
+            return cls.from_dict({**(config or {}), **overrides})
+        if isinstance(config, cls) and "preset" in overrides:
+            name = overrides["preset"]
+            cls.from_dict({"preset": name})  # one-line error for an unknown name
+            return config.replace(**{**PRESETS[name], **overrides})
+        return super().resolve(config, overrides)
+
+    @property
+    def head_first(self) -> int:
+        """Steps of the head-first phase: 0 with a frozen backbone, else
+        ``head_first_steps`` (unset: :data:`HEAD_FIRST_STEPS`, or ``steps // 2`` for a
+        shorter run)."""
+        if self.frozen_backbone:
+            return 0
+        if self.head_first_steps is None:
+            # a run too short for the full phase splits evenly
+            return HEAD_FIRST_STEPS if self.steps > HEAD_FIRST_STEPS else self.steps // 2
+        return self.head_first_steps
+
     @property
     def backbone_lr(self) -> float:
-        """The feature extractor's learning rate (``lr_head / 10`` unless set)."""
-        return self.lr_head / 10 if self.lr_backbone is None else self.lr_backbone
+        """The feature extractor's learning rate (``lr_head / 10`` unless set; after a
+        head-first phase ``lr_head / 100``, a tenth of the phase's head rate)."""
+        if self.lr_backbone is not None:
+            return self.lr_backbone
+        return self.lr_head / (100 if self.head_first else 10)
+
+    @property
+    def backbone_phase_lr_head(self) -> float:
+        """The head's learning rate while the backbone trains: ``lr_head``, or
+        ``lr_head / 10`` after a head-first phase (a head trained to a sharp optimum
+        forgets classes at the full rate; docs/DESIGN.md)."""
+        return self.lr_head / 10 if self.head_first else self.lr_head
 
     @property
     def mix(self) -> float:
@@ -670,11 +809,6 @@ class Trainer:
             # in place: the parameters and state_dict keys stay those of the model
             self.split.features.compile()
         self.callback = callback
-        self.view = make_view(
-            config.frozen_backbone, self.split, self.device, self.collective,
-            config.eval_batch_size, PairPools(self.train, self.unlabelled), config.augment,
-            precision=self.precision,
-        )  # fmt: skip
         # distinct, reproducible streams per rank; rank 0 matches a single-process run
         self.generator = torch.Generator().manual_seed(
             config.seed + 1_000_003 * self.collective.rank
@@ -693,9 +827,31 @@ class Trainer:
         self.diverged_step: int | None = None
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
+        self._start_phase(head_phase=config.head_first > 0)
+
+    def _start_phase(self, head_phase: bool) -> None:
+        """The view, optimiser and schedule of a phase of the run.
+
+        Frozen backbone: one phase, the head on cached features. Backbone fine-tuned: a
+        head phase (``config.head_first`` steps on cached features, when > 0), then the
+        whole model for the remaining steps from where the head phase ended, with the head
+        at :attr:`FinetuneConfig.backbone_phase_lr_head`; each phase has its own cosine
+        schedule. The step counter, the feedback steps and the best-step selection run
+        across the phases.
+        """
+        config = self.config
+        frozen = config.frozen_backbone or head_phase
+        self.head_phase = head_phase
+        self.view = make_view(
+            frozen, self.split, self.device, self.collective, config.eval_batch_size,
+            PairPools(self.train, self.unlabelled), config.augment, precision=self.precision,
+        )  # fmt: skip
+        if frozen:
+            steps, lr_head = (config.head_first if head_phase else config.steps), config.lr_head
+        else:
+            steps, lr_head = config.steps - config.head_first, config.backbone_phase_lr_head
         self.optimizer, self.scheduler = split_sgd_cosine(
-            self.split, config.steps, config.lr_head,
-            config.backbone_lr if self.view.trains_backbone else None,
+            self.split, steps, lr_head, config.backbone_lr if self.view.trains_backbone else None,
             config.momentum, config.weight_decay,
         )  # fmt: skip
         self.view.attach(self.optimizer)
@@ -838,6 +994,9 @@ class Trainer:
                     progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
                     if self.best.exhausted(config.patience):
                         break
+                if self.head_phase and self.step >= config.head_first:
+                    self._start_phase(head_phase=False)
+                    first_step = True  # the backbone's first step is where memory runs out
                 if first_step:
                     self._first_train_step()
                     first_step = False
@@ -882,6 +1041,7 @@ class Trainer:
         return {
             "format": "selmix-finetune-v1",
             "step": self.step,
+            "head_phase": self.head_phase,
             "config": self.config.to_dict(),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -909,6 +1069,8 @@ class Trainer:
             state, self.config, world_size=self.collective.world_size, data=self.data,
             identity=self.identity,
         )  # fmt: skip
+        if self.head_phase and not state.get("head_phase", False):
+            self._start_phase(head_phase=False)  # the optimiser state is the backbone phase's
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:

@@ -23,24 +23,48 @@ __all__ = ["confusion_gradient", "gain_matrix"]
 def confusion_gradient(
     objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str,
     confusion: torch.Tensor,
+    soft_confusion: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the objective with respect to the row-softmax parameters of C.
 
     With ``C[q, :] = pi_q softmax(A[q, :])`` and ``h = d psi / d C``,
     ``g[q, m] = C[q, m] * (h[q, m] - sum_l (C[q, l] / pi_q) h[q, l])``.
 
+    The factor ``C[q, m]`` is the derivative of the softmax parametrisation. Measured with
+    hard (argmax) counts it is 0 for a class that no validation image reaches, so such a
+    class gets no gain however large ``h`` is. ``soft_confusion`` (per true class the
+    summed softmax probabilities of the model, never 0) replaces C in that factor only:
+    h is still evaluated at ``confusion``. It is the matrix the softmax parametrisation
+    describes, so the first-order expansion holds for it (MATH.md section 3).
+
     Args:
         objective: the objective (its multipliers are used as they are).
         confusion: Tensor[K, K], normalised to a total of 1 inside.
+        soft_confusion: optional Tensor[K, K] of soft counts (normalised inside).
 
     Returns:
         Tensor[K, K] float64, ``d psi / d A``.
     """
-    return _confusion_gradient(as_objective(objective), check_confusion(confusion))
+    confusion = check_confusion(confusion)
+    if soft_confusion is not None:
+        soft_confusion = _check_soft(soft_confusion, confusion)
+    return _confusion_gradient(as_objective(objective), confusion, soft_confusion)
 
 
-def _confusion_gradient(objective: Objective, confusion: torch.Tensor) -> torch.Tensor:
-    """:func:`confusion_gradient` for an already validated matrix."""
+def _check_soft(soft_confusion: torch.Tensor, confusion: torch.Tensor) -> torch.Tensor:
+    soft_confusion = check_confusion(soft_confusion, "soft_confusion")
+    if soft_confusion.shape != confusion.shape:
+        raise ValueError(
+            f"`soft_confusion` must have the shape of `confusion` {tuple(confusion.shape)}, "
+            f"got {tuple(soft_confusion.shape)}"
+        )
+    return soft_confusion
+
+
+def _confusion_gradient(
+    objective: Objective, confusion: torch.Tensor, soft_confusion: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`confusion_gradient` for already validated matrices."""
     confusion = confusion.detach().double()
     confusion = confusion / confusion.sum()
     variable = confusion.clone().requires_grad_(True)
@@ -52,6 +76,9 @@ def _confusion_gradient(objective: Objective, confusion: torch.Tensor) -> torch.
                 "does not depend on the confusion matrix"
             )
         (h,) = torch.autograd.grad(value, variable)
+    if soft_confusion is not None:
+        factor = soft_confusion.detach().to(confusion)
+        confusion = factor / factor.sum()
     rows = confusion / confusion.sum(dim=1, keepdim=True)
     return confusion * (h - (rows * h).sum(dim=1, keepdim=True))
 
@@ -116,6 +143,7 @@ def gain_matrix(
     prototypes: torch.Tensor,
     head: nn.Linear,
     mix: float = 0.8,
+    soft_confusion: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The K x K gain matrix of SelMix.
 
@@ -130,6 +158,10 @@ def gain_matrix(
         prototypes: Tensor[K, d], the class means of the validation features.
         head: the linear classifier, ``nn.Linear(d, K)``.
         mix: m, the expected weight of the class-i feature, ``(1 + lam_min) / 2``.
+        soft_confusion: optional Tensor[K, K], the soft confusion matrix (per true class,
+            the summed validation softmax probabilities) used in the derivative factor of
+            g (see :func:`confusion_gradient`), so that a class at 0 recall or 0 coverage
+            still gets a gain.
 
     Returns:
         Tensor[K, K] on the prototypes' device, in the prototypes' floating dtype; rows are
@@ -139,10 +171,13 @@ def gain_matrix(
     check_all_classes_present(confusion)
     _check_shapes(confusion, prototypes, head)
     mix = check_in_range("mix", mix, 0.0, 1.0)
+    if soft_confusion is not None:
+        soft_confusion = _check_soft(soft_confusion, confusion).to(device=prototypes.device)
 
     device = prototypes.device
     dtype = prototypes.dtype if prototypes.is_floating_point() else torch.float32
-    grad_a = _confusion_gradient(as_objective(objective), confusion.to(device)).to(dtype)
+    grad_a = _confusion_gradient(as_objective(objective), confusion.to(device), soft_confusion)
+    grad_a = grad_a.to(dtype)
     features = prototypes.detach().to(dtype)
     weight = head.weight.detach().to(device=device, dtype=dtype)
     has_bias = head.bias is not None

@@ -88,15 +88,30 @@ class Objective:
             self._multipliers = self._multipliers.to(prepared)
         return self.value(prepared)
 
-    def update(self, confusion: torch.Tensor) -> None:
+    def update(self, confusion: torch.Tensor, step_size: float = 1.0) -> None:
         """Refreshes the Lagrange multipliers from a (validation) confusion matrix.
 
-        No momentum: each update uses only this matrix (paper App. F).
+        With ``step_size = 1`` (the paper, App. F) each update uses only this matrix. A
+        smaller step moves the multipliers part of the way, ``l <- (1 - a) l + a l_new``
+        (the initial multipliers are the starting point): an exponential average of the
+        per-step multipliers, which keeps a noisy validation estimate (a few images per
+        class) from swinging the policy between classes from one feedback step to the next.
+
+        Args:
+            confusion: Tensor[K, K], counts or fractions.
+            step_size: a in (0, 1], the step of the multiplier (dual) update.
         """
+        step_size = check_in_range("step_size", check_positive("step_size", step_size), 0.0, 1.0)
         confusion = self._bind(confusion)
         if self.has_multipliers:
             with torch.no_grad():
-                self._multipliers = self._new_multipliers(_prepared(confusion.detach()))
+                fresh = self._new_multipliers(_prepared(confusion.detach()))
+                if step_size < 1.0:
+                    previous = self._multipliers
+                    if previous is None:
+                        previous = self._initial_multipliers()
+                    fresh = (1 - step_size) * previous.to(fresh) + step_size * fresh
+                self._multipliers = fresh
 
     @property
     def multipliers(self) -> torch.Tensor | None:
@@ -296,7 +311,19 @@ class CoverageConstrained(Objective):
             metric = recall.numel() / recall.reciprocal().sum()
         multipliers = self._multipliers
         penalty = (multipliers * _coverage(prepared)).sum()
-        return (metric + penalty) / (1 + multipliers.max())
+        return (metric + penalty) / (1 + self._largest_constraint_multiplier(multipliers))
+
+    def _largest_constraint_multiplier(self, multipliers: torch.Tensor) -> torch.Tensor:
+        """max_p l_p over the constraints (MATH.md section 2).
+
+        Head/tail: the constraints are on the groups' mean coverage with multipliers
+        l_H, l_T (spread over classes as l_H/|H|, l_T/|T|), so the normaliser is
+        1 + max(l_H, l_T), not 1 + the largest spread value.
+        """
+        if not self.head_tail:
+            return multipliers.max()
+        mask = self.mask.to(multipliers.device)
+        return torch.maximum(multipliers[mask].sum(), multipliers[~mask].sum())
 
     def _initial_multipliers(self) -> torch.Tensor:
         return torch.zeros(self.num_classes, dtype=torch.float64)

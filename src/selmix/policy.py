@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from selmix._validation import check_choice, check_positive
+from selmix._validation import check_choice, check_in_range, check_positive
 
 __all__ = [
     "POLICIES",
@@ -28,6 +28,7 @@ def mixup_distribution(
     scale: float = 10.0,
     policy: str = "selmix",
     normalize_gain: bool = False,
+    uniform_mix: float = 0.0,
 ) -> torch.Tensor:
     """Distribution over (i, j) mixup pairs.
 
@@ -37,17 +38,24 @@ def mixup_distribution(
     squared feature norm and the multipliers). ``uniform``: all K^2 pairs alike.
     ``greedy``: all mass on the pair with the largest gain.
 
+    ``uniform_mix`` = eps returns ``(1 - eps) P + eps / K^2``: every pair keeps at least
+    eps / K^2 of the mass, so no class's images stop being seen between feedback steps
+    (the sharp min-recall policy otherwise spends every step on the current worst class,
+    and the head forgets the others until the next feedback notices).
+
     Args:
         gain: Tensor[K, K] from :func:`selmix.gain_matrix`.
         scale: s, the inverse temperature (> 0).
         policy: ``"selmix"``, ``"uniform"`` or ``"greedy"``.
         normalize_gain: use the scale-free form of the policy.
+        uniform_mix: eps in [0, 1], the share of the uniform distribution mixed in.
 
     Returns:
         Tensor[K, K] of probabilities summing to 1.
     """
     check_choice("policy", policy, POLICIES)
     scale = check_positive("scale", scale)
+    uniform_mix = check_in_range("uniform_mix", uniform_mix, 0.0, 1.0)
     if not isinstance(gain, torch.Tensor) or gain.dim() != 2 or gain.shape[0] != gain.shape[1]:
         shape = tuple(gain.shape) if isinstance(gain, torch.Tensor) else type(gain).__name__
         raise ValueError(f"`gain` must be a square K x K tensor, got {shape}")
@@ -57,6 +65,13 @@ def mixup_distribution(
     if not gain.is_floating_point():
         gain = gain.double()
 
+    distribution = _policy(gain, scale, policy, normalize_gain)
+    if uniform_mix > 0:
+        distribution = (1 - uniform_mix) * distribution + uniform_mix / gain.numel()
+    return distribution
+
+
+def _policy(gain: torch.Tensor, scale: float, policy: str, normalize_gain: bool) -> torch.Tensor:
     if policy == "uniform":
         return torch.full_like(gain, 1.0 / gain.numel())
     if policy == "greedy":
@@ -71,7 +86,7 @@ def mixup_distribution(
             "no mixup pair has a positive gain (the objective is at a first-order stationary "
             "point); falling back to the uniform policy",
             StationaryPointWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return torch.full_like(gain, 1.0 / gain.numel())
     if normalize_gain:

@@ -54,8 +54,14 @@ class ObjectiveScore:
 
     Scores order by :attr:`key`: for an objective without a constraint, by the metric; for
     a coverage-constrained one, any matrix that meets the constraint beats every matrix
-    that does not, matrices that meet it order by the metric (then the coverage) and
-    matrices that do not order by the coverage (then the metric).
+    that does not (a class at 0 coverage never wins over a feasible model), matrices that
+    meet it order by the metric (then the coverage), and matrices that do not order by the
+    metric less the share of the target they miss, :attr:`penalized`, then the coverage.
+    The shortfall share is in [0, 1], in the metric's units: among infeasible steps a
+    gain of a tenth of the target coverage is worth 0.1 of mean recall, so neither a
+    far-off coverage nor a collapsed metric can win (a Lagrangian with the run's
+    multipliers would reward coverage linearly below the target and change from step to
+    step).
 
     Attributes:
         metric: the objective's metric, e.g. min recall for ``"min_recall"``, mean recall
@@ -77,13 +83,25 @@ class ObjectiveScore:
         return self.coverage >= self.target - _FEASIBILITY_TOLERANCE
 
     @property
+    def shortfall(self) -> float:
+        """``max(0, 1 - coverage / target)``: the share of the target coverage missed."""
+        if self.coverage is None or self.target is None or self.feasible:
+            return 0.0
+        return max(0.0, 1.0 - self.coverage / self.target)
+
+    @property
+    def penalized(self) -> float:
+        """``metric - shortfall``, e.g. ``mean_recall - max(0, 1 - K min_cov / alpha)``."""
+        return self.metric - self.shortfall
+
+    @property
     def key(self) -> tuple[float, ...]:
         """The tuple the scores are ordered by."""
         if self.coverage is None:
             return (1.0, self.metric)
         if self.feasible:
             return (1.0, self.metric, self.coverage)
-        return (0.0, self.coverage, self.metric)
+        return (0.0, self.penalized, self.coverage)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ObjectiveScore):
