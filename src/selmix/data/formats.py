@@ -19,7 +19,6 @@ error that names the file.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from selmix._validation import check_int
+from selmix.data.base import BatchDataset
 from selmix.data.streaming import WorkerPool, seeded_items, to_device
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
@@ -85,7 +85,7 @@ class Source:
 # Embeddings files
 
 
-class FeatureTensorDataset(torch.utils.data.Dataset):
+class FeatureTensorDataset(BatchDataset):
     """Feature vectors [N, d] with labels, with selmix's data-set interface.
 
     ``batch`` returns the vectors as they are: there is no augmentation of features (the
@@ -128,9 +128,6 @@ class FeatureTensorDataset(torch.utils.data.Dataset):
         if len(self.classes) != num_classes:
             raise ValueError(f"`classes` must have {num_classes} names, got {len(self.classes)}")
 
-    def __len__(self) -> int:
-        return self.features.shape[0]
-
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.features[index], int(self.labels[index])
 
@@ -143,19 +140,14 @@ class FeatureTensorDataset(torch.utils.data.Dataset):
         """d."""
         return self.features.shape[1]
 
-    def class_counts(self) -> Tensor:
-        """Samples per class, LongTensor[K]."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
-
-    def batch(
+    def _batch(
         self,
-        indices: Any,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        index: Tensor,
+        augment: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
     ) -> tuple[Tensor, Tensor]:
         """``(features [B, d], labels [B])`` of the given samples (on ``device`` if given)."""
-        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         features, labels = self.features[index], self.labels[index]
         if device is not None:
             features, labels = features.to(device), labels.to(device)
@@ -303,18 +295,11 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         raise FileNotFoundError(
             f"no CIFAR-100 pickles in {root}: expected cifar-100-python/train (and test, meta)"
         )
+    # sources imports this module's FORMATS: import it here, not at the top
+    from selmix.data.sources import read_cifar_batch, read_data_pickle
+
     path = folder / ("train" if train else "test")
-    batch = _read_data_pickle(path, "CIFAR-100 file")
-    try:
-        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = [int(label) for label in batch[b"fine_labels"]]
-    except (TypeError, KeyError, ValueError, IndexError) as error:
-        raise ValueError(
-            f"CIFAR-100 file {path} does not hold a CIFAR-100 batch (a dict with b'data' of "
-            f"N x 3072 bytes and b'fine_labels'): {type(error).__name__}: {error}"
-        ) from None
-    if len(labels) != len(images):
-        raise ValueError(f"CIFAR-100 file {path} has {len(images)} images but {len(labels)} labels")
+    images, labels = read_cifar_batch(path, "CIFAR-100 file", "CIFAR-100", b"fine_labels")
     if labels and not 0 <= min(labels) <= max(labels) < 100:
         raise ValueError(
             f"CIFAR-100 file {path} has fine labels in [{min(labels)}, {max(labels)}]; "
@@ -326,7 +311,7 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         try:
             classes = [
                 n.decode()
-                for n in _read_data_pickle(meta, "CIFAR-100 meta file")[b"fine_label_names"]
+                for n in read_data_pickle(meta, "CIFAR-100 meta file")[b"fine_label_names"]
             ]
         except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as error:
             raise ValueError(
@@ -339,28 +324,6 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         CIFAR100_STD,
         classes,
     )
-
-
-def _read_data_pickle(path: Path, what: str) -> Any:
-    """A pickled data file, through sources' restricted reader where it exists.
-
-    The restricted unpickler (``selmix.data.sources.read_data_pickle``, which refuses to
-    build anything but plain data) comes from another branch; until it is merged this
-    falls back to ``pickle.load`` of files the user chose to trust.
-    """
-    from selmix.data import sources
-
-    reader: Callable[[Path, str], Any] | None = getattr(sources, "read_data_pickle", None)
-    if reader is not None:
-        return reader(path, what)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, "rb") as file:
-            return pickle.load(file, encoding="bytes")  # noqa: S301 - see the docstring
-    except Exception as error:  # noqa: BLE001 - any failure to unpickle means a bad file
-        detail = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{what} {path} is not readable data: {detail}") from None
 
 
 def _cifar100_source(location: str, cache_dir: Any = None) -> Source:
@@ -486,7 +449,7 @@ def _stl10_source(location: str, cache_dir: Any = None) -> Source:
 # ImageNet-LT (a tree of images and list files), decoded lazily
 
 
-class ImageListDataset(torch.utils.data.Dataset):
+class ImageListDataset(BatchDataset):
     """Images named by a list of files, decoded only when a batch asks for them.
 
     Evaluation batches resize the shorter side to ``resize`` and take the central
@@ -547,32 +510,20 @@ class ImageListDataset(torch.utils.data.Dataset):
         """Processes decoding each batch (0: the main process)."""
         return self.pool.num_workers
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        images, labels = self.batch([index])
-        return images[0], int(labels[0])
-
     def __repr__(self) -> str:
         return (
             f"ImageListDataset({len(self)} images under {self.root}, {self.num_classes} classes, "
             f"{self.crop}x{self.crop})"
         )
 
-    def class_counts(self) -> Tensor:
-        """Samples per class, LongTensor[K]."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
-
-    def batch(
+    def _batch(
         self,
-        indices: Any,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        index: Tensor,
+        augment: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
     ) -> tuple[Tensor, Tensor]:
         """Decodes the given images: ``(float32 [B, 3, crop, crop], labels [B])``."""
-        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         images = self.pool.load(seeded_items(index.tolist(), augment, True, generator))
         if not images.numel():
             images = torch.empty(0, 3, self.crop, self.crop)

@@ -311,24 +311,45 @@ def read_data_pickle(path: str | os.PathLike, what: str = "data file") -> object
         raise ValueError(f"{what} {path} is not readable data: {detail}") from None
 
 
+def read_cifar_batch(
+    path: Path, what: str, kind: str, label_key: bytes
+) -> tuple[np.ndarray, list[int]]:
+    """Images and labels of one CIFAR pickle (CIFAR-10's and CIFAR-100's share the layout).
+
+    Args:
+        path: the pickle file.
+        what: how error messages name the file, e.g. ``"CIFAR-10 batch file"``.
+        kind: how error messages name the expected content, e.g. ``"CIFAR"``.
+        label_key: the key of the labels, ``b"labels"`` or ``b"fine_labels"``.
+
+    Returns:
+        ``(images, labels)``: uint8 array [N, 3, 32, 32] and N int labels (unchecked range).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: one line naming the file: unreadable, not a batch dict, or images and
+            labels of different counts.
+    """
+    batch = read_data_pickle(path, what)
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # type: ignore[index]
+        labels = [int(label) for label in batch[label_key]]  # type: ignore[index]
+    except (TypeError, KeyError, ValueError, IndexError) as error:
+        raise ValueError(
+            f"{what} {path} does not hold a {kind} batch (a dict with b'data' of N x 3072 "
+            f"bytes and {label_key!r}): {type(error).__name__}: {error}"
+        ) from None
+    if len(labels) != len(data):
+        raise ValueError(f"{what} {path} has {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
 def _read_cifar_pickles(folder: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     images, labels = [], []
     for name in names:
         path = folder / name
-        batch = read_data_pickle(path, "CIFAR-10 batch file")
-        try:
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # type: ignore[index]
-            batch_labels = [int(label) for label in batch[b"labels"]]  # type: ignore[index]
-        except (TypeError, KeyError, ValueError, IndexError) as error:
-            raise ValueError(
-                f"CIFAR-10 batch file {path} does not hold a CIFAR batch (a dict with "
-                f"b'data' of N x 3072 bytes and b'labels'): {type(error).__name__}: {error}"
-            ) from None
-        if len(batch_labels) != len(data):
-            raise ValueError(
-                f"CIFAR-10 batch file {path} has {len(data)} images but {len(batch_labels)} labels"
-            )
+        data, batch_labels = read_cifar_batch(path, "CIFAR-10 batch file", "CIFAR", b"labels")
         images.append(data)
         labels.extend(batch_labels)
     classes = [str(k) for k in range(10)]
@@ -717,21 +738,8 @@ def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
 
 
 def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
-    for split in splits:
-        folder = root / split
-        if not folder.is_dir():
-            continue
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if class_dir.name.startswith("."):
-                continue
-            for path in sorted(class_dir.rglob("*")):
-                if path.is_file() and _is_image_name(path.name):
-                    yield (
-                        split,
-                        class_dir.name,
-                        path.relative_to(class_dir).as_posix(),
-                        path.read_bytes(),
-                    )
+    for split, class_name, name, path in _tree_files(root, splits):
+        yield split, class_name, name, path.read_bytes()
 
 
 def _is_image_name(name: str) -> bool:

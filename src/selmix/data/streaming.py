@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selmix._validation import check_int
 from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.base import BatchDataset, as_index
 
 # (row of the reader, augment, seed or None): what a worker is asked to decode
 Item = tuple[int, bool, int | None]
@@ -272,7 +273,7 @@ class ImageFileReader(Dataset):
             raise ValueError(f"image {path} cannot be decoded: {detail}") from None
 
 
-class StreamingImageDataset(Dataset):
+class StreamingImageDataset(BatchDataset):
     """Image files decoded batch by batch in worker processes, normalised on the way out.
 
     It has the interface of :class:`~selmix.data.ImageTensorDataset` (``labels``,
@@ -348,14 +349,6 @@ class StreamingImageDataset(Dataset):
         """(C, H, W) of an evaluation batch's images."""
         return self._image_shape  # type: ignore[return-value]
 
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        """One normalised image, float32 [C, H, W], and its label (no augmentation)."""
-        images, labels = self.batch([index])
-        return images[0], int(labels[0])
-
     def __repr__(self) -> str:
         c, h, w = self.image_shape
         return (
@@ -363,32 +356,16 @@ class StreamingImageDataset(Dataset):
             f"classes, {self.num_workers} workers)"
         )
 
-    def class_counts(self) -> Tensor:
-        """Samples per class, LongTensor[K]."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
-
-    def batch(
+    def _batch(
         self,
-        indices: Any,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        index: Tensor,
+        augment: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
     ) -> tuple[Tensor, Tensor]:
-        """Decodes and normalises the given samples.
-
-        Args:
-            indices: B sample indices (LongTensor, list or range).
-            augment: apply the train transform (or the batched crop/flip).
-            generator: CPU generator the augmentation's randomness comes from; the same
-                state gives the same batch, whatever ``num_workers``.
-            device: where to return the batch (CPU by default).
-
-        Returns:
-            ``(images, labels)``: float32 Tensor[B, C, H, W] and int64 Tensor[B].
-        """
-        from selmix.data.tensor_dataset import _as_index
-
-        index = _as_index(indices, len(self))
+        """Decodes and normalises the given samples, float32 [B, C, H, W] (on CPU unless
+        ``device`` says otherwise); ``augment`` applies the train transform (or the batched
+        crop/flip); the same generator state gives the same batch, whatever ``num_workers``."""
         rows = self.rows[index].tolist()
         per_item_augment = augment and not self.batch_crop
         items = seeded_items(rows, per_item_augment, self.random_transform, generator)
@@ -407,9 +384,7 @@ class StreamingImageDataset(Dataset):
 
     def subset(self, indices: Any) -> StreamingImageDataset:
         """The given samples (same reader, workers, classes, statistics and transforms)."""
-        from selmix.data.tensor_dataset import _as_index
-
-        index = _as_index(indices, len(self))
+        index = as_index(indices, len(self))
         return StreamingImageDataset(
             self.reader, self.labels[index], self.classes, self.mean, self.std,
             self.image_shape, rows=self.rows[index], random_transform=self.random_transform,

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from selmix._validation import check_int
 from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.base import BatchDataset, as_index
 from selmix.data.streaming import WorkerPool, run_seeded, seeded_items, to_device
 
 IndexLike = Tensor | Sequence[int] | range
@@ -24,7 +25,7 @@ IndexLike = Tensor | Sequence[int] | range
 _STATS_CHUNK_BYTES = 64 << 20
 
 
-class ImageTensorDataset(Dataset):
+class ImageTensorDataset(BatchDataset):
     """Images as a uint8 tensor with int64 labels, normalised on the way out.
 
     Args:
@@ -91,9 +92,6 @@ class ImageTensorDataset(Dataset):
         self.flip = flip
         self.padding = check_int("padding", padding, minimum=0)
 
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """One normalised image, float32 [C, H, W], and its label (no augmentation)."""
         image = self.images[index].unsqueeze(0)
@@ -112,29 +110,16 @@ class ImageTensorDataset(Dataset):
         _, c, h, w = self.images.shape
         return c, h, w
 
-    def class_counts(self) -> Tensor:
-        """Samples per class, LongTensor[K]."""
-        return torch.bincount(self.labels.cpu(), minlength=self.num_classes)
-
-    def batch(
+    def _batch(
         self,
-        indices: IndexLike,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        index: Tensor,
+        augment: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
     ) -> tuple[Tensor, Tensor]:
-        """A normalised (optionally augmented) batch.
-
-        Args:
-            indices: B sample indices (LongTensor, list or range).
-            augment: random crop (``padding``, reflect) and, with ``flip``, horizontal flip.
-            generator: CPU generator for the augmentation; same generator state, same batch.
-            device: where to return the batch; defaults to where the images are.
-
-        Returns:
-            ``(images, labels)``: float32 Tensor[B, C, H, W] and int64 Tensor[B].
-        """
-        index = _as_index(indices, len(self))
+        """A normalised batch, float32 [B, C, H, W], where the images are unless ``device``
+        says otherwise; ``augment``: random crop (``padding``, reflect) and, with ``flip``,
+        horizontal flip."""
         source = self.images.device
         images = self.images[index.to(source)]
         labels = self.labels[index.to(self.labels.device)]
@@ -148,7 +133,7 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, indices: IndexLike) -> ImageTensorDataset:
         """A new data set of the given samples (same classes, statistics and augmentation)."""
-        index = _as_index(indices, len(self))
+        index = as_index(indices, len(self))
         return self._replace(
             self.images[index.to(self.images.device)], self.labels[index.to(self.labels.device)]
         )
@@ -170,7 +155,7 @@ class ImageTensorDataset(Dataset):
         )
 
 
-class DatasetAdapter(Dataset):
+class DatasetAdapter(BatchDataset):
     """Gives any map-style ``(x, y)`` data set the ``.labels`` / ``.batch(...)`` interface.
 
     Batches are stacked from ``dataset[i]``, so each item's ``x`` must already be a tensor
@@ -238,22 +223,17 @@ class DatasetAdapter(Dataset):
     def __repr__(self) -> str:
         return f"DatasetAdapter({type(self.dataset).__name__}, {len(self)} samples)"
 
-    def class_counts(self) -> Tensor:
-        """Samples per class, LongTensor[K]."""
-        return torch.bincount(self.labels, minlength=self.num_classes)
-
-    def batch(
+    def _batch(
         self,
-        indices: IndexLike,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        index: Tensor,
+        augment: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
     ) -> tuple[Tensor, Tensor]:
         """Stacks ``dataset[i][0]`` for the indices; returns ``(x [B, ...], labels [B])``.
 
         A batch copied to a GPU goes through pinned memory.
         """
-        index = _as_index(indices, len(self))
         images = self.pool.load(seeded_items(index.tolist(), augment, True, generator))
         labels = self.labels[index]
         if device is not None:
@@ -262,7 +242,7 @@ class DatasetAdapter(Dataset):
 
     def subset(self, indices: IndexLike) -> DatasetAdapter:
         """A view of the given samples (same classes)."""
-        index = _as_index(indices, len(self))
+        index = as_index(indices, len(self))
         return DatasetAdapter(
             Subset(self.dataset, index.tolist()),
             labels=self.labels[index],
@@ -389,24 +369,6 @@ def _per_channel(name: str, value: Any, channels: int) -> Tensor:
     if not torch.isfinite(tensor).all():
         raise ValueError(f"`{name}` must be finite, got {tensor.tolist()}")
     return tensor
-
-
-def _as_index(indices: Any, length: int) -> Tensor:
-    index = torch.as_tensor(indices)
-    if index.dim() == 0:
-        index = index.reshape(1)
-    if index.dim() != 1:
-        raise ValueError(f"`indices` must be 1-d, got shape {tuple(index.shape)}")
-    if index.numel() == 0:
-        return index.long().cpu()
-    if index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise TypeError(f"`indices` must hold integers, got {index.dtype}")
-    index = index.long().cpu()
-    low, high = int(index.min()), int(index.max())
-    if low < -length or high >= length:
-        bad = high if high >= length else low
-        raise IndexError(f"`indices` must lie in [0, {length}), got {bad}")
-    return index
 
 
 def _read_labels(dataset: Any) -> Tensor:
