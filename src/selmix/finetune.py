@@ -19,13 +19,14 @@ objective (:mod:`selmix.objectives`), :func:`selmix.gain_matrix`,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -752,6 +753,212 @@ def _describe_set(entry: Any) -> str:
     return repr(entry)
 
 
+class _LossMonitor:
+    """The training loss of a run: its mean between feedback steps, its first value and
+    the divergence warning (raised once)."""
+
+    def __init__(self, num_classes: int, is_main: bool) -> None:
+        self.num_classes, self.is_main = num_classes, is_main
+        self.total, self.count = 0.0, 0
+        self.start_loss: float | None = None  # the first step's loss
+        self.diverged_step: int | None = None
+
+    def add(self, loss: float) -> None:
+        if self.start_loss is None:
+            self.start_loss = loss
+        self.total += loss
+        self.count += 1
+
+    def take_mean(self) -> float | None:
+        """The mean loss since the last call (None if no step), and a fresh sum."""
+        mean = self.total / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
+
+    def warn_if_diverging(self, train_loss: float | None, step: int) -> None:
+        """Warns once when the mean training loss since the last feedback step is far
+        above where it started: ``DIVERGENCE_FACTOR * max(first loss, log K)``.
+
+        The floor log K (a uniform guess) keeps a model that starts almost perfect on its
+        training data from warning at the first rise; a loss 5x worse than guessing does
+        not happen in a run that learns (``--lr-head 1e3`` reaches 1e4).
+        """
+        if train_loss is None or self.start_loss is None or self.diverged_step is not None:
+            return
+        reference = max(self.start_loss, math.log(self.num_classes))
+        if train_loss > DIVERGENCE_FACTOR * reference:
+            self.diverged_step = step
+            if self.is_main:
+                # called from Trainer.feedback: the warning points at feedback's caller
+                warnings.warn(
+                    f"the training loss ({train_loss:.3g} before step {step}) is far above "
+                    f"its start ({self.start_loss:.3g}): the run is diverging; lower "
+                    "`lr_head` / `lr_backbone`",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's keys ``loss``, ``start_loss`` and ``diverged_step``."""
+        return {
+            "loss": [self.total, self.count],
+            "start_loss": self.start_loss,
+            "diverged_step": self.diverged_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self.count = state["loss"]
+        # checkpoints written before the divergence warning have neither
+        self.start_loss = state.get("start_loss")
+        self.diverged_step = state.get("diverged_step")
+
+
+@contextlib.contextmanager
+def _batch_must_fit(batch_size: int, device: torch.device) -> Iterator[None]:
+    """Turns running out of memory inside the block into one clear error naming
+    ``batch_size`` (other errors pass through unchanged)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        if not _is_out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise MemoryError(
+            f"`batch_size` = {batch_size} does not fit in the memory of "
+            f"{device} ({first}); lower `batch_size`"
+        ) from None
+
+
+def _feedback_record(
+    trainer: Trainer,
+    evaluation: Evaluation,
+    score: ObjectiveScore,
+    value: float,
+    gain: torch.Tensor,
+) -> dict[str, Any]:
+    """What a feedback step logs (before the pseudo-label report and its duration); takes
+    the mean training loss since the last feedback step."""
+    groups = trainer.optimizer.param_groups
+    return {
+        "step": trainer.step,
+        "objective": value,
+        "score": score.to_dict(),
+        "best_step": trainer.best.step,
+        "metrics": all_metrics(evaluation.confusion, trainer.config.head_classes),
+        "multipliers": _plain(trainer.objective.multipliers),
+        "max_gain": float(gain.max()),
+        "policy_entropy": policy_entropy(trainer.distribution),
+        "effective_pairs": effective_pairs(trainer.distribution),
+        "lr_head": groups[0]["lr"],
+        "lr_backbone": groups[1]["lr"] if len(groups) > 1 else 0.0,
+        "train_loss": trainer.losses.take_mean(),
+    }
+
+
+def _select(trainer: Trainer) -> FinetuneResult:
+    """The finished run's result, with the weights of the step ``config.select`` picks
+    (the best by validation score, or the last) loaded into the model."""
+    last = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    best = trainer.best
+    selected = best.step if trainer.config.select == "best" else trainer.step
+    if trainer.config.select == "best":
+        trainer.model.load_state_dict(best.weights)
+    return FinetuneResult(
+        trainer.model, trainer.split, trainer.objective, trainer.config, trainer.history,
+        trainer.gains, selected_step=selected, best_step=best.step, last_step=trainer.step,
+        best_state=best.weights, last_state=last,
+    )  # fmt: skip
+
+
+def _trainer_state(trainer: Trainer) -> dict[str, Any]:
+    """What :meth:`Trainer.state_dict` returns: everything a resume needs, as
+    ``weights_only``-loadable data (the keys of the ``selmix-finetune-v1`` format)."""
+    return {
+        "format": "selmix-finetune-v1",
+        "step": trainer.step,
+        "head_phase": trainer.head_phase,
+        "config": trainer.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "objective": trainer.objective.state_dict(),
+        "distribution": trainer.distribution.clone(),
+        "pseudo_labels": trainer.pseudo_labels,
+        "history": trainer.history,
+        "gains": [(step, gain.clone()) for step, gain in trainer.gains],
+        "best": trainer.best.state_dict(),
+        "rng": capture_rng_state(trainer.generator),
+        "world_size": trainer.collective.world_size,
+        "data": trainer.data,
+        "identity": trainer.identity,
+        **trainer.losses.state_dict(),  # "loss", "start_loss", "diverged_step"
+    }
+
+
+def _restore_trainer_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    """What :meth:`Trainer.load_state_dict` does once :func:`check_resume` has passed."""
+    if trainer.head_phase and not state.get("head_phase", False):
+        trainer._start_phase(head_phase=False)  # the optimiser state is the backbone phase's
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(
+            f"`resume` checkpoint does not match the model: {str(error).splitlines()[0]}"
+        ) from None
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # checkpoints of selmix <= 0.2 have none (fp32 only)
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.objective.load_state_dict(state["objective"])
+    trainer.distribution = state["distribution"]
+    trainer.pseudo_labels = state["pseudo_labels"]
+    if trainer.pseudo_labels is not None:
+        trainer.sampler.set_second_labels(trainer.pseudo_labels)
+    trainer.history = list(state["history"])
+    trainer.gains = [(int(step), gain) for step, gain in state["gains"]]
+    if "best" in state:
+        trainer.best.load_state_dict(state["best"])
+    trainer.step = int(state["step"])
+    trainer.losses.load_state_dict(state)
+    rank_rng = state.get("rank_rng") or [state["rng"]]
+    restore_rng_state(rank_rng[trainer.collective.rank], trainer.generator)
+
+
+def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
+    """The length and head learning rate of a phase's cosine schedule
+    (:meth:`Trainer._start_phase`)."""
+    if config.frozen_backbone or head_phase:
+        return (config.head_first if head_phase else config.steps), config.lr_head
+    return config.steps - config.head_first, config.backbone_phase_lr_head
+
+
+def _scaled_step(loss: torch.Tensor, optimizer: Any, scaler: Any) -> None:
+    """Backward and optimiser step through the loss scaler (fp16; a pass-through otherwise)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _rewrite_log(path: str, history: list[dict[str, Any]]) -> None:
+    """Makes the log at ``path`` this run's history: empty for a fresh run, cut back to
+    the checkpoint's step for a resumed one (no duplicate or foreign records)."""
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def _write_checkpoint(trainer: Trainer) -> None:
+    """What :meth:`Trainer.save_checkpoint` does (every rank calls it)."""
+    path = trainer.config.checkpoint_path
+    if not path:
+        return
+    rank_rng = trainer.collective.gather_rng_states(trainer.generator)  # every rank takes part
+    if trainer.collective.is_main and _weights_are_finite(trainer.model):
+        save_checkpoint(path, {**trainer.state_dict(), "rank_rng": rank_rng})
+        trainer.good_checkpoint = (path, trainer.step)
+    trainer.collective.barrier()  # the file is complete when any rank returns
+
+
 class Trainer:
     """One SelMix fine-tuning run; :func:`finetune` is the usual entry point.
 
@@ -820,11 +1027,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.gains: list[tuple[int, torch.Tensor]] = []
         self.best = _BestSoFar()
-        self._loss_sum, self._loss_count = 0.0, 0
+        self.losses = _LossMonitor(self.num_classes, self.collective.is_main)
         self.identity = None if identity is None else _plain(dict(identity))
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
-        self.start_loss: float | None = None  # the first step's loss (divergence warning)
-        self.diverged_step: int | None = None
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
         self._start_phase(head_phase=config.head_first > 0)
@@ -846,10 +1051,7 @@ class Trainer:
             frozen, self.split, self.device, self.collective, config.eval_batch_size,
             PairPools(self.train, self.unlabelled), config.augment, precision=self.precision,
         )  # fmt: skip
-        if frozen:
-            steps, lr_head = (config.head_first if head_phase else config.steps), config.lr_head
-        else:
-            steps, lr_head = config.steps - config.head_first, config.backbone_phase_lr_head
+        steps, lr_head = _phase_schedule(config, head_phase)
         self.optimizer, self.scheduler = split_sgd_cosine(
             self.split, steps, lr_head, config.backbone_lr if self.view.trains_backbone else None,
             config.momentum, config.weight_decay,
@@ -877,28 +1079,13 @@ class Trainer:
         # the logged metrics are those of the raw counts
         result = feedback_step(self.objective, evaluation, self.split.head, config)
         value, gain, self.distribution = result.value, result.gain, result.distribution
-        groups = self.optimizer.param_groups
-        record: dict[str, Any] = {
-            "step": self.step,
-            "objective": value,
-            "score": score.to_dict(),
-            "best_step": self.best.step,
-            "metrics": all_metrics(evaluation.confusion, config.head_classes),
-            "multipliers": _plain(self.objective.multipliers),
-            "max_gain": float(gain.max()),
-            "policy_entropy": policy_entropy(self.distribution),
-            "effective_pairs": effective_pairs(self.distribution),
-            "lr_head": groups[0]["lr"],
-            "lr_backbone": groups[1]["lr"] if len(groups) > 1 else 0.0,
-            "train_loss": self._loss_sum / self._loss_count if self._loss_count else None,
-        }
-        self._loss_sum, self._loss_count = 0.0, 0
+        record = _feedback_record(self, evaluation, score, value, gain)
         if self.unlabelled is not None:
             record.update(self._refresh_pseudo_labels())
         record["feedback_seconds"] = time.perf_counter() - started
         if self.num_classes <= 200 or not self.gains or self.step == config.steps:
             self.gains.append((self.step, gain))
-        self._warn_if_diverging(record["train_loss"])
+        self.losses.warn_if_diverging(record["train_loss"], self.step)
         self.history.append(record)
         if config.log_path and self.collective.is_main:
             _append_json_line(config.log_path, record)
@@ -907,28 +1094,6 @@ class Trainer:
             # not to the log: it is K x K numbers per feedback step
             self.callback({**record, "gain": gain})
         return record
-
-    def _warn_if_diverging(self, train_loss: float | None) -> None:
-        """Warns once when the mean training loss since the last feedback step is far
-        above where it started: ``DIVERGENCE_FACTOR * max(first loss, log K)``.
-
-        The floor log K (a uniform guess) keeps a model that starts almost perfect on its
-        training data from warning at the first rise; a loss 5x worse than guessing does
-        not happen in a run that learns (``--lr-head 1e3`` reaches 1e4).
-        """
-        if train_loss is None or self.start_loss is None or self.diverged_step is not None:
-            return
-        reference = max(self.start_loss, math.log(self.num_classes))
-        if train_loss > DIVERGENCE_FACTOR * reference:
-            self.diverged_step = self.step
-            if self.collective.is_main:
-                warnings.warn(
-                    f"the training loss ({train_loss:.3g} before step {self.step}) is far above "
-                    f"its start ({self.start_loss:.3g}): the run is diverging; lower "
-                    "`lr_head` / `lr_backbone`",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
 
     def _refresh_pseudo_labels(self) -> dict[str, Any]:
         self.model.eval()
@@ -962,15 +1127,9 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), labels)
             loss_value = float(loss.detach())
             _check_finite(loss_value, self.step, self.good_checkpoint)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if self.start_loss is None:
-            self.start_loss = loss_value
+            _scaled_step(loss, self.optimizer, self.scaler)
         self.scheduler.step()
-        self._loss_sum += loss_value
-        self._loss_count += 1
+        self.losses.add(loss_value)
         return loss_value
 
     def run(self) -> FinetuneResult:
@@ -978,10 +1137,7 @@ class Trainer:
         or until ``patience`` feedback steps bring no better score), then selects."""
         config = self.config
         if config.log_path and self.collective.is_main:
-            # the log is this run's history: empty for a fresh run, cut back to the
-            # checkpoint's step for a resumed one (no duplicate or foreign records)
-            lines = "".join(json.dumps(record) + "\n" for record in self.history)
-            atomic_write_text(config.log_path, lines)
+            _rewrite_log(config.log_path, self.history)
         progress = progress_bar(
             config.steps, f"selmix {self.objective.name}",
             config.progress and self.collective.is_main, initial=self.step, leave=False,
@@ -1012,55 +1168,27 @@ class Trainer:
         finally:
             progress.close()
         self.save_checkpoint()
-        last = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        selected = self.best.step if config.select == "best" else self.step
-        if config.select == "best":
-            self.model.load_state_dict(self.best.weights)
-        return FinetuneResult(
-            self.model, self.split, self.objective, config, self.history, self.gains,
-            selected_step=selected, best_step=self.best.step, last_step=self.step,
-            best_state=self.best.weights, last_state=last,
-        )  # fmt: skip
+        return _select(self)
 
     def _first_train_step(self) -> None:
         """The first step, where a batch too large for the memory shows: one clear error."""
-        try:
+        with _batch_must_fit(self.config.batch_size, self.device):
             self.train_step()
-        except (RuntimeError, MemoryError) as error:
-            if not _is_out_of_memory(error):
-                raise
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise MemoryError(
-                f"`batch_size` = {self.config.batch_size} does not fit in the memory of "
-                f"{self.device} ({first}); lower `batch_size`"
-            ) from None
 
     # -- state ----------------------------------------------------------------------------
+    @property
+    def start_loss(self) -> float | None:
+        """The first training step's loss (the divergence warning's reference)."""
+        return self.losses.start_loss
+
+    @property
+    def diverged_step(self) -> int | None:
+        """The feedback step at which the divergence warning was raised, if it was."""
+        return self.losses.diverged_step
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, as ``weights_only``-loadable data."""
-        return {
-            "format": "selmix-finetune-v1",
-            "step": self.step,
-            "head_phase": self.head_phase,
-            "config": self.config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "objective": self.objective.state_dict(),
-            "distribution": self.distribution.clone(),
-            "pseudo_labels": self.pseudo_labels,
-            "history": self.history,
-            "gains": [(step, gain.clone()) for step, gain in self.gains],
-            "best": self.best.state_dict(),
-            "rng": capture_rng_state(self.generator),
-            "loss": [self._loss_sum, self._loss_count],
-            "world_size": self.collective.world_size,
-            "data": self.data,
-            "identity": self.identity,
-            "start_loss": self.start_loss,
-            "diverged_step": self.diverged_step,
-        }
+        return _trainer_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved (the run settings, the data and the
@@ -1069,33 +1197,7 @@ class Trainer:
             state, self.config, world_size=self.collective.world_size, data=self.data,
             identity=self.identity,
         )  # fmt: skip
-        if self.head_phase and not state.get("head_phase", False):
-            self._start_phase(head_phase=False)  # the optimiser state is the backbone phase's
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ValueError(
-                f"`resume` checkpoint does not match the model: {str(error).splitlines()[0]}"
-            ) from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):  # checkpoints of selmix <= 0.2 have none (fp32 only)
-            self.scaler.load_state_dict(state["scaler"])
-        self.objective.load_state_dict(state["objective"])
-        self.distribution = state["distribution"]
-        self.pseudo_labels = state["pseudo_labels"]
-        if self.pseudo_labels is not None:
-            self.sampler.set_second_labels(self.pseudo_labels)
-        self.history = list(state["history"])
-        self.gains = [(int(step), gain) for step, gain in state["gains"]]
-        if "best" in state:
-            self.best.load_state_dict(state["best"])
-        self.step = int(state["step"])
-        self._loss_sum, self._loss_count = state["loss"]
-        self.start_loss = state.get("start_loss")
-        self.diverged_step = state.get("diverged_step")
-        rank_rng = state.get("rank_rng") or [state["rng"]]
-        restore_rng_state(rank_rng[self.collective.rank], self.generator)
+        _restore_trainer_state(self, state)
 
     def save_checkpoint(self) -> None:
         """Writes the resume state to ``config.checkpoint_path`` (main process only).
@@ -1103,15 +1205,7 @@ class Trainer:
         Weights that are no longer finite are not written: the previous checkpoint stays,
         so the one a failed run names can always be resumed from.
         """
-        if not self.config.checkpoint_path:
-            return
-        rank_rng = self.collective.gather_rng_states(self.generator)  # every rank takes part
-        if self.collective.is_main and _weights_are_finite(self.model):
-            save_checkpoint(
-                self.config.checkpoint_path, {**self.state_dict(), "rank_rng": rank_rng}
-            )
-            self.good_checkpoint = (self.config.checkpoint_path, self.step)
-        self.collective.barrier()  # the file is complete when any rank returns
+        _write_checkpoint(self)
 
 
 def finetune(
