@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._config import (
-    Choice,
     ClassIndices,
     ConfigMixin,
     Dict,
@@ -66,11 +65,13 @@ from selmix.models import ModelSplit, split_model
 from selmix.objectives import Objective, as_objective
 from selmix.optim import split_sgd_cosine as sgd_cosine
 from selmix.precision import (
-    PRECISIONS,
     autocast,
+    channels_last_setting,
     configure_threads,
     grad_scaler,
+    precision_setting,
     resolve_precision,
+    threads_setting,
     to_channels_last,
 )
 from selmix.pretrain import logit_adjustment
@@ -738,20 +739,9 @@ class BaselineConfig(ConfigMixin):
         "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
         metavar="DEVICE",
     )  # fmt: skip
-    precision: str = setting(
-        _DEFAULTS.precision, check=Choice(PRECISIONS), flag=True,
-        help="numeric precision of the backbone's forward passes: fp32, bf16, fp16 (CUDA) or "
-        "auto (bf16 where the hardware runs it fast, see selmix.precision)",
-    )  # fmt: skip
-    threads: int | None = setting(
-        None, check=Optional(Int(1)), flag=True, metavar="N",
-        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
-        "this process may use",
-    )  # fmt: skip
-    channels_last: bool = setting(
-        False, check=Flag(), flag=True, extra=_TRAINED,
-        help="channels-last memory layout for convolutional models",
-    )  # fmt: skip
+    precision: str = precision_setting(_DEFAULTS.precision, flag=True)
+    threads: int | None = threads_setting(flag=True)
+    channels_last: bool = channels_last_setting(flag=True, extra=_TRAINED)
     progress: bool = setting(
         True, help="show progress bars (crt and la_finetune; plain lines when not a terminal)",
         check=Flag(), flag=True, extra=_TRAINED,

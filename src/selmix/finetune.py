@@ -67,10 +67,12 @@ from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
 from selmix.policy import POLICIES, effective_pairs, policy_entropy
 from selmix.precision import (
-    PRECISIONS,
+    channels_last_setting,
     configure_threads,
     grad_scaler,
+    precision_setting,
     resolve_precision,
+    threads_setting,
     to_channels_last,
 )
 from selmix.sampler import PairSampler
@@ -255,22 +257,9 @@ class FinetuneConfig(ConfigMixin):
         "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
         metavar="DEVICE",
     )  # fmt: skip
-    precision: str = setting(
-        PRECISION_DEFAULT, check=Choice(PRECISIONS), run=True, flag=True,
-        help="numeric precision of the forward passes: fp32, bf16, fp16 (CUDA, with loss "
-        "scaling) or auto (bf16 on CUDA with bf16 and on CPUs with AMX / AVX-512-bf16, else "
-        "fp32); weights, losses, confusion counts, multipliers and gain stay float32/64",
-    )  # fmt: skip
-    threads: int | None = setting(
-        None, check=Optional(Int(1)), flag=True, metavar="N",
-        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
-        "this process may use (divided among torchrun's local processes)",
-    )  # fmt: skip
-    channels_last: bool = setting(
-        False, check=Flag(), flag=True,
-        help="channels-last memory layout for convolutional models (faster with bf16 on "
-        "CPUs with AMX and on GPUs)",
-    )  # fmt: skip
+    precision: str = precision_setting(PRECISION_DEFAULT, run=True, flag=True)
+    threads: int | None = threads_setting(flag=True)
+    channels_last: bool = channels_last_setting(flag=True)
     compile: bool = setting(
         False, check=Flag(), flag=True,
         help="torch.compile the feature extractor (pays back its compile time only in "

@@ -37,6 +37,7 @@ import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,43 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# -- the three hardware settings every training configuration declares --------------------
+def precision_setting(default: str = "fp32", **metadata: Any) -> Any:
+    """The ``precision`` field of a run configuration (see :func:`selmix._config.setting`;
+    ``metadata`` adds ``run``, ``flag``, ``extra``)."""
+    from selmix._config import Choice, setting
+
+    return setting(
+        default, check=Choice(PRECISIONS), **metadata,
+        help="numeric precision of the forward passes: fp32, bf16, fp16 (CUDA, with loss "
+        "scaling) or auto (bf16 on CUDA with bf16 and on CPUs with AMX / AVX-512-bf16, else "
+        "fp32); weights, losses, confusion counts, multipliers and gain stay float32/64",
+    )  # fmt: skip
+
+
+def threads_setting(**metadata: Any) -> Any:
+    """The ``threads`` field of a run configuration."""
+    from selmix._config import Int, Optional, setting
+
+    return setting(
+        None, check=Optional(Int(1)), metavar="N", **metadata,
+        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
+        "this process may use (divided among torchrun's local processes)",
+    )  # fmt: skip
+
+
+def channels_last_setting(**metadata: Any) -> Any:
+    """The ``channels_last`` field of a run configuration."""
+    from selmix._config import Flag, setting
+
+    return setting(
+        False, check=Flag(), **metadata,
+        help="channels-last memory layout for convolutional models (faster with bf16 on "
+        "CPUs with AMX and on GPUs)",
+    )  # fmt: skip
+
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
+from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
 from selmix._progress import progress_bar
 from selmix.checkpoint import (
     capture_rng_state,
@@ -40,12 +40,14 @@ from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_dev
 from selmix.models.split import output_tensor
 from selmix.optim import sgd_cosine
 from selmix.precision import (
-    PRECISIONS,
     autocast,
+    channels_last_setting,
     configure_threads,
     evaluation_mode,
     grad_scaler,
+    precision_setting,
     resolve_precision,
+    threads_setting,
     to_channels_last,
 )
 
@@ -109,20 +111,9 @@ class PretrainConfig(ConfigMixin):
     checkpoint_every: int = setting(
         1, help="epochs between resume checkpoints", check=Int(1), metavar="EPOCHS"
     )
-    precision: str = setting(
-        "fp32", check=Choice(PRECISIONS), run=True, flag=True,
-        help="numeric precision of the forward passes: fp32, bf16, fp16 (CUDA, with loss "
-        "scaling) or auto (bf16 on CUDA with bf16 and on CPUs with AMX / AVX-512-bf16)",
-    )  # fmt: skip
-    threads: int | None = setting(
-        None, check=Optional(Int(1)), flag=True, metavar="N",
-        help="torch CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores "
-        "this process may use (divided among torchrun's local processes)",
-    )  # fmt: skip
-    channels_last: bool = setting(
-        False, check=Flag(), run=True, flag=True,
-        help="channels-last memory layout for convolutional models",
-    )  # fmt: skip
+    precision: str = precision_setting(run=True, flag=True)
+    threads: int | None = threads_setting(flag=True)
+    channels_last: bool = channels_last_setting(run=True, flag=True)
 
     def __post_init__(self) -> None:
         if self.warmup_epochs > self.epochs:

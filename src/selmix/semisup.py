@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
+from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
 from selmix._progress import progress_bar
 from selmix._validation import check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
@@ -61,12 +61,14 @@ from selmix.data.augment import normalize, random_crop_flip
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.optim import sgd_cosine
 from selmix.precision import (
-    PRECISIONS,
     autocast,
+    channels_last_setting,
     configure_threads,
     evaluation_mode,
     grad_scaler,
+    precision_setting,
     resolve_precision,
+    threads_setting,
     to_channels_last,
 )
 from selmix.pretrain import logit_adjustment
@@ -386,19 +388,9 @@ class FixMatchConfig(ConfigMixin):
     checkpoint_path: str | None = setting(
         None, help="the model is saved there at every evaluation and at the end", cli=False
     )
-    precision: str = setting(
-        "fp32", check=Choice(PRECISIONS), run=True,
-        help="fp32, bf16, fp16 (CUDA) or auto: the training and evaluation forward passes "
-        "run under autocast, the weights and the loss stay float32",
-    )  # fmt: skip
-    threads: int | None = setting(
-        None, check=Optional(Int(1)), metavar="N",
-        help="CPU threads; unset: OMP_NUM_THREADS if set, else the physical cores divided "
-        "among the local processes",
-    )  # fmt: skip
-    channels_last: bool = setting(
-        False, check=Flag(), run=True, help="channels-last layout for convolutional models"
-    )
+    precision: str = precision_setting(run=True)
+    threads: int | None = threads_setting()
+    channels_last: bool = channels_last_setting(run=True)
 
     def __post_init__(self) -> None:
         if self.warmup_steps > self.steps:
