@@ -12,29 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix.checkpoint import load_checkpoint
-from selmix.data import ImageTensorDataset
 from selmix.evaluate import resolve_device
 from selmix.feedback import SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, Trainer, _LinearHeadStep, finetune
 from selmix.models import create_model, split_model
 from selmix.optim import split_sgd_cosine
 from selmix.precision import resolve_precision
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_set(n: int = 96, num_classes: int = 3, seed: int = 0) -> ImageTensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, 12, 12), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    images[:, :, :4, :4] = (labels * 100).to(torch.uint8)[:, None, None, None]
-    return ImageTensorDataset(images, labels, num_classes=num_classes, padding=1)
+from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 
 def tiny_model() -> nn.Module:

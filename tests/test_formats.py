@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix.data import load_data, sources
+from selmix.data import load_data
 from selmix.data.formats import (
     FeatureTensorDataset,
     ImageListDataset,
@@ -198,10 +198,6 @@ class _RunsCode:
         return (print, ("code ran while unpickling",))
 
 
-@pytest.mark.skipif(
-    not hasattr(sources, "read_data_pickle"),
-    reason="the restricted CIFAR unpickler (sources.read_data_pickle) is not merged yet",
-)
 def test_cifar100_pickles_cannot_run_code(tmp_path, capsys):
     folder = write_cifar100(tmp_path, per_class_train=1, per_class_test=1)
     with open(folder / "train", "wb") as file:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +78,6 @@ from selmix.precision import (
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
 from selmix.views import MixupForward, PairPools, make_view
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "FinetuneConfig",
