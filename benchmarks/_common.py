@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from selmix import load_model, split_model
-from selmix.data import load_data
+from selmix.data import DataSplits, load_data
 from selmix.views import FrozenFeatures
 
 METRIC_COLUMNS = ("mean_recall", "min_recall", "g_mean", "h_mean", "min_coverage")
@@ -62,6 +62,18 @@ def load_start(
     directory = Path(directory)
     config = yaml.safe_load((directory / "config.yaml").read_text())
     model, _ = load_model(directory / "model.pt")
+    if config.get("train_counts"):
+        # the MiSLAS start: N_1 counted before the validation split, capped at the images
+        # left (benchmarks/pretrain_cifar_mislas.py), which load_data refuses on purpose
+        from pretrain_cifar_mislas import mislas_split
+
+        train, val, test, counts = mislas_split(
+            data or config["data"], config.get("seed", 0), config["max_per_class"],
+            config["imbalance"], config["val_per_class"], cache_dir or config.get("cache_dir"),
+        )  # fmt: skip
+        if counts != list(config["train_counts"]):
+            raise ValueError(f"{directory}: split counts {counts} != {config['train_counts']}")
+        return Start(directory, model.eval(), DataSplits(train, val, test), config)
     data = load_data(
         data or config["data"], imbalance=config.get("imbalance"),
         max_per_class=config.get("max_per_class"), val_per_class=config.get("val_per_class"),
