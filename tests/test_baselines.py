@@ -1,4 +1,5 @@
-"""The comparison baselines: post-hoc logit adjustment, cRT and logit-adjusted fine-tuning.
+"""The comparison baselines: post-hoc logit adjustment, cRT (with label-aware smoothing:
+MiSLAS stage 2) and logit-adjusted fine-tuning.
 
 Most tests run on Gaussian classes in an 8-d input space with a small MLP (with batch
 norm), trained with plain cross-entropy on a long-tailed training set, so that every
@@ -6,7 +7,9 @@ baseline's effect on the tail is visible in a fraction of a second.
 """
 
 import copy
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -21,11 +24,14 @@ from selmix.baselines import (
     best_index,
     class_log_prior,
     classifier_retraining,
+    label_aware_smoothing,
     list_baselines,
     logit_adjusted_finetune,
+    mislas_stage2,
     objective_score,
     posthoc_logit_adjustment,
     run_baseline,
+    smoothed_cross_entropy,
 )
 from selmix.data import ImageTensorDataset
 from selmix.evaluate import evaluate
@@ -324,6 +330,163 @@ def test_crt_reinitialises_the_head_and_follows_its_seed(data, ce_model):
     assert not torch.equal(third[-1].weight, first[-1].weight)
 
 
+# -- label-aware smoothing (MiSLAS stage 2) ------------------------------------------------
+def test_crt_defaults_are_unchanged_by_the_smoothing_and_reinit_options(data, ce_model):
+    train = data["train"]
+    settings = dict(epochs=2, batch_size=64, seed=5)
+    plain = classifier_retraining(ce_model, train, **settings)
+    explicit = classifier_retraining(
+        ce_model, train, label_smoothing=0.0, reinit_head=True, **settings
+    )
+    for key, value in plain.state_dict().items():
+        assert torch.equal(explicit.state_dict()[key], value), key
+    # ... while either option, set otherwise, changes the head
+    smoothed = classifier_retraining(ce_model, train, label_smoothing=0.1, **settings)
+    kept = classifier_retraining(ce_model, train, reinit_head=False, **settings)
+    for other in (smoothed, kept):
+        assert not torch.equal(other[-1].weight, plain[-1].weight)
+
+
+def test_label_aware_smoothing_is_linear_in_the_class_count():
+    # head 100, tail 10, a middle class at a third of the way: eps = 0.3, 0.1, 0.0
+    eps = label_aware_smoothing([100, 40, 10], (0.3, 0.0))
+    assert eps.dtype == torch.float64
+    torch.testing.assert_close(eps, torch.tensor([0.3, 0.1, 0.0], dtype=torch.float64))
+    # the pair is (head, tail) whichever is larger, and the class order does not matter
+    reversed_pair = label_aware_smoothing(torch.tensor([10, 100, 40]), (0.05, 0.2))
+    torch.testing.assert_close(reversed_pair, torch.tensor([0.2, 0.05, 0.15], dtype=torch.float64))
+    torch.testing.assert_close(
+        label_aware_smoothing([7, 7], (0.3, 0.1)), torch.full((2,), 0.3, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        label_aware_smoothing([5, 1, 9], 0.2), torch.full((3,), 0.2, dtype=torch.float64)
+    )
+
+
+def test_smoothed_cross_entropy_equals_soft_targets_by_hand():
+    counts = [100, 40, 10]  # eps 0.3, 0.1, 0.0
+    logits = torch.tensor(
+        [[2.0, -1.0, 0.5], [0.1, 0.3, -2.0], [-0.5, 1.5, 1.0], [1.0, 1.0, 1.0], [3.0, 0.0, -3.0]]
+    )
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    eps = torch.tensor([0.3, 0.1, 0.0])[labels]
+    targets = (1 - eps)[:, None] * nn.functional.one_hot(labels, 3) + eps[:, None] / 3
+    expected = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    class_eps = label_aware_smoothing(counts, (0.3, 0.0))
+    per_sample = smoothed_cross_entropy(logits, labels, class_eps, reduction="none")
+    torch.testing.assert_close(per_sample, expected)
+    torch.testing.assert_close(smoothed_cross_entropy(logits, labels, class_eps), expected.mean())
+    # the tail class (eps 0) has the plain cross-entropy
+    plain = nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(per_sample[2], plain[2])
+    assert not torch.allclose(per_sample[0], plain[0])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.45])
+def test_one_smoothing_for_every_class_is_torch_label_smoothing(eps):
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(16, K, generator=generator)
+    labels = torch.randint(K, (16,), generator=generator)
+    expected = nn.functional.cross_entropy(logits, labels, label_smoothing=eps)
+    for smoothing in (eps, (eps, eps)):
+        class_eps = label_aware_smoothing(TRAIN_COUNTS, smoothing)
+        torch.testing.assert_close(smoothed_cross_entropy(logits, labels, class_eps), expected)
+
+
+def test_crt_trains_with_the_label_aware_loss_from_the_models_head(data, ce_model):
+    """One full-batch step: its recorded loss is the smoothed loss of the model's own head on
+    the class-balanced batch (the sampler is the first user of the seed's generator when the
+    head is kept)."""
+    train = data["train"]
+    size = train.labels.numel()
+    records = []
+    classifier_retraining(ce_model, train, epochs=1, batch_size=size, seed=7,
+                          label_smoothing=(0.3, 0.0), reinit_head=False,
+                          callback=records.append)  # fmt: skip
+    index = ClassBalancedSampler(train.labels, K, torch.Generator().manual_seed(7)).sample(size)
+    with torch.no_grad():
+        logits = ce_model[-1](ce_model[:-1](train.x[index]))
+    labels = train.labels[index]
+    counts = torch.tensor(TRAIN_COUNTS, dtype=torch.float32)
+    eps = (0.3 * (counts - 20) / (600 - 20))[labels]  # 0.3 for class 0 down to 0 for class 3
+    targets = (1 - eps)[:, None] * nn.functional.one_hot(labels, K) + eps[:, None] / K
+    expected = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    assert records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    plain = float(nn.functional.cross_entropy(logits, labels))
+    assert records[0]["loss"] != pytest.approx(plain, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "value", [1.0, -0.1, math.nan, math.inf, (0.3,), (0.3, 0.0, 0.1), (0.3, 1.0), "x", True, None]
+)
+def test_bad_label_smoothing_is_named(data, ce_model, value):
+    message = r"`label_smoothing` must be a float in \[0, 1\) or a pair \(head, tail\) of them"
+    with pytest.raises(ValueError, match=message + ", got " + re.escape(repr(value))):
+        classifier_retraining(ce_model, data["train"], label_smoothing=value)
+    with pytest.raises(ValueError, match=message):
+        label_aware_smoothing(TRAIN_COUNTS, value)
+    with pytest.raises(ValueError, match=message):
+        run_baseline("mislas_stage2", ce_model, data["train"], None, "min_recall",
+                     label_smoothing=value)  # fmt: skip
+
+
+def test_mislas_stage2_fine_tunes_the_head_on_the_frozen_backbone(data, ce_model):
+    state = snapshot(ce_model)
+    train, val = data["train"], data["val"]
+    result = run_baseline("mislas_stage2", ce_model, train, val, "min_recall",
+                          epochs=2, batch_size=64, seed=3)  # fmt: skip
+    assert_same_state(ce_model, state)
+    model = result.model
+    assert result.name == "mislas_stage2" and not model.training
+    for key, value in model[:-1].state_dict().items():  # backbone and BN statistics
+        assert torch.equal(value, ce_model[:-1].state_dict()[key]), key
+    assert not torch.equal(model[-1].weight, ce_model[-1].weight)
+    assert not torch.equal(model[-1].bias, ce_model[-1].bias)
+    assert [entry["epoch"] for entry in result.details["history"]] == [1, 2]
+    # it is cRT with MiSLAS's defaults
+    direct = classifier_retraining(ce_model, train, epochs=2, batch_size=64, seed=3,
+                                   label_smoothing=(0.3, 0.0), reinit_head=False)  # fmt: skip
+    for key, value in direct.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    crt = classifier_retraining(ce_model, train, epochs=2, batch_size=64, seed=3)
+    assert not torch.equal(model[-1].weight, crt[-1].weight)
+
+
+def test_mislas_stage2_has_crt_arguments_with_its_own_defaults():
+    crt = inspect.signature(classifier_retraining).parameters
+    mislas = inspect.signature(mislas_stage2).parameters
+    assert set(mislas) == set(crt)
+    for name, parameter in mislas.items():
+        assert parameter.kind == crt[name].kind, name
+        if name == "label_smoothing":
+            assert parameter.default == (0.3, 0.0)
+        elif name == "reinit_head":
+            assert parameter.default is False
+        else:
+            assert parameter.default == crt[name].default, name
+
+
+def test_mislas_stage2_through_the_baseline_config(data, ce_model):
+    from selmix.baselines import BaselineConfig, baseline
+
+    train, val = data["train"], data["val"]
+    options = BaselineConfig(smooth_head=0.2, smooth_tail=0.05).options("mislas_stage2")
+    assert options["label_smoothing"] == (0.2, 0.05) and "smooth_head" not in options
+    assert {"epochs", "lr", "batch_size", "momentum", "weight_decay"} <= set(options)
+    assert "label_smoothing" not in BaselineConfig().options("crt")
+    assert "smooth_head" not in BaselineConfig.used_by("crt")
+    assert "epochs" in BaselineConfig.used_by("mislas_stage2")
+    result = baseline("mislas_stage2", ce_model, train, val, epochs=1, seed=2, smooth_head=0.2)
+    direct = mislas_stage2(ce_model, train, epochs=1, seed=2, label_smoothing=(0.2, 0.0),
+                           batch_size=result.config.batch_size, momentum=result.config.momentum,
+                           weight_decay=result.config.weight_decay)  # fmt: skip
+    for key, value in direct.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value), key
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="smooth_tail"):
+            BaselineConfig(smooth_tail=bad)
+
+
 # -- logit-adjusted fine-tuning ------------------------------------------------------------
 def bn_statistics(model: nn.Module) -> list[torch.Tensor]:
     return [
@@ -418,7 +581,7 @@ def test_baselines_on_a_headless_view_split(data):
 
 # -- registry -------------------------------------------------------------------------------
 def test_registry_runs_every_baseline_by_name(data, ce_model):
-    assert list_baselines() == ["crt", "la_finetune", "posthoc_la", "start"]
+    assert list_baselines() == ["crt", "la_finetune", "mislas_stage2", "posthoc_la", "start"]
     assert selmix.list_baselines() == list_baselines()
     train, val = data["train"], data["val"]
     start = run_baseline("start", ce_model, train, val, "min_recall")
@@ -481,6 +644,8 @@ def adjust(model, data, taus):
          "`lr` must be > 0, got -0.1"),
         (lambda m, d: classifier_retraining(m, d["train"], batch_size=0), ValueError,
          "`batch_size` must be >= 1, got 0"),
+        (lambda m, d: classifier_retraining(m, d["train"], reinit_head="no"), TypeError,
+         "`reinit_head` must be true or false, got str 'no'"),
         (lambda m, d: classifier_retraining("model", d["train"]), TypeError,
          "`model` must be a torch.nn.Module, got str"),
         (lambda m, d: adjust(m, d, []),

@@ -28,6 +28,7 @@ TINY = {
     # --steps is la_finetune's: crt ignores it, with a warning
     "crt": ["--epochs", "1", "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--no-progress"],
     "la_finetune": ["--steps", "2", "--batch-size", "8", "--la-tau", "0.5", "--no-progress"],
+    "mislas_stage2": ["--epochs", "1", "--smooth-head", "0.2", "--no-progress"],
 }
 FINETUNE_META = {"classes", "mean", "std", "command", "settings"}
 
@@ -72,7 +73,7 @@ def run(
     return run_method
 
 
-@pytest.mark.parametrize("method", ["posthoc_la", "crt", "la_finetune"])
+@pytest.mark.parametrize("method", ["posthoc_la", "crt", "la_finetune", "mislas_stage2"])
 def test_baseline_writes_model_metrics_config_and_details(
     method: str, run: Callable[[str], tuple[Path, str, str]], pretrained: Path, tmp_path: Path
 ) -> None:
@@ -84,7 +85,8 @@ def test_baseline_writes_model_metrics_config_and_details(
     else:
         assert errors == ""
 
-    details = {"posthoc_la": True, "crt": True, "la_finetune": False}[method]
+    details = {"posthoc_la": True, "crt": True, "la_finetune": False, "mislas_stage2": True}
+    details = details[method]
     for name in ("model.pt", "metrics.json", "config.yaml"):
         assert (out / name).is_file(), name
     assert (out / "details.json").is_file() == details
@@ -105,9 +107,12 @@ def test_baseline_writes_model_metrics_config_and_details(
     assert main(argv) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())["test"]
     assert again["per_class_recall"] == pytest.approx(metrics["after"]["per_class_recall"])
-    if method == "crt":
+    if method in ("crt", "mislas_stage2"):
         history = json.loads((out / "details.json").read_text())["history"]
         assert [entry["epoch"] for entry in history] == [1]
+    if method == "mislas_stage2":
+        assert "label-aware smoothing 0.2 (head) to 0 (tail)" in printed
+        assert config["smooth_head"] == 0.2 and config["smooth_tail"] == 0.0
 
 
 def test_posthoc_tau_is_in_the_grid_and_gives_the_written_model(
@@ -146,6 +151,7 @@ def test_posthoc_tau_is_in_the_grid_and_gives_the_written_model(
         (["--method", "posthoc_la", "--steps", "5", "--set", "taus=[1, -1]"], "taus"),
         (["--method", "posthoc_la", "--objective", "max_fun"], "max_fun"),
         (["--method", "crt", "--epochs", "0"], "epochs"),
+        (["--method", "mislas_stage2", "--smooth-head", "1.0"], "smooth_head"),
         (["--method", "la_finetune", "--set", "frozen_backbone=maybe"], "frozen_backbone"),
     ],
 )
@@ -168,7 +174,8 @@ def test_baseline_help_lists_methods_objectives_and_defaults(
 ) -> None:
     assert main(["baseline", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "{crt,la_finetune,posthoc_la}" in text
+    assert "{crt,la_finetune,mislas_stage2,posthoc_la}" in text
     assert "ignored" in text and "mean_recall_min_coverage" in text
-    assert "training epochs of the head (crt only) (default: 10)" in text
+    assert "training epochs of the head (crt and mislas_stage2) (default: 10)" in text
+    assert "(mislas_stage2 only) (default: 0.3)" in text
     assert "taus = null" in text and "la_tau = 1.0" in text

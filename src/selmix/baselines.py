@@ -4,7 +4,10 @@
   ``logits - tau * log(prior)``, tau tuned on the validation set for the objective. The
   result is an ordinary classifier: the shift lives in its head's bias.
 * :func:`classifier_retraining` (cRT, Kang et al. 2020): freeze the backbone, re-initialise
-  the linear head and retrain it on features computed once, with class-balanced sampling.
+  the linear head and retrain it on features computed once, with class-balanced sampling;
+  optionally with label-aware smoothing (:func:`label_aware_smoothing`).
+* :func:`mislas_stage2`: MiSLAS's stage 2 (Zhong et al. 2021) on a frozen backbone: cRT that
+  fine-tunes the model's own head with label-aware smoothing.
 * :func:`logit_adjusted_finetune`: fine-tune with the logit-adjusted cross-entropy and
   instance-balanced sampling under SelMix fine-tuning's optimiser (SGD with momentum, weight
   decay, cosine decay, batch norm frozen), i.e. SelMix's fine-tuning without the mixup.
@@ -91,14 +94,19 @@ __all__ = [
     "best_index",
     "class_log_prior",
     "classifier_retraining",
+    "label_aware_smoothing",
     "list_baselines",
     "logit_adjusted_finetune",
+    "mislas_stage2",
     "objective_score",
     "posthoc_logit_adjustment",
     "run_baseline",
+    "smoothed_cross_entropy",
 ]
 
 ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
+# one smoothing for every class, or (head, tail) of label-aware smoothing
+LabelSmoothing = float | tuple[float, float]
 
 # The post-hoc tau grid: 0 (the model as it is) to 3 in steps of 0.25.
 DEFAULT_TAUS: tuple[float, ...] = tuple(0.25 * i for i in range(13))
@@ -321,6 +329,94 @@ class ClassBalancedSampler:
         return self.pools.draw(self.classes[picks], self.generator)
 
 
+_SMOOTHING_ERROR = "`label_smoothing` must be a float in [0, 1) or a pair (head, tail) of them"
+
+
+def _check_label_smoothing(value: Any) -> LabelSmoothing:
+    """A float eps in [0, 1), or a pair ``(head, tail)`` of them (a tuple or a list)."""
+    pair = isinstance(value, (tuple, list))
+    items = list(value) if pair else [value]
+    valid = not pair or len(items) == 2
+    if valid:
+        try:  # the number checks of every setting; one message for all that fails here
+            items = [check_in_range("label_smoothing", eps, 0.0, 1.0) for eps in items]
+        except (TypeError, ValueError):
+            valid = False
+        else:
+            valid = all(eps < 1.0 for eps in items)
+    if not valid:
+        raise ValueError(f"{_SMOOTHING_ERROR}, got {value!r}")
+    return (items[0], items[1]) if pair else items[0]
+
+
+def label_aware_smoothing(counts: Any, label_smoothing: LabelSmoothing) -> torch.Tensor:
+    """The smoothing eps of each class, from the training class counts.
+
+    A float eps is every class's. A pair ``(eps_head, eps_tail)`` is label-aware smoothing
+    (Zhong et al. 2021, MiSLAS's linear variant): class y gets
+    ``eps_tail + (eps_head - eps_tail) * (n_y - n_min) / (n_max - n_min)``, so the most
+    frequent class gets ``eps_head`` and the rarest ``eps_tail``; when every class has the
+    same count, every class gets ``eps_head``.
+
+    Args:
+        counts: Tensor[K] or sequence of the K training class counts (>= 0).
+        label_smoothing: a float in [0, 1) or a pair ``(eps_head, eps_tail)`` of them.
+
+    Returns:
+        float64 Tensor[K] on the CPU, every entry in [0, 1).
+
+    Raises:
+        ValueError: if ``label_smoothing`` is not a float in [0, 1) or a pair of them, or
+            ``counts`` is not a vector of finite counts >= 0.
+    """
+    smoothing = _check_label_smoothing(label_smoothing)
+    counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(
+            f"`counts` must be a vector of class counts, got shape {tuple(counts.shape)}"
+        )
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"`counts` must be finite and >= 0, got {counts.tolist()}")
+    if not isinstance(smoothing, tuple):
+        return torch.full_like(counts, smoothing)
+    head, tail = smoothing
+    low, high = counts.min(), counts.max()
+    if high == low:
+        return torch.full_like(counts, head)
+    return tail + (head - tail) * (counts - low) / (high - low)
+
+
+def smoothed_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_smoothing: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy with soft targets smoothed by the eps of each sample's class.
+
+    The target of a sample of class y is ``(1 - eps_y) * onehot(y) + eps_y / K`` on every
+    class, so its loss is ``(1 - eps_y) * -log p_y + eps_y * mean_k(-log p_k)``. With one
+    eps for every class this is ``F.cross_entropy(logits, labels, label_smoothing=eps)``.
+
+    Args:
+        logits: Tensor[B, K].
+        labels: LongTensor[B] of classes in [0, K).
+        class_smoothing: Tensor[K], the eps of each class
+            (:func:`label_aware_smoothing`).
+        reduction: ``"mean"`` (the batch's mean, a scalar) or ``"none"`` (Tensor[B]).
+
+    Returns:
+        The loss, in the dtype of ``logits``.
+    """
+    check_choice("reduction", reduction, ["mean", "none"])
+    log_probs = F.log_softmax(logits, dim=1)
+    eps = class_smoothing.to(log_probs)[labels]
+    nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    uniform = -log_probs.mean(dim=1)
+    loss = (1 - eps) * nll + eps * uniform
+    return loss.mean() if reduction == "mean" else loss
+
+
 def classifier_retraining(
     model: nn.Module,
     train: Any,
@@ -340,6 +436,8 @@ def classifier_retraining(
     progress: bool = False,
     precision: str = "fp32",
     channels_last: bool = False,
+    label_smoothing: LabelSmoothing = 0.0,
+    reinit_head: bool = True,
 ) -> nn.Module:
     """Classifier re-training (cRT, Kang et al. 2020) on a frozen backbone.
 
@@ -348,6 +446,11 @@ def classifier_retraining(
     them with cross-entropy, class-balanced batches (:class:`ClassBalancedSampler`) and
     SGD with a cosine decay over ``epochs * ceil(N / batch_size)`` steps. The backbone is
     never updated.
+
+    With ``label_smoothing`` the loss is :func:`smoothed_cross_entropy` with the eps of
+    each class from :func:`label_aware_smoothing` and the training class counts; a pair
+    ``(eps_head, eps_tail)`` is label-aware smoothing (MiSLAS, :func:`mislas_stage2`).
+    With ``reinit_head=False`` the model's own head is the starting point.
 
     Args:
         model: the trained classifier (not modified).
@@ -367,10 +470,19 @@ def classifier_retraining(
         precision: the feature extraction's autocast (:mod:`selmix.precision`); the head
             trains in float32 on float32 features.
         channels_last: convert the copied backbone to the channels-last layout.
+        label_smoothing: 0 (plain cross-entropy, the default), a float eps in [0, 1) for
+            every class, or a pair ``(eps_head, eps_tail)`` of label-aware smoothing.
+        reinit_head: re-initialise the head before training (cRT); False fine-tunes the
+            model's head (MiSLAS stage 2).
 
     Returns:
         A new model: the copied backbone with the re-trained head, in eval mode.
+
+    Raises:
+        ValueError: if ``label_smoothing`` is not a float in [0, 1) or a pair of them.
     """
+    smoothing = _check_label_smoothing(label_smoothing)
+    reinit_head = check_bool("reinit_head", reinit_head)
     check_int("epochs", epochs, minimum=1)
     check_positive("lr", lr)
     check_int("batch_size", batch_size, minimum=1)
@@ -390,7 +502,12 @@ def classifier_retraining(
     view = FrozenFeatures(split, device, batch_size=eval_batch_size, precision=precision)
     train_features = view.features(train)
     device_labels = labels.to(device)
-    _reset_linear(split.head, generator)
+    class_smoothing = None  # a float 0: F.cross_entropy, as cRT always did
+    if isinstance(smoothing, tuple) or smoothing > 0:
+        counts = torch.bincount(labels, minlength=num_classes)
+        class_smoothing = label_aware_smoothing(counts, smoothing).float().to(device)
+    if reinit_head:
+        _reset_linear(split.head, generator)
     steps_per_epoch = math.ceil(labels.numel() / batch_size)
     optimizer, scheduler = sgd_cosine(
         split, epochs * steps_per_epoch, lr, None, momentum, weight_decay
@@ -401,7 +518,11 @@ def classifier_retraining(
         loss_sum = 0.0
         for step in range(steps_per_epoch):
             index = sampler.sample(batch_size).to(device)
-            loss = F.cross_entropy(split.head(train_features[index]), device_labels[index])
+            logits, targets = split.head(train_features[index]), device_labels[index]
+            if class_smoothing is None:
+                loss = F.cross_entropy(logits, targets)
+            else:
+                loss = smoothed_cross_entropy(logits, targets, class_smoothing)
             loss_sum += _check_finite(loss, f"at epoch {epoch}, step {step} of cRT", "`lr`")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -415,6 +536,68 @@ def classifier_retraining(
     bar.close()
     retrained.eval()
     return retrained
+
+
+def mislas_stage2(
+    model: nn.Module,
+    train: Any,
+    val: Any = None,
+    *,
+    label_smoothing: LabelSmoothing = (0.3, 0.0),
+    reinit_head: bool = False,
+    epochs: int = 10,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int | torch.Generator = 0,
+    device: str | torch.device = "cpu",
+    eval_batch_size: int = 512,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> nn.Module:
+    """MiSLAS stage 2 (Zhong et al. 2021) on a frozen backbone: head re-training with
+    label-aware smoothing.
+
+    :func:`classifier_retraining` with MiSLAS's CIFAR-10-LT (imbalance 100) stage-2
+    values as defaults: label-aware smoothing from 0.3 on the most frequent class to 0 on
+    the rarest (linear in the class count), the model's own head fine-tuned rather than
+    re-initialised, 10 epochs of class-balanced batches, SGD with momentum and a cosine
+    decay.
+
+    Left out of MiSLAS's stage 2: the shift learning of batch norm (MiSLAS updates the
+    batch-norm statistics and affine shifts of the backbone; here the backbone, batch norm
+    included, stays frozen and the head trains on features computed once), the concave
+    shape of the smoothing (MiSLAS's default; this is its linear variant), and its weight
+    decay of 2e-4 (cRT's 5e-4 here). MiSLAS's stage 1 (mixup pre-training) is the user's
+    pre-training of ``model``.
+
+    Args:
+        model: the trained classifier (not modified).
+        train: the labelled training set; every class must be present (its class counts
+            set the smoothing of each class).
+        val: optional validation set, as for :func:`classifier_retraining`.
+        label_smoothing: ``(eps_head, eps_tail)`` of label-aware smoothing, or one float
+            eps for every class (see :func:`label_aware_smoothing`).
+        reinit_head: re-initialise the head first (cRT's choice; MiSLAS keeps it).
+        epochs, lr, batch_size, momentum, weight_decay, seed, device, eval_batch_size,
+            features, head, callback, progress, precision, channels_last: as for
+            :func:`classifier_retraining`.
+
+    Returns:
+        A new model: the copied backbone with the re-trained head, in eval mode.
+    """
+    return classifier_retraining(
+        model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
+        weight_decay=weight_decay, seed=seed, device=device, eval_batch_size=eval_batch_size,
+        features=features, head=head, callback=callback, progress=progress,
+        precision=precision, channels_last=channels_last, label_smoothing=label_smoothing,
+        reinit_head=reinit_head,
+    )  # fmt: skip
 
 
 # -- logit-adjusted fine-tuning -------------------------------------------------------------
@@ -540,7 +723,8 @@ class BaselineResult:
         model: the new model (the input model is untouched).
         details: plain data about the run: for ``"posthoc_la"`` the chosen ``tau``, the
             grid ``taus``, the per-tau ``scores`` (:meth:`ObjectiveScore.to_dict`) and
-            ``val_metrics``; for ``"crt"`` the per-epoch ``history``; empty otherwise.
+            ``val_metrics``; for ``"crt"`` and ``"mislas_stage2"`` the per-epoch
+            ``history``; empty otherwise.
         config: the resolved :class:`BaselineConfig` (from :func:`baseline`; None from
             :func:`run_baseline`).
     """
@@ -564,6 +748,7 @@ BASELINES: Mapping[str, Callable[..., Any]] = MappingProxyType(
         "posthoc_la": posthoc_logit_adjustment,
         "crt": classifier_retraining,
         "la_finetune": logit_adjusted_finetune,
+        "mislas_stage2": mislas_stage2,
     }
 )
 
@@ -573,6 +758,7 @@ _SUPPLIED = {
     "posthoc_la": ("model", "prior", "val", "objective"),
     "crt": ("model", "train", "val"),
     "la_finetune": ("model", "train"),
+    "mislas_stage2": ("model", "train", "val"),
 }
 
 
@@ -594,7 +780,8 @@ def run_baseline(
     ``"start"``: a copy of ``model``; ``"posthoc_la"``: :func:`posthoc_logit_adjustment`
     with the prior counted from ``train`` and tau tuned on ``val`` for ``objective``;
     ``"crt"``: :func:`classifier_retraining` (``val`` metrics per epoch in the details);
-    ``"la_finetune"``: :func:`logit_adjusted_finetune`. Baselines that have no use for
+    ``"mislas_stage2"``: :func:`mislas_stage2` (the same details); ``"la_finetune"``:
+    :func:`logit_adjusted_finetune`. Baselines that have no use for
     ``val`` or ``objective`` ignore them.
 
     Args:
@@ -627,7 +814,7 @@ def run_baseline(
             "val_metrics": result.val_metrics,
         }
         return BaselineResult(name, result.model, details)
-    if name == "crt":
+    if name in ("crt", "mislas_stage2"):
         history: list[dict[str, Any]] = []
         user_callback = options.pop("callback", None)
 
@@ -642,13 +829,23 @@ def run_baseline(
 
 
 # -- one configuration for every baseline -----------------------------------------------------
-_ALL = ("posthoc_la", "crt", "la_finetune")
-_LA, _CRT, _POSTHOC = (
+_ALL = ("posthoc_la", "crt", "la_finetune", "mislas_stage2")
+_LA, _CRT, _POSTHOC, _MISLAS = (
     {"methods": ("la_finetune",)},
-    {"methods": ("crt",)},
+    {"methods": ("crt", "mislas_stage2")},
     {"methods": ("posthoc_la",)},
+    {"methods": ("mislas_stage2",)},
 )
-_TRAINED = {"methods": ("crt", "la_finetune")}
+_TRAINED = {"methods": ("crt", "la_finetune", "mislas_stage2")}
+
+
+class _Smoothing:
+    """A label-smoothing eps: a finite number in [0, 1)."""
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if check_in_range(name, value, 0.0, 1.0) == 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+        return value
 
 
 class _Taus:
@@ -683,11 +880,22 @@ class BaselineConfig(ConfigMixin):
         help="the tau grid of posthoc_la, e.g. [0, 0.5, 1]; unset: 0 to 3 by 0.25",
     )  # fmt: skip
     epochs: int = setting(
-        10, help="training epochs of the head (crt only)", check=Int(1), flag=True, extra=_CRT
-    )
+        10, help="training epochs of the head (crt and mislas_stage2)", check=Int(1),
+        flag=True, extra=_CRT,
+    )  # fmt: skip
     lr: float = setting(
-        0.1, help="learning rate of the head (crt only)", check=Real(), flag=True, extra=_CRT
-    )
+        0.1, help="learning rate of the head (crt and mislas_stage2)", check=Real(), flag=True,
+        extra=_CRT,
+    )  # fmt: skip
+    smooth_head: float = setting(
+        0.3, help="label smoothing of the most frequent class, in [0, 1) (mislas_stage2 only)",
+        check=_Smoothing(), flag=True, metavar="EPS", extra=_MISLAS,
+    )  # fmt: skip
+    smooth_tail: float = setting(
+        0.0, help="label smoothing of the rarest class, in [0, 1); the others' is linear in "
+        "the class count (mislas_stage2 only)", check=_Smoothing(), flag=True, metavar="EPS",
+        extra=_MISLAS,
+    )  # fmt: skip
     steps: int = setting(
         _DEFAULTS.steps, help="SGD steps (la_finetune only)", check=Int(1), flag=True, extra=_LA
     )
@@ -708,15 +916,17 @@ class BaselineConfig(ConfigMixin):
         check=Real(strict=False), flag=True, metavar="TAU", extra=_LA,
     )  # fmt: skip
     batch_size: int = setting(
-        _DEFAULTS.batch_size, help="samples per step (crt and la_finetune)", check=Int(1),
+        _DEFAULTS.batch_size, help="samples per step (crt, mislas_stage2 and la_finetune)",
+        check=Int(1),
         flag=True, extra=_TRAINED,
     )  # fmt: skip
     momentum: float = setting(
-        _DEFAULTS.momentum, help="SGD momentum (crt and la_finetune)", check=Real(high=1.0),
+        _DEFAULTS.momentum, help="SGD momentum (crt, mislas_stage2 and la_finetune)",
+        check=Real(high=1.0),
         extra=_TRAINED,
     )  # fmt: skip
     weight_decay: float = setting(
-        _DEFAULTS.weight_decay, help="SGD weight decay (crt and la_finetune)",
+        _DEFAULTS.weight_decay, help="SGD weight decay (crt, mislas_stage2 and la_finetune)",
         check=Real(strict=False), extra=_TRAINED,
     )  # fmt: skip
     augment: bool = setting(
@@ -743,7 +953,8 @@ class BaselineConfig(ConfigMixin):
     threads: int | None = threads_setting(flag=True)
     channels_last: bool = channels_last_setting(flag=True, extra=_TRAINED)
     progress: bool = setting(
-        True, help="show progress bars (crt and la_finetune; plain lines when not a terminal)",
+        True, help="show progress bars (crt, mislas_stage2 and la_finetune; plain lines when "
+        "not a terminal)",
         check=Flag(), flag=True, extra=_TRAINED,
     )  # fmt: skip
 
@@ -763,12 +974,16 @@ class BaselineConfig(ConfigMixin):
                     "precision": self.precision}  # fmt: skip
         renamed = {"la_tau": "tau"}
         # threads are set once for the process by `baseline`
-        skipped = {"objective", "objective_params", "taus", "head_classes", "threads"}
-        return {
+        skipped = {"objective", "objective_params", "taus", "head_classes", "threads",
+                   "smooth_head", "smooth_tail"}  # fmt: skip
+        options = {
             renamed.get(name, name): values[name]
             for name in self.used_by(method)
             if name not in skipped
         }
+        if method == "mislas_stage2":
+            options["label_smoothing"] = (self.smooth_head, self.smooth_tail)
+        return options
 
 
 def baseline(

@@ -203,11 +203,14 @@ def _baseline_options() -> list[Option]:
         Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
                metavar="FILE", required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml and, for "
-               "posthoc_la and crt, details.json)", metavar="DIR", required=True),
+               "posthoc_la, crt and mislas_stage2, details.json)", metavar="DIR",
+               required=True),
         Option("method", None, "the baseline: posthoc_la (post-hoc logit adjustment, tau tuned "
                "on the validation set for --objective), crt (classifier re-training on the "
-               "frozen backbone) or la_finetune (fine-tuning with the logit-adjusted loss); "
-               "the settings of the other methods are ignored (with a warning)",
+               "frozen backbone), mislas_stage2 (the model's head fine-tuned on the frozen "
+               "backbone like crt, with label-aware smoothing) or la_finetune (fine-tuning "
+               "with the logit-adjusted loss); the settings of the other methods are ignored "
+               "(with a warning)",
                choices=_baseline_methods(), required=True),
     ] + _config_options(BaselineConfig)  # fmt: skip
 
@@ -889,7 +892,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "baseline"))
     _write_json(out / "metrics.json", {"before": before, "after": after})
     written = [out / "model.pt", out / "metrics.json", out / "config.yaml"]
-    if result.details:  # posthoc_la: the tau search; crt: the per-epoch history
+    if result.details:  # posthoc_la: the tau search; crt, mislas_stage2: per-epoch history
         _write_json(out / "details.json", result.details)
         written.append(out / "details.json")
 
@@ -901,6 +904,11 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
         )
     elif method == "crt":
         print(f"method: crt ({config.epochs} epochs, lr {config.lr:g})")
+    elif method == "mislas_stage2":
+        print(
+            f"method: mislas_stage2 ({config.epochs} epochs, lr {config.lr:g}, label-aware "
+            f"smoothing {config.smooth_head:g} (head) to {config.smooth_tail:g} (tail))"
+        )
     else:
         part = "head only" if config.frozen_backbone else "full backbone"
         print(f"method: la_finetune ({config.steps} steps, tau {config.la_tau:g}, {part})")
