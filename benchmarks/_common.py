@@ -67,8 +67,9 @@ def load_start(
         # left (benchmarks/pretrain_cifar_mislas.py), which load_data refuses on purpose
         from pretrain_cifar_mislas import mislas_split
 
+        source = data or config["data"]
         train, val, test, counts = mislas_split(
-            data or config["data"], config.get("seed", 0), config["max_per_class"],
+            source.removeprefix("cifar10:"), config.get("seed", 0), config["max_per_class"],
             config["imbalance"], config["val_per_class"], cache_dir or config.get("cache_dir"),
         )  # fmt: skip
         if counts != list(config["train_counts"]):

@@ -69,6 +69,7 @@ from selmix.finetune import HEAD_FIRST_STEPS  # noqa: E402
 
 START = "benchmarks/models/cifar10_lt_resnet32_mislas_s0"
 RECORDS = "docs/results/runs/table3"
+SUMMARY_MARK = "<!-- summary -->"
 OBJECTIVES = {
     "min_recall": "min recall",
     "mean_recall": "mean recall",
@@ -97,7 +98,10 @@ ROWS: dict[tuple[str, str], bool] = {
     ("LA fine-tuning", "fine-tuned"): False,
     ("SelMix (defaults)", "fine-tuned"): True,
     ("SelMix (paper preset)", "fine-tuned"): True,
+    ("SelMix (defaults, backbone lr 3e-4)", "fine-tuned"): True,
 }
+# Rows run for the first objective only unless --rows names them.
+FIRST_OBJECTIVE_ONLY = ("SelMix (defaults, backbone lr 3e-4)",)
 # The paper's supervised CIFAR-10-LT rows (MATH.md section 8), test %, mean of 3 seeds.
 PAPER = {
     "MiSLAS stage 1 (start)": {"mean_recall": 72.7, "min_recall": 45.6, "h_mean": 70.3,
@@ -126,6 +130,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--render", default=None, help="write the tables here and stop")
+    parser.add_argument("--describe-start", default=None,
+                        help="write the start's per-class recall on train / val / test here")
     return parser.parse_args()
 
 
@@ -149,14 +155,24 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
                 for (row, row_backbone), per_objective in ROWS.items():
                     if row_backbone != backbone or (args.rows and row not in args.rows):
                         continue
+                    if row in FIRST_OBJECTIVE_ONLY and not args.rows:
+                        per_objective = False
                     if per_objective or objective == args.objectives[0]:
                         runs.append((row, backbone, objective, seed))
     # frozen rows first (seconds each); then the first objective's fine-tuned runs for
-    # every seed, then the other objectives seed by seed, so that a stopped plan leaves
-    # whole seeds of whole rows
+    # every seed; then SelMix (defaults) on the other objectives, seed by seed; then the
+    # paper preset on them: a stopped plan leaves whole seeds of the rows that matter most
     first = args.objectives[0]
-    return sorted(runs, key=lambda r: (r[1] == "fine-tuned", r[2] != first,
-                                       0 if r[2] == first else r[3]))  # fmt: skip
+
+    def priority(run: tuple[str, str, str, int]) -> tuple[int, ...]:
+        row, backbone, objective, seed = run
+        if backbone == "frozen":
+            return (0, 0, 0)
+        if objective == first:
+            return (1, row in FIRST_OBJECTIVE_ONLY, 0)
+        return (2 if row == "SelMix (defaults)" else 3, seed, 0)
+
+    return sorted(runs, key=priority)
 
 
 def claim(path: Path) -> bool:
@@ -186,14 +202,17 @@ def run_one(args, start, space, row, backbone, objective, seed, log_path) -> dic
     else:
         model, train, val = space.fresh_model(), space.train, space.val
     common = {"seed": seed, "device": args.device, "progress": False}
-    if row in ("SelMix", "uniform policy", "greedy policy", "SelMix (defaults)",
-               "SelMix (paper preset)"):  # fmt: skip
+    if row.startswith("SelMix") or row in ("uniform policy", "greedy policy"):
         options: dict[str, Any] = {"log_path": str(log_path) if full else None}
         if row == "uniform policy":
             options["policy"] = "uniform"
         elif row == "greedy policy":
             options["policy"] = "greedy"
-        if row == "SelMix (defaults)":
+        if row == "SelMix (defaults, backbone lr 3e-4)":
+            # the paper's backbone rate (lr_W / 10) after the head-first phase, instead of
+            # the defaults' lr_head / 100
+            options["lr_backbone"] = 3e-4
+        if row.startswith("SelMix (defaults"):
             options.update(frozen_backbone=False, steps=HEAD_FIRST_STEPS + args.full_steps,
                            precision=args.full_precision)  # fmt: skip
         if row == "SelMix (paper preset)":
@@ -221,7 +240,8 @@ def run_one(args, start, space, row, backbone, objective, seed, log_path) -> dic
         result = run_baseline("crt", model, train, val, objective, device=args.device, **options)
         return {"model": result.model, "config": options}
     if row == "MiSLAS stage-2-like":
-        options = {"epochs": args.crt_epochs, "seed": seed}
+        # MiSLAS's CIFAR-10 stage 2: smoothing 0.3 (head) .. 0.0 (tail), weight decay 2e-4
+        options = {"epochs": args.crt_epochs, "seed": seed, "weight_decay": 2e-4}
         result = run_baseline("mislas_stage2", model, train, val, objective,
                               device=args.device, **options)  # fmt: skip
         return {"model": result.model, "config": options}
@@ -347,6 +367,7 @@ def render(args: argparse.Namespace) -> None:
         "",
         "## Summary: each objective's own metric (test %, mean ± std over seeds)",
         "",
+        SUMMARY_MARK,
         "Mean recall s.t. coverage shows mean recall / min coverage (target 0.95 / K = 0.095). "
         "s/run: mean wall seconds of one run (objective-independent rows: once for all "
         "objectives).",
@@ -378,7 +399,7 @@ def render(args: argparse.Namespace) -> None:
         lines.append(
             f"| {row} | {backbone} | {seed_text} | " + " | ".join(cells) + f" | {seconds:.0f} |"
         )
-    lines.append("")
+    lines += ["", SUMMARY_MARK, ""]
     for objective in objectives:
         lines += [
             f"## Objective: {OBJECTIVES[objective]}",
@@ -404,13 +425,45 @@ def render(args: argparse.Namespace) -> None:
                 + f" | {coverage:.4f} | {step_text} | {seconds:.0f} |"
             )  # fmt: skip
         lines.append("")
-    Path(args.render).write_text("\n".join(lines))
+    text = "\n".join(lines)
+    # the summary alone, for the README (benchmarks/write_results.py includes it)
+    summary = text.split(SUMMARY_MARK)[1].strip("\n")
+    Path(args.render).write_text(text.replace(SUMMARY_MARK + "\n", ""))
+    Path(args.render).with_name(Path(args.render).stem + "_summary.md").write_text(summary + "\n")
+    print(text)
+
+
+def describe_start(args: argparse.Namespace) -> None:
+    """Per-class recall of the start on its training, validation and test sets: whether a
+    gap to the paper's start is under-fitting (low training recall) or generalisation."""
+    torch.set_num_threads(args.threads)
+    start = load_start(args.start)
+    lines = [
+        f"Command: `python benchmarks/cifar_table3.py --describe-start {args.describe_start}` "
+        f"(start `{args.start}`, evaluated in float32, no augmentation)",
+        "",
+        "| split | images per class | per-class recall, % (class 0 ... 9) | mean recall | "
+        "min recall |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("train", "val", "test"):
+        dataset = getattr(start.data, name)
+        metrics = evaluate(start.model, dataset, device=args.device).metrics()
+        counts = dataset.class_counts().tolist()
+        recall = " ".join(f"{100 * v:.1f}" for v in metrics["per_class_recall"])
+        lines.append(
+            f"| {name} | {counts[0]} ... {counts[-1]} | {recall} | "
+            f"{100 * metrics['mean_recall']:.1f} | {100 * metrics['min_recall']:.1f} |"
+        )
+    Path(args.describe_start).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     args = parse_args()
-    if args.render:
+    if args.describe_start:
+        describe_start(args)
+    elif args.render:
         render(args)
     else:
         run_plan(args)

@@ -26,7 +26,9 @@ def main() -> None:
     for folder in sorted(p for p in MODELS.iterdir() if (p / "config.yaml").exists()):
         config = yaml.safe_load((folder / "config.yaml").read_text())
         test = json.loads((folder / "metrics.json").read_text())["test"]
-        counts = long_tail_counts(config["max_per_class"], 10, config["imbalance"])
+        counts = config.get("train_counts") or long_tail_counts(
+            config["max_per_class"], 10, config["imbalance"]
+        )
         time_file = folder / "time.txt"
         timing = time_file.read_text().strip() if time_file.exists() else "-"
         print(
