@@ -42,3 +42,88 @@ def test_coverage_floor_rejects_a_class_without_images():
     rates[1] = 0
     with pytest.raises(ValueError, match="positive sum"):
         coverage_floor(10, 3, rates=rates)
+
+
+# -- benchmarks/cifar_table3.py: the run plan, the claims and the rendering ------------------
+
+
+def _table3_args(tmp_path, **changes):
+    import cifar_table3
+
+    argv = sys.argv
+    sys.argv = ["cifar_table3.py", "--records", str(tmp_path)]
+    try:
+        args = cifar_table3.parse_args()
+    finally:
+        sys.argv = argv
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_table3_plan_runs_objective_independent_rows_once_per_seed(tmp_path):
+    import cifar_table3
+
+    args = _table3_args(tmp_path, seeds=[0, 1])
+    runs = cifar_table3.plan(args)
+    assert len(runs) == len(set(runs))
+    start_runs = [r for r in runs if r[0] == "start"]
+    assert start_runs == [
+        ("start", "frozen", "min_recall", 0),
+        ("start", "frozen", "min_recall", 1),
+    ]
+    selmix_frozen = {(r[2], r[3]) for r in runs if r[:2] == ("SelMix", "frozen")}
+    assert selmix_frozen == {(o, s) for o in cifar_table3.OBJECTIVES for s in (0, 1)}
+    # the backbone-lr variant runs for the first objective only unless asked for by name
+    variant = [r for r in runs if r[0] == "SelMix (defaults, backbone lr 3e-4)"]
+    assert {r[2] for r in variant} == {"min_recall"}
+    # every frozen run comes before every fine-tuned one; the first objective's fine-tuned
+    # runs (all seeds) before any other objective's
+    kinds = [r[1] for r in runs]
+    assert kinds == sorted(kinds, key=lambda k: k == "fine-tuned")
+    full = [r for r in runs if r[1] == "fine-tuned"]
+    firsts = [i for i, r in enumerate(full) if r[2] == "min_recall"]
+    assert firsts == list(range(len(firsts)))
+
+
+def test_table3_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    import os
+
+    import cifar_table3
+
+    path = tmp_path / "run.claim"
+    assert cifar_table3.claim(path)
+    assert path.read_text() == str(os.getpid())
+    assert not cifar_table3.claim(path)  # held by a live process (this one)
+    path.write_text("999999999")  # a process id that cannot be alive
+    assert cifar_table3.claim(path)
+    assert path.read_text() == str(os.getpid())
+
+
+def test_table3_render_shares_objective_independent_runs_and_writes_the_summary(tmp_path):
+    import json
+
+    import cifar_table3
+
+    def record(row, objective, seed, min_recall):
+        test = {"mean_recall": 0.7, "min_recall": min_recall, "g_mean": 0.69, "h_mean": 0.68,
+                "min_coverage": 0.05}  # fmt: skip
+        payload = {"row": row, "backbone": "frozen", "objective": objective, "seed": seed,
+                   "test": test, "seconds": 2.0, "machine": "cpu", "full_steps": None,
+                   "config": {}}  # fmt: skip
+        name = cifar_table3.slug(row, "frozen", objective, seed)
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+
+    record("cRT", "min_recall", 0, 0.40)
+    record("cRT", "min_recall", 1, 0.44)
+    record("SelMix", "min_recall", 0, 0.70)
+    record("SelMix", "mean_recall", 0, 0.60)
+    out = tmp_path / "table.md"
+    cifar_table3.render(_table3_args(tmp_path, render=str(out)))
+    summary = (tmp_path / "table_summary.md").read_text()
+    rows = {line.split(" | ")[0]: line for line in summary.splitlines() if line.startswith("| ")}
+    # cRT does not depend on the objective: its two seeds fill both objectives' columns
+    assert "| 42.0 ± 2.0 | 70.0 ± 0.0 |" in rows["| cRT"]
+    assert "| 70.0 | 70.0 |" in rows["| SelMix"]
+    assert "| 79.2 | 83.3 |" in rows["| paper: SelMix (backbone fine-tuned)"]
+    assert "<!-- summary -->" not in out.read_text()
