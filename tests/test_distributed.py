@@ -262,7 +262,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(folder: Path, timeout: float = 180.0) -> list[dict[str, Any]]:
+def _launch(folder: Path, timeout: float = 180.0, attempts: int = 2) -> list[dict[str, Any]]:
+    """Runs the ranks; a rank killed by a signal (seen once in a fresh venv on a loaded
+    machine, SIGABRT inside gloo's rendezvous, not reproducible) is relaunched once on a
+    new port. A rank that fails with a Python error is never retried."""
+    for attempt in range(attempts):
+        try:
+            return _launch_once(folder, timeout)
+        except mp.ProcessExitedException as error:
+            if error.signal_name is None or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(folder: Path, timeout: float) -> list[dict[str, Any]]:
     processes = mp.start_processes(
         _worker, args=(WORLD_SIZE, _free_port(), str(folder)), nprocs=WORLD_SIZE,
         join=False, start_method="spawn",
