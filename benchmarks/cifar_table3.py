@@ -64,6 +64,7 @@ from _common import (  # noqa: E402
     percent_cell,
 )
 from selmix import finetune  # noqa: E402
+from selmix._io import _process_is_alive, atomic_write_text  # noqa: E402
 from selmix.baselines import run_baseline  # noqa: E402
 from selmix.evaluate import evaluate  # noqa: E402
 from selmix.finetune import HEAD_FIRST_STEPS  # noqa: E402
@@ -178,10 +179,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
     def priority(run: tuple[str, str, str, int]) -> tuple[int, ...]:
         row, backbone, objective, seed = run
         if backbone == "frozen":
-            return (0, 0, 0)
+            return (0, 0)
         if objective == first:
-            return (1, row in FIRST_OBJECTIVE_ONLY, 0)
-        return (2 if row == "SelMix (defaults)" else 3, seed, 0)
+            return (1, row in FIRST_OBJECTIVE_ONLY)
+        return (2 if row == "SelMix (defaults)" else 3, seed)
 
     return sorted(runs, key=priority)
 
@@ -193,13 +194,14 @@ def claim(path: Path) -> bool:
         descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         try:
-            os.kill(int(path.read_text() or 0), 0)
+            # 0 (a claim whose writer has not written its pid yet) counts as alive
+            holder = int(path.read_text() or 0)
+        except ValueError:
+            holder = None
+        if holder is not None and _process_is_alive(holder):
             return False
-        except (ProcessLookupError, ValueError):
-            path.unlink(missing_ok=True)
-            return claim(path)
-        except PermissionError:
-            return False
+        path.unlink(missing_ok=True)
+        return claim(path)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(str(os.getpid()))
     return True
@@ -320,9 +322,7 @@ def run_plan(args: argparse.Namespace) -> None:
                 **outcome,
             }  # fmt: skip
             record["trajectory"] = compact_trajectory(log_path) if log_path.exists() else None
-            temporary = records / f"{name}.json.tmp"
-            temporary.write_text(json.dumps(record, indent=1, default=str))
-            temporary.replace(records / f"{name}.json")
+            atomic_write_text(records / f"{name}.json", json.dumps(record, indent=1, default=str))
             print(
                 f"{row} ({backbone}) {objective} s{seed}: test min {100 * test['min_recall']:.1f}"
                 f" mean {100 * test['mean_recall']:.1f} cov {test['min_coverage']:.4f}"
