@@ -60,7 +60,7 @@ from selmix.checkpoint import (
 )
 from selmix.collective import Collective, SingleProcess
 from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
-from selmix.feedback import feedback_step
+from selmix.feedback import SHRINKAGE, feedback_step
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
@@ -216,6 +216,17 @@ class FinetuneConfig(ConfigMixin):
         1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
         "and the gain (0 = the paper; 1 lets the gain see classes with zero recall)",
+    )  # fmt: skip
+    shrinkage: str = setting(
+        "none", check=Choice(SHRINKAGE), run=True, flag=True,
+        help="estimate of C the objective, gain and selection see: 'auto' pools the "
+        "classes (empirical Bayes, selmix.estimates.shrunk_confusion), for small "
+        "validation sets; 'none' uses the counts",
+    )  # fmt: skip
+    select_on: str = setting(
+        "counts", check=Choice(("counts", "estimate")), run=True,
+        help="what the best step is chosen by: the validation counts or the estimate of C "
+        "the objective sees (see shrinkage)",
     )  # fmt: skip
     soft_confusion: bool = setting(
         False, check=Flag(), run=True,
@@ -1049,7 +1060,7 @@ class Trainer:
 
     # -- feedback -----------------------------------------------------------------------
     def _evaluate_val(self) -> Evaluation:
-        return self.view.evaluate(self.val)
+        return self.view.evaluate(self.val, soft=self.config.soft_confusion)
 
     def feedback(self) -> dict[str, Any]:
         """Evaluates, scores the model, updates multipliers, gain and policy; returns the
@@ -1059,11 +1070,12 @@ class Trainer:
         evaluation = self._evaluate_val()
         # the score (which step is best) is the objective's metric of the raw counts, the
         # same on every rank (the counts are summed over ranks)
-        score = objective_score(self.objective, evaluation.counts)
-        self.best.offer(score, self.step, self.model)
         # the objective, multipliers and gain see the (optionally smoothed) estimate of C;
         # the logged metrics are those of the raw counts
         result = feedback_step(self.objective, evaluation, self.split.head, config)
+        scored = result.estimate if config.select_on == "estimate" else evaluation.counts
+        score = objective_score(self.objective, scored)
+        self.best.offer(score, self.step, self.model)
         value, gain, self.distribution = result.value, result.gain, result.distribution
         record = _feedback_record(self, evaluation, score, value, gain)
         if self.unlabelled is not None:
