@@ -15,10 +15,7 @@ from selmix.checkpoint import (
 )
 from selmix.evaluate import Evaluation, evaluate
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.finetune.config import (
-    SELECT,
-    FinetuneConfig,
-)
+from selmix.finetune.config import SELECT, FinetuneConfig
 from selmix.objectives import Objective
 
 

@@ -14,10 +14,7 @@ from selmix.checkpoint import (
     require_keys,
 )
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.finetune.config import (
-    FinetuneConfig,
-    _plain,
-)
+from selmix.finetune.config import FinetuneConfig, _plain
 
 
 def _weights_are_finite(model: nn.Module) -> bool:

@@ -24,15 +24,8 @@ from selmix.collective import Collective, SingleProcess
 from selmix.evaluate import Evaluation, as_batch_dataset
 from selmix.feedback import feedback_step
 from selmix.finetune.best import _BestSoFar
-from selmix.finetune.config import (
-    FinetuneConfig,
-    _plain,
-    resolve_objective,
-)
-from selmix.finetune.head_step import (
-    _closed_form_head_step,
-    _scaled_step,
-)
+from selmix.finetune.config import FinetuneConfig, _plain, resolve_objective
+from selmix.finetune.head_step import _closed_form_head_step, _scaled_step
 from selmix.finetune.monitor import (
     _append_json_line,
     _batch_must_fit,
@@ -42,11 +35,7 @@ from selmix.finetune.monitor import (
     _rewrite_log,
 )
 from selmix.finetune.result import FinetuneResult
-from selmix.finetune.run_state import (
-    _weights_are_finite,
-    check_resume,
-    data_fingerprint,
-)
+from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
 from selmix.metrics import all_metrics
 from selmix.objectives import Objective
 from selmix.optim import split_sgd_cosine
