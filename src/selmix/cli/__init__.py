@@ -30,8 +30,11 @@ the ``--out`` folder); above them :mod:`~selmix.cli.parser` (the parser and
 """
 
 from selmix.cli.app import main
-from selmix.cli.options import EXIT_USAGE, PROG, Option, UsageError
-from selmix.cli.parser import resolve_settings
-from selmix.cli.run import RUN_FILES
+from selmix.cli.options import EXIT_USAGE as EXIT_USAGE
+from selmix.cli.options import PROG as PROG
+from selmix.cli.options import Option as Option
+from selmix.cli.options import UsageError as UsageError
+from selmix.cli.parser import resolve_settings as resolve_settings
+from selmix.cli.run import RUN_FILES as RUN_FILES
 
-__all__ = ["EXIT_USAGE", "PROG", "RUN_FILES", "Option", "UsageError", "main", "resolve_settings"]
+__all__ = ["main"]

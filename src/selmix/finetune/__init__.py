@@ -31,17 +31,17 @@ the selection rule (:func:`selmix.selection.objective_score`).
 """
 
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
+from selmix.finetune.config import CHECKPOINT_EVERY as CHECKPOINT_EVERY
 from selmix.finetune.config import (
-    CHECKPOINT_EVERY,
     HEAD_FIRST_STEPS,
-    PRECISION_DEFAULT,
     PRESETS,
     SELECT,
     FinetuneConfig,
     resolve_objective,
 )
+from selmix.finetune.config import PRECISION_DEFAULT as PRECISION_DEFAULT
 from selmix.finetune.head_step import _LinearHeadStep as _LinearHeadStep
-from selmix.finetune.monitor import DIVERGENCE_FACTOR
+from selmix.finetune.monitor import DIVERGENCE_FACTOR as DIVERGENCE_FACTOR
 from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import check_resume, data_fingerprint
 from selmix.finetune.trainer import Trainer, finetune
@@ -49,12 +49,9 @@ from selmix.optim import split_sgd_cosine
 from selmix.views import MixupForward
 
 __all__ = [
-    "CHECKPOINT_EVERY",
-    "DIVERGENCE_FACTOR",
     "FinetuneConfig",
     "FinetuneResult",
     "HEAD_FIRST_STEPS",
-    "PRECISION_DEFAULT",
     "PRESETS",
     "SELECT",
     "Trainer",
