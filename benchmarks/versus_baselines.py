@@ -66,6 +66,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shrink": {"shrinkage": "auto"},
     "shrink-select": {"shrinkage": "auto", "select_on": "estimate"},
     "crt-init": {"init": "crt"},
+    "rate-scaled": {"rate": "scaled"},
+    "shrink-rate": {"shrinkage": "auto", "select_on": "estimate", "rate": "scaled"},
     "crt-init-shrink": {"init": "crt", "shrinkage": "auto", "select_on": "estimate"},
 }
 
@@ -193,6 +195,10 @@ def _selmix_settings(case: Case, variant: str) -> dict[str, Any]:
     """finetune's settings for the variant ("init" is the benchmark's, not the library's)."""
     settings = {**VARIANTS[variant], "frozen_backbone": case.frozen}
     init = settings.pop("init", None)
+    if settings.pop("rate", None) == "scaled" and case.objective == "min_recall":
+        # w = 50 treats recalls as known to about 2% (500 per class); scale w with the
+        # standard error, 1 / sqrt(n)
+        settings["objective_params"] = {"rate": 50 * (case.val_per_class / 500) ** 0.5}
     if not case.frozen:
         head_first = selmix.FinetuneConfig.from_dict(settings).head_first
         settings.update(steps=head_first + TUNED_BACKBONE_STEPS, batch_size=TUNED_BATCH)
