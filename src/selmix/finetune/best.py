@@ -41,6 +41,6 @@ class _BestSoFar:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         score = state["score"]
         self.score = None if score is None else ObjectiveScore(
-            score["metric"], score["coverage"], score["target"]
+            score["metric"], score["coverage"], score["target"], score.get("tiebreak")
         )  # fmt: skip
         self.step, self.weights, self.stale = state["step"], state["weights"], state["stale"]
