@@ -41,6 +41,7 @@ from selmix.metrics import (
     per_class_coverage,
     per_class_recall,
 )
+from selmix.estimates import SmallValidationWarning, shrunk_confusion
 from selmix.models import create_model, list_models, register_model, split_model
 from selmix.objectives import (
     Objective,
@@ -82,7 +83,9 @@ __all__ = [
     "register_model",
     "save_model",
     "split_model",
+    "shrunk_confusion",
     "Objective",
+    "SmallValidationWarning",
     "StationaryPointWarning",
     "accuracy",
     "all_metrics",

@@ -13,11 +13,30 @@ noise, ``m`` grows and the estimate says so.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from selmix._validation import check_confusion
 
-__all__ = ["empirical_bayes_strength", "shrinkage_prior", "shrunk_confusion"]
+__all__ = [
+    "SMALL_VALIDATION",
+    "SmallValidationWarning",
+    "empirical_bayes_strength",
+    "recall_uncertainty",
+    "shrinkage_prior",
+    "shrunk_confusion",
+    "warn_if_small_validation",
+]
+
+SMALL_VALIDATION = 50
+"""Validation samples of the smallest class below which :func:`warn_if_small_validation`
+warns for a per-class objective (docs/guide/known_limits.md has the measurements)."""
+
+
+class SmallValidationWarning(UserWarning):
+    """The validation set is too small to resolve a per-class objective."""
+
 
 # Bounds of the strength: m stays finite when every class looks alike (the prior is then
 # nearly the answer), and is 0 when the spread is so large that any m would be tiny.
@@ -109,3 +128,45 @@ def shrunk_confusion(counts: torch.Tensor, strength: float | None = None) -> tor
         raise ValueError(f"`strength` must be >= 0, got {strength}")
     estimate = counts + strength * shrinkage_prior(counts)
     return estimate / estimate.sum()
+
+
+def recall_uncertainty(samples: int) -> float:
+    """The largest standard error of a recall measured on ``samples`` samples (at 0.5)."""
+    return 0.5 / max(1, samples) ** 0.5
+
+
+def warn_if_small_validation(
+    class_counts: torch.Tensor, objective_name: str, per_class: bool, shrinkage: str
+) -> bool:
+    """Warns (one line, :class:`SmallValidationWarning`) when the smallest class of the
+    validation set has fewer than :data:`SMALL_VALIDATION` samples and the objective is a
+    function of per-class recalls.
+
+    Args:
+        class_counts: Tensor[K], validation samples per class.
+        objective_name: the objective's name, for the message.
+        per_class: whether the objective depends on each class's recall (min recall,
+            H-mean, G-mean), rather than on sums over many classes (mean recall, coverage).
+        shrinkage: the run's ``shrinkage`` setting (the message says what it does).
+
+    Returns:
+        Whether it warned.
+    """
+    smallest = int(torch.as_tensor(class_counts).min())
+    if not per_class or smallest >= SMALL_VALIDATION:
+        return False
+    action = (
+        "selmix pools the classes' estimates (shrinkage='auto') and breaks ties by mean recall"
+        if shrinkage == "auto"
+        else "set shrinkage='auto' to pool the classes' estimates"
+    )
+    warnings.warn(
+        f"`val` has {smallest} samples of its smallest class: a class's recall on it is "
+        f"known to about +/-{100 * recall_uncertainty(smallest):.0f} points, so {objective_name} "
+        f"on it is optimistic once SelMix steers and selects by it; {action}. Expect the "
+        "test value below the validation value, and compare with `selmix baseline` "
+        f"(docs/guide/known_limits.md); {SMALL_VALIDATION}+ samples per class resolve it.",
+        SmallValidationWarning,
+        stacklevel=3,
+    )
+    return True

@@ -21,6 +21,7 @@ from selmix.checkpoint import (
     save_checkpoint,
 )
 from selmix.collective import Collective, SingleProcess
+from selmix.estimates import warn_if_small_validation
 from selmix.evaluate import Evaluation, as_batch_dataset
 from selmix.feedback import feedback_step
 from selmix.finetune.best import _BestSoFar
@@ -37,7 +38,14 @@ from selmix.finetune.monitor import (
 from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
 from selmix.metrics import all_metrics
-from selmix.objectives import Objective
+from selmix.objectives import (
+    CoverageConstrained,
+    GMean,
+    HMean,
+    MinHeadTailRecall,
+    MinRecall,
+    Objective,
+)
 from selmix.optim import split_sgd_cosine
 from selmix.policy import effective_pairs, policy_entropy
 from selmix.precision import (
@@ -67,6 +75,16 @@ def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
                 f"`{name}` has num_classes = {declared} but the model's head has "
                 f"{num_classes} outputs"
             )
+
+
+def _per_class_objective(objective: Objective) -> bool:
+    """Whether the objective turns on each class's recall (min recall, H-mean, G-mean), not
+    on sums over many classes (mean recall, coverage, head/tail groups)."""
+    if isinstance(objective, CoverageConstrained):
+        return objective.metric == "h_mean" and not objective.head_tail
+    if isinstance(objective, MinHeadTailRecall):
+        return False
+    return isinstance(objective, MinRecall | HMean | GMean)
 
 
 def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
@@ -122,6 +140,14 @@ class Trainer:
         _check_datasets(self.train, self.val, self.num_classes)
         labels = torch.as_tensor(self.train.labels).long().cpu()
         config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
+        if self.collective.is_main:
+            val_counts = torch.bincount(
+                torch.as_tensor(self.val.labels).long().cpu(), minlength=self.num_classes
+            )
+            warn_if_small_validation(
+                val_counts, self.objective.name, _per_class_objective(self.objective),
+                config.shrinkage,
+            )  # fmt: skip
         self.device = self.collective.process_device(config.device)
         # the resolved precision is recorded: "auto" resumes only where it resolves alike
         self.precision = resolve_precision(config.precision, self.device)
