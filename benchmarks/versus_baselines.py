@@ -70,6 +70,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crt-init": {"init": "crt"},
     "crt-shrink": {"init": "crt", "shrinkage": "auto"},
     "rate-scaled": {"rate": "scaled"},
+    "auto-init": {"head_init": "auto"},
+    "auto-shrink": {"head_init": "auto", "shrinkage": "auto"},
 }
 
 @dataclass(frozen=True)

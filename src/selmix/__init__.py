@@ -21,6 +21,7 @@ from selmix.baselines import (
     run_baseline,
 )
 from selmix.checkpoint import load_model, save_model
+from selmix.estimates import SmallValidationWarning, shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.feedback import FeedbackResult, SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
@@ -41,7 +42,6 @@ from selmix.metrics import (
     per_class_coverage,
     per_class_recall,
 )
-from selmix.estimates import SmallValidationWarning, shrunk_confusion
 from selmix.models import create_model, list_models, register_model, split_model
 from selmix.objectives import (
     Objective,

@@ -16,7 +16,7 @@ from selmix._validation import (
     check_labels,
 )
 from selmix.evaluate import as_batch_dataset
-from selmix.finetune import FinetuneConfig
+from selmix.finetune.config import FinetuneConfig
 from selmix.models import ModelSplit, split_model
 from selmix.objectives import Objective
 from selmix.views import FrozenFeatures

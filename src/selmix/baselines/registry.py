@@ -351,7 +351,7 @@ def baseline(
     Returns:
         A :class:`BaselineResult` whose ``config`` is the resolved configuration.
     """
-    from selmix.finetune import resolve_objective
+    from selmix.finetune.config import resolve_objective
 
     check_choice("method", method, list_baselines())
     config = BaselineConfig.resolve(config, overrides)

@@ -35,6 +35,8 @@ from selmix.precision import (
 )
 
 SELECT = ("best", "last")
+HEAD_INIT = ("none", "posthoc_la", "crt", "auto")
+"""Choices of ``head_init`` (:mod:`selmix.finetune.head_init`)."""
 
 
 #: The default ``precision`` of fine-tuning (see docs/results/precision_parity.md).
@@ -160,6 +162,12 @@ class FinetuneConfig(ConfigMixin):
         1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
         "and the gain (0 = the paper; 1 lets the gain see classes with zero recall)",
+    )  # fmt: skip
+    head_init: str = setting(
+        "none", check=Choice(HEAD_INIT), run=True, flag=True,
+        help="the head SelMix starts from: 'none' the model's own; 'posthoc_la' or 'crt' "
+        "a re-balanced head on the same features; 'auto' the best of the three on the "
+        "validation set for the objective",
     )  # fmt: skip
     shrinkage: str = setting(
         "none", check=Choice(SHRINKAGE), run=True, flag=True,

@@ -38,6 +38,9 @@ class FinetuneResult:
         best_step: the feedback step with the best validation score (0: the start).
         last_step: the step the run ended at (before ``config.steps`` if it stopped early).
         best_state, last_state: CPU ``state_dict`` copies of the best and the last weights.
+        head_init: the head the run started from and the validation scores of the
+            candidates (:func:`selmix.finetune.head_init.initialise_head`); None when the
+            model's own head was kept without a comparison.
     """
 
     model: nn.Module
@@ -51,6 +54,7 @@ class FinetuneResult:
     last_step: int = 0
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     last_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    head_init: dict[str, Any] | None = None
 
     def model_at(self, which: str) -> nn.Module:
         """A copy of the model with the ``"best"`` or the ``"last"`` weights."""

@@ -26,6 +26,7 @@ from selmix.evaluate import Evaluation, as_batch_dataset
 from selmix.feedback import feedback_step
 from selmix.finetune.best import _BestSoFar
 from selmix.finetune.config import FinetuneConfig, _plain, resolve_objective
+from selmix.finetune.head_init import initialise_head
 from selmix.finetune.head_step import _closed_form_head_step, _scaled_step
 from selmix.finetune.monitor import (
     _append_json_line,
@@ -128,6 +129,7 @@ class Trainer:
         callback: Callable[[dict[str, Any]], None] | None = None,
         distributed: Collective | None = None,
         identity: dict[str, Any] | None = None,
+        initialise_head_weights: bool = True,
     ) -> None:
         from selmix.models import split_model
 
@@ -176,6 +178,13 @@ class Trainer:
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
+        # the head SelMix starts from (head_init); a resumed run has it in its weights
+        self._head_init: dict[str, Any] | None = None
+        if initialise_head_weights:
+            self._head_init = initialise_head(
+                config.head_init, self.model, self.split, self.train, self.val, self.objective,
+                config,
+            )  # fmt: skip
         self._start_phase(head_phase=config.head_first > 0)
 
     def _start_phase(self, head_phase: bool) -> None:
@@ -226,6 +235,8 @@ class Trainer:
         self.best.offer(score, self.step, self.model)
         value, gain, self.distribution = result.value, result.gain, result.distribution
         record = self._feedback_record(evaluation, score, value, gain)
+        if self._head_init is not None and not self.history:
+            record["head_init"] = self._head_init
         if self.unlabelled is not None:
             record.update(self._refresh_pseudo_labels())
         record["feedback_seconds"] = time.perf_counter() - started
@@ -349,6 +360,7 @@ class Trainer:
             self.model, self.split, self.objective, self.config, self.history,
             self.gains, selected_step=selected, best_step=best.step, last_step=self.step,
             best_state=best.weights, last_state=last,
+            head_init=self.history[0].get("head_init") if self.history else None,
         )  # fmt: skip
 
     def _first_train_step(self) -> None:
@@ -496,6 +508,7 @@ def finetune(
         trainer = Trainer(
             model, train, val, objective, config, unlabelled=unlabelled, features=features,
             head=head, callback=callback, distributed=distributed, identity=identity,
+            initialise_head_weights=resume is None,
         )  # fmt: skip
         if resume is not None:
             state = resume if isinstance(resume, dict) else load_checkpoint(resume)
