@@ -523,3 +523,47 @@ def test_shrinkage_changes_what_the_objective_sees_not_the_logged_counts(demo, p
     spread = [max(r["multipliers"]) for r in (plain.history[0], pooled.history[0])]
     assert spread[1] < spread[0]  # the pooled estimate concentrates the multipliers less
     assert pooled.config.shrinkage == "auto"
+
+
+def test_head_init_starts_from_the_rebalanced_head_it_names(demo, pretrained):
+    from selmix.baselines import classifier_retraining
+
+    settings = {"steps": 1, "feedback_every": 1, "progress": False, "seed": 3}
+    crt = classifier_retraining(pretrained, demo.train, None, seed=3)
+    run = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall",
+                   head_init="crt", **settings)  # fmt: skip
+    assert run.head_init["head_init"] == "crt"
+    # the start the run scored (step 0) is the cRT head on the same features
+    assert run.history[0]["metrics"] == evaluate(crt, demo.val).metrics()
+    kept = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall", **settings)
+    assert kept.head_init is None
+    assert kept.history[0]["metrics"] == evaluate(pretrained, demo.val).metrics()
+
+
+def test_head_init_auto_takes_the_best_candidate_on_validation(demo, pretrained):
+    settings = {"steps": 1, "feedback_every": 1, "progress": False}
+    run = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall",
+                   head_init="auto", **settings)  # fmt: skip
+    scores = run.head_init["scores"]
+    assert set(scores) == {"model", "posthoc_la", "crt"}
+    best = max(scores, key=lambda name: (scores[name]["metric"], scores[name]["tiebreak"]))
+    assert run.head_init["head_init"] == best
+    assert run.history[0]["score"]["metric"] == pytest.approx(scores[best]["metric"])
+    with pytest.raises(ValueError, match="head_init"):
+        FinetuneConfig(head_init="balanced")
+
+
+def test_resume_does_not_initialise_the_head_again(demo, pretrained, tmp_path):
+    train, val = small(demo.train, 15), small(demo.val, 10)
+    settings = dict(steps=8, feedback_every=4, batch_size=16, progress=False,
+                    objective="min_recall", head_init="auto")  # fmt: skip
+    whole = finetune(copy.deepcopy(pretrained), train, val,
+                     checkpoint_path=str(tmp_path / "a.pt"), **settings)  # fmt: skip
+    part = copy.deepcopy(pretrained)
+    finetune(part, train, val, checkpoint_path=str(tmp_path / "b.pt"),
+             **{**settings, "steps": 4})  # fmt: skip
+    state = load_checkpoint(tmp_path / "b.pt")
+    state["config"]["steps"] = 8  # continue the 4-step run to 8 steps
+    resumed = finetune(copy.deepcopy(pretrained), train, val, resume=state, **settings)
+    assert resumed.head_init == whole.head_init
+    assert untimed(resumed.history) == untimed(whole.history)

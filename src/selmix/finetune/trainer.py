@@ -180,7 +180,7 @@ class Trainer:
         self.good_checkpoint: tuple[str, int] | None = None
         # the head SelMix starts from (head_init); a resumed run has it in its weights
         self._head_init: dict[str, Any] | None = None
-        if initialise_head_weights:
+        if initialise_head_weights and config.head_init != "none":
             self._head_init = initialise_head(
                 config.head_init, self.model, self.split, self.train, self.val, self.objective,
                 config,
