@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import os
 import re
 import shlex
@@ -46,7 +45,9 @@ PROG = "selmix"
 EXIT_USAGE = 2
 
 #: Keys whose values name files or folders (never coerced to numbers).
-_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard"}
+_PATH_KEYS = {
+    "data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard", "ckpt_prefix",
+}  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -177,12 +178,32 @@ def _pretrain_options() -> list[Option]:
     ] + _config_options(PretrainConfig)  # fmt: skip
 
 
+def _start_model_options() -> list[Option]:
+    """--model and ckpt_prefix: a starting model from a state dict, safetensors, Lightning
+    or Hugging Face file (selmix.models.loading)."""
+    return [
+        Option("model", None, "architecture of a --checkpoint state dict (.pt/.pth), "
+               ".safetensors or Lightning .ckpt: a registry name, torchvision:NAME or "
+               "timm:NAME; unset: --checkpoint is a selmix model file or hf:DIR",
+               metavar="NAME"),
+        Option("ckpt_prefix", None, "prefix of the model's keys in --checkpoint (e.g. "
+               "'model.' for a LightningModule's self.model); unset: found when only one fits",
+               flag=False),
+    ]  # fmt: skip
+
+
 def _finetune_options() -> list[Option]:
+    from selmix.export import EXPORT_FORMATS
     from selmix.finetune import FinetuneConfig
 
-    return _data_options() + [
-        Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
-               metavar="FILE", required=True),
+    return _data_options() + _start_model_options() + [
+        Option("checkpoint", None, "model to start from: model.pt of `selmix pretrain`, a "
+               "state dict, .safetensors or Lightning .ckpt with --model, or hf:DIR (a "
+               "Hugging Face save_pretrained folder)", metavar="FILE", required=True),
+        Option("export", None, "also write the returned model in its own family: "
+               "safetensors (OUT/model.safetensors), state_dict (OUT/model_state_dict.pt), "
+               "both with the starting file's keys, hf (OUT/hf/, save_pretrained); "
+               "comma-separated", metavar="|".join(EXPORT_FORMATS)),
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
@@ -199,7 +220,7 @@ def _baseline_methods() -> list[str]:
 def _baseline_options() -> list[Option]:
     from selmix.baselines import BaselineConfig
 
-    return _data_options() + [
+    return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
                metavar="FILE", required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml and, for "
@@ -216,8 +237,10 @@ def _baseline_options() -> list[Option]:
 
 
 def _evaluate_options() -> list[Option]:
-    return _data_options() + [
-        Option("checkpoint", None, "model file to evaluate", metavar="FILE", required=True),
+    return _data_options() + _start_model_options() + [
+        Option("checkpoint", None, "model to evaluate: a selmix model file, a state dict, "
+               ".safetensors or Lightning .ckpt with --model, or hf:DIR", metavar="FILE",
+               required=True),
         Option("out", None, "if set, write OUT/metrics.json (key `test`)", metavar="DIR"),
         Option("batch_size", 512, "evaluation batch size", type=int),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
@@ -528,27 +551,45 @@ def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str
     }
 
 
-def _load_start_model(settings: dict[str, Any], splits: Any) -> tuple[Any, dict[str, Any]]:
-    from selmix.checkpoint import load_model
+def _load_start_model(settings: dict[str, Any], splits: Any) -> Any:
+    """The starting model, its meta and where it came from (a LoadedModel)."""
     from selmix.evaluate import resolve_device
+    from selmix.models.loading import load_start_model
 
     device = resolve_device(settings["device"])
-    model, meta = load_model(settings["checkpoint"], device, num_classes=_num_classes(splits))
-    spec = getattr(model, "selmix_spec", None) or {}
+    loaded = load_start_model(
+        settings["checkpoint"], settings.get("model"), num_classes=_num_classes(splits),
+        in_channels=_in_channels(splits.train), ckpt_prefix=settings.get("ckpt_prefix"),
+        device=device,
+    )  # fmt: skip
+    spec = getattr(loaded.model, "selmix_spec", None) or {}
     channels = _in_channels(splits.train)
     if spec.get("in_channels") not in (None, channels):
         raise UsageError(
             f"`checkpoint` {settings['checkpoint']!r} is for {spec['in_channels']}-channel "
             f"images but the data has {channels} channels"
         )
+    meta = loaded.meta
     saved = meta.get("classes") if isinstance(meta, dict) else None
     if saved and splits.classes is not None and list(saved) != list(splits.classes):
-        print(
-            f"{PROG}: warning: the checkpoint's class names {list(saved)} differ from the "
-            f"data's {list(splits.classes)}",
-            file=sys.stderr,
-        )
-    return model, meta
+        print(f"{PROG}: warning: {_class_name_difference(saved, splits.classes)}", file=sys.stderr)
+    return loaded
+
+
+def _class_name_difference(saved: Sequence[Any], data: Sequence[Any]) -> str:
+    """The warning for a checkpoint whose class names are not the data's: which differ."""
+    saved, data = [str(name) for name in saved], [str(name) for name in data]
+    pairs = [
+        f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(saved, data, strict=False)) if a != b
+    ]
+    shown = "; ".join(pairs[:5]) + (f"; and {len(pairs) - 5} more" if len(pairs) > 5 else "")
+    counts = f"{len(saved)} in the checkpoint, {len(data)} in the data"
+    if not pairs:  # one list extends the other
+        return f"the checkpoint's class names differ from the data's ({counts})"
+    return (
+        "the checkpoint's class names differ from the data's (class: checkpoint vs data) "
+        f"at {shown}" + ("" if len(saved) == len(data) else f" ({counts})")
+    )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -566,7 +607,7 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 #: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
-    "pretrain_state.pt",
+    "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
 )  # fmt: skip
 
 
@@ -601,31 +642,28 @@ def _start_run(settings: dict[str, Any], keep: Sequence[str] = ()) -> Path:
     return out
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _run_identity(settings: dict[str, Any], splits: Any = None) -> dict[str, Any]:
     """What a fine-tuning run is made from beyond its settings: the data source (its kind
     and resolved path), how the splits are cut and the starting model file (path and
     content digest). A resumed run must agree on all of them."""
+    from selmix.models.loading import checkpoint_digest
+
     kind, sep, location = str(settings["data"]).partition(":")
     data = f"{kind}:{Path(location).expanduser().resolve()}" if sep and location else kind
-    checkpoint = Path(settings["checkpoint"]).expanduser().resolve()
-    return {
+    identity = {
         "data": data,
         "imbalance": settings["imbalance"],
         "max_per_class": settings["max_per_class"],
         "val_per_class": settings["val_per_class"],
-        "checkpoint": f"{checkpoint} (sha256 {_file_digest(checkpoint)})",
+        "checkpoint": checkpoint_digest(settings["checkpoint"]),
         # streamed trees get other transforms, and --stream auto can choose differently
         # when the free memory changes between a run and its resume
         "storage": _storage(splits),
     }
+    for key in ("model", "ckpt_prefix"):  # only when set: earlier runs' identities lack them
+        if settings.get(key) is not None:
+            identity[key] = settings[key]
+    return identity
 
 
 def _storage(splits: Any) -> str:
@@ -705,9 +743,11 @@ def _check_tensorboard(directory: str | None) -> None:
 
 
 def _cmd_finetune(settings: dict[str, Any]) -> int:
+    from selmix._validation import check_labels
     from selmix.checkpoint import load_checkpoint, save_model
     from selmix.collective import SingleProcess, evaluate_across
     from selmix.distributed import init_from_env
+    from selmix.export import check_export_formats, export_model
     from selmix.finetune import (
         FinetuneConfig,
         check_resume,
@@ -722,12 +762,17 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     config = _config_from(FinetuneConfig, settings, _finetune_options())
     get_objective(config.objective, **config.objective_params)
     _check_tensorboard(config.tensorboard_dir)
+    start_kind = "hf" if str(settings["checkpoint"]).startswith("hf:") else "file"
+    export = check_export_formats(settings["export"], start_kind)
     if settings["resume"] is not None and not Path(settings["resume"]).is_file():
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
     _check_out(settings)
 
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    # checked here, before --out is touched, as the library will check them again
+    check_labels("train", splits.train.labels, _num_classes(splits))
+    check_labels("val", splits.val.labels, _num_classes(splits), every_class=True)
+    model, _, source = _load_start_model(settings, splits)
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
@@ -784,6 +829,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             save_model(out / "model.pt", result.model, meta)
+            exported = export_model(result.model, out, export, source) if export else []
             _write_json(out / "metrics.json", metrics)
             _write_yaml(out / "config.yaml", settings)
         # all ranks leave together: gloo aborts a process whose peer hung up first
@@ -801,6 +847,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     print(format_metrics_table({"before": before, "after": after}))
     written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
     print(f"wrote {written}, {out / 'config.yaml'}")
+    if exported:
+        print("exported " + ", ".join(str(path) for path in exported))
     return 0
 
 
@@ -876,7 +924,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     _check_out(settings)
 
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    model = _load_start_model(settings, splits).model
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
@@ -925,7 +973,7 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     if settings["out"] is not None:
         _check_out(settings)
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    model = _load_start_model(settings, splits).model
     head_classes = _head_classes(settings, splits)
     settings["head_classes"] = head_classes
     metrics = evaluate(model, splits.test, settings["device"], settings["batch_size"]).metrics(

@@ -59,6 +59,35 @@ def create_timm_model(
         raise
 
 
+def create_torchvision_model(
+    name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
+) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, num_classes=K, **kwargs)``.
+
+    Raises:
+        ValueError: if torchvision has no such classifier, or ``in_channels`` is not 3
+            (torchvision's classifiers take RGB images).
+    """
+    import torchvision
+
+    if in_channels != 3:
+        raise ValueError(
+            f"torchvision model {name!r} takes 3-channel images, got `in_channels` {in_channels}"
+        )
+    if "weights" in kwargs:
+        raise ValueError(
+            "`weights` must not be passed: the registry builds random weights (load your "
+            "weights with --checkpoint, or in your own code)"
+        )
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ValueError(
+            f"unknown torchvision model {name!r}; expected a torchvision.models classifier "
+            "such as 'resnet18', 'mobilenet_v3_small' or 'vit_b_16'"
+        )
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
 @register_model
 def hf_vit(num_classes: int, in_channels: int = 3, **config: Any) -> nn.Module:
     """Hugging Face ``ViTForImageClassification(ViTConfig(**config))``, random weights.
