@@ -258,10 +258,21 @@ def _read_feature_arrays(path: Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except Exception as error:  # noqa: BLE001 - any failure to read means a bad file
-        detail = " ".join(str(error).split()) or type(error).__name__
         raise ValueError(
-            f"features file {path} is not a readable .npz or .pt dict: {detail}"
+            f"features file {path} is not a readable .npz or .pt dict: {_read_error(error)}"
         ) from None
+
+
+def _read_error(error: BaseException) -> str:
+    """Why a features file could not be read, without numpy's or torch's advice to load it
+    unsafely (allow_pickle / weights_only=False would run code from the file)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if any(word in text for word in ("allow_pickle", "pickled", "weights_only", "Weights only")):
+        return (
+            "it holds Python objects (pickled data) rather than plain arrays; refused, as "
+            "loading them could run code"
+        )
+    return text
 
 
 def _features_source(location: str, cache_dir: Any = None) -> Source:

@@ -552,6 +552,7 @@ def _stream_image_folder(
     eval_transform: Callable[[Any], Tensor] | None,
     crop_size: int,
 ) -> dict[str, StreamingImageDataset]:
+    _check_class_folders(root)
     files = _tree_files(root, ("train", "val", "test"))
     train_files = [f for f in files if f[0] == "train"]
     if not train_files:
@@ -737,7 +738,24 @@ def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
         raise ValueError(f"archive {archive} is truncated or corrupt: {detail}") from None
 
 
+def _check_class_folders(root: Path) -> None:
+    """Names an empty ``train/<class>/`` folder of a tree: its class would otherwise vanish,
+    or be reported as a ``val/`` or ``test/`` class that train/ does not have."""
+    train = root / "train"
+    if not train.is_dir():
+        return
+    for class_dir in sorted(p for p in train.iterdir() if p.is_dir()):
+        if class_dir.name.startswith("."):
+            continue
+        if not any(p.is_file() and _is_image_name(p.name) for p in class_dir.rglob("*")):
+            raise ValueError(
+                f"{root}: the class folder train/{class_dir.name}/ holds no images; every "
+                "class needs training images (add some, or remove the folder)"
+            )
+
+
 def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
+    _check_class_folders(root)
     for split, class_name, name, path in _tree_files(root, splits):
         yield split, class_name, name, path.read_bytes()
 
@@ -914,8 +932,10 @@ def load_data(
     if not isinstance(spec, str):
         raise TypeError(f"`spec` must be a str such as 'cifar10:DIR', got {type(spec).__name__}")
     check_int("seed", seed)
-    if imbalance is not None:
-        check_positive("imbalance", imbalance)
+    if imbalance is not None and check_positive("imbalance", imbalance) < 1:
+        raise ValueError(
+            f"`imbalance` must be >= 1 (the largest class count over the smallest), got {imbalance}"
+        )
     if max_per_class is not None:
         check_int("max_per_class", max_per_class, minimum=1)
     if val_per_class is not None:
