@@ -97,7 +97,7 @@ def _config_options(config_class: type, **adjust: dict[str, Any]) -> list[Option
     return options
 
 
-def _config_from(config_class: type, settings: dict[str, Any], options: list[Option]) -> Any:
+def _config_from(config_class: Any, settings: dict[str, Any], options: list[Option]) -> Any:
     """The configuration the settings give (validated by the class)."""
     return config_class.from_dict(
         {option.field: settings[option.key] for option in options if option.field}

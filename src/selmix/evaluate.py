@@ -231,7 +231,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        totals = None
+        totals: tuple[torch.Tensor, ...] | None = None
         for start in range(0, labels.numel(), batch_size):
             index = torch.arange(start, min(start + batch_size, labels.numel()))
             images, batch_labels = dataset.batch(index, device=device)
@@ -247,6 +247,8 @@ def evaluate(
             )
     finally:
         model.train(was_training)
+    if totals is None:
+        raise ValueError("`dataset` is empty")
     if reduce is not None:
         for tensor in totals:
             reduce(tensor)

@@ -77,7 +77,7 @@ from selmix.precision import (
 )
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
-from selmix.views import MixupForward, PairPools, make_view
+from selmix.views import FrozenFeatures, MixupForward, PairPools, make_view
 
 __all__ = [
     "FinetuneConfig",
@@ -475,15 +475,18 @@ def resolve_objective(
     Returns:
         ``(config, objective)``.
     """
-    head_classes = config.head_classes
+    # any configuration with these fields (duck-typed: the config classes share no base
+    # that declares them)
+    fields: Any = config
+    head_classes = fields.head_classes
     if head_classes is None:
         head_classes = infer_head_classes(train_labels, num_classes)
     else:
         head_classes = check_head_classes(head_classes, num_classes)
     if objective is None:
-        objective = get_objective(config.objective, **config.objective_params)
+        objective = get_objective(fields.objective, **fields.objective_params)
     elif isinstance(objective, str):
-        objective = get_objective(objective, **config.objective_params)
+        objective = get_objective(objective, **fields.objective_params)
     else:
         objective = as_objective(objective)
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
@@ -1103,6 +1106,7 @@ class Trainer:
         lam = lam.to(self.device)[:, None]
         labels = labels.to(self.device)
         if self._head_step is not None:
+            assert isinstance(self.view, FrozenFeatures)  # the closed-form step's condition
             mixed = self.view.mixed_features(first, second, from_second, lam)
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)

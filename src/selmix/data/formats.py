@@ -320,10 +320,8 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
     meta = folder / "meta"
     if meta.is_file():
         try:
-            classes = [
-                n.decode()
-                for n in read_data_pickle(meta, "CIFAR-100 meta file")[b"fine_label_names"]
-            ]
+            names: Any = read_data_pickle(meta, "CIFAR-100 meta file")
+            classes = [n.decode() for n in names[b"fine_label_names"]]
         except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as error:
             raise ValueError(
                 f"CIFAR-100 meta file {meta} has no b'fine_label_names' list: {error}"
@@ -439,6 +437,7 @@ def _read_stl10_images(path: Path, memory_map: bool = False) -> Tensor:
             f"3 x 96 x 96 images ({per_image} bytes each)"
         )
     shape = (size // per_image, 3, STL10_SIDE, STL10_SIDE)
+    array: np.ndarray
     if memory_map:
         # copy-on-write: torch wants a writable buffer, the file itself is never changed
         array = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)

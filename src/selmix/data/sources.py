@@ -520,6 +520,7 @@ def estimate_decoded_bytes(
         return 0
     sizes, grey = _sample_headers(paths, sample)
     channels = 1 if grey else 3
+    pixels: float
     if image_size is not None:
         pixels = image_size[0] * image_size[1]
     else:
@@ -551,7 +552,7 @@ def _stream_image_folder(
     train_transform: Callable[[Any], Tensor] | None,
     eval_transform: Callable[[Any], Tensor] | None,
     crop_size: int,
-) -> dict[str, StreamingImageDataset]:
+) -> dict[str, ImageTensorDataset | StreamingImageDataset]:
     _check_class_folders(root)
     files = _tree_files(root, ("train", "val", "test"))
     train_files = [f for f in files if f[0] == "train"]
@@ -585,6 +586,7 @@ def _stream_image_folder(
             )
         train_transform = eval_transform = PILToUint8(size)
         batch_crop = True
+    assert train_transform is not None and eval_transform is not None  # set by each branch
     reader = ImageFileReader(paths, mode, train_transform, eval_transform)
     labels = torch.tensor([index[f[1]] for f in ordered], dtype=torch.long)
     splits = [f[0] for f in ordered]
@@ -709,7 +711,8 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
+            # numpy's stub types **kwds like its allow_pickle keyword
+            np.savez(file, **arrays)  # type: ignore[arg-type]
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -116,7 +116,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     else:
         model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     # what selmix.save_model needs to rebuild the model from a checkpoint
-    model.selmix_spec = {
-        "name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs,
-    }  # fmt: skip
+    spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs}
+    # setattr: nn.Module's __setattr__ is typed for tensors and modules only
+    setattr(model, "selmix_spec", spec)  # noqa: B010
     return model
