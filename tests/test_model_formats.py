@@ -277,6 +277,12 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     two = {f"{owner}.{k}": v for owner in ("model", "ema")
            for k, v in selmix.create_model("small_cnn", 3).state_dict().items()}  # fmt: skip
     torch.save({"state_dict": two}, files / "two_copies.ckpt")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=SIZE, patch_size=8, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=1, intermediate_size=16, num_labels=5,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(files / "vit_five")
     return files
 
 
@@ -301,6 +307,8 @@ ERRORS: dict[str, tuple[list[str], list[str]]] = {
     "unknown torchvision model": (["--model", "torchvision:resnet1000", "--checkpoint",
                                    "{files}/r18.pth"], ["resnet1000"]),
     "hf folder missing": (["--checkpoint", "hf:{files}/none"], ["no such folder"]),
+    "hf class count": (["--checkpoint", "hf:{files}/vit_five"],
+                       ["is for 5 classes but the data has 3"]),
     "hf folder with --model": (["--checkpoint", "hf:{files}", "--model", "small_cnn"],
                                ["`model` must not be given"]),
 }  # fmt: skip
@@ -323,14 +331,13 @@ def test_bad_starting_model_is_one_line_and_exit_2(
 
 
 @pytest.mark.parametrize("package, argv", [
-    ("transformers", ["--checkpoint", "hf:{files}"]),
+    ("transformers", ["--checkpoint", "hf:{files}/vit_five"]),
     ("timm", ["--model", "timm:test_resnet", "--checkpoint", "{files}/r18.pth"]),
 ])  # fmt: skip
 def test_a_missing_extra_names_what_to_install(
     package: str, argv: list[str], tree: Path, bad_files: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    (bad_files / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
     status = main(finetune_args(tree, tmp_path / "run", *[a.format(files=bad_files) for a in argv]))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -35,9 +35,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from selmix.models.loading import LoadedModel
 
 __all__ = ["main"]
 
@@ -551,10 +554,10 @@ def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str
     }
 
 
-def _load_start_model(settings: dict[str, Any], splits: Any) -> Any:
-    """The starting model, its meta and where it came from (a LoadedModel)."""
+def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
+    """The starting model, its meta and where it came from."""
     from selmix.evaluate import resolve_device
-    from selmix.models.loading import load_start_model
+    from selmix.models.loading import class_name_difference, load_start_model
 
     device = resolve_device(settings["device"])
     loaded = load_start_model(
@@ -572,24 +575,8 @@ def _load_start_model(settings: dict[str, Any], splits: Any) -> Any:
     meta = loaded.meta
     saved = meta.get("classes") if isinstance(meta, dict) else None
     if saved and splits.classes is not None and list(saved) != list(splits.classes):
-        print(f"{PROG}: warning: {_class_name_difference(saved, splits.classes)}", file=sys.stderr)
+        print(f"{PROG}: warning: {class_name_difference(saved, splits.classes)}", file=sys.stderr)
     return loaded
-
-
-def _class_name_difference(saved: Sequence[Any], data: Sequence[Any]) -> str:
-    """The warning for a checkpoint whose class names are not the data's: which differ."""
-    saved, data = [str(name) for name in saved], [str(name) for name in data]
-    pairs = [
-        f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(saved, data, strict=False)) if a != b
-    ]
-    shown = "; ".join(pairs[:5]) + (f"; and {len(pairs) - 5} more" if len(pairs) > 5 else "")
-    counts = f"{len(saved)} in the checkpoint, {len(data)} in the data"
-    if not pairs:  # one list extends the other
-        return f"the checkpoint's class names differ from the data's ({counts})"
-    return (
-        "the checkpoint's class names differ from the data's (class: checkpoint vs data) "
-        f"at {shown}" + ("" if len(saved) == len(data) else f" ({counts})")
-    )
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +40,7 @@ __all__ = [
     "ModelSource",
     "build_architecture",
     "checkpoint_digest",
+    "class_name_difference",
     "load_start_model",
     "match_state_dict",
     "read_state_dict",
@@ -358,20 +360,31 @@ def load_hf_classifier(
     transformers = _require("transformers", "transformers", f"{where}")
     if not (directory / "config.json").is_file():
         raise ValueError(f"{where} is not a save_pretrained folder (it has no config.json)")
+    # the configuration first: a folder for another class count fails before its weights load
     try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True
-        )
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{where} holds no loadable image classifier: {first}") from None
-    config = model.config
+        raise ValueError(f"{where} holds no readable config.json: {first}") from None
     labels = int(config.num_labels)
     if num_classes is not None and labels != num_classes:
         raise ValueError(f"{where} is for {labels} classes but the data has {num_classes}")
     channels = getattr(config, "num_channels", None)
     if in_channels is not None and channels is not None and int(channels) != in_channels:
         raise ValueError(f"{where} is for {channels}-channel images but the data has {in_channels}")
+    hf_logging = transformers.utils.logging
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # selmix reports its own progress
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(
+            str(directory), config=config, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{where} holds no loadable image classifier: {first}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     meta: dict[str, Any] = {}
     names = [str(config.id2label.get(k, "")) for k in range(labels)] if config.id2label else []
     if names and names != [f"LABEL_{k}" for k in range(labels)]:
@@ -438,6 +451,27 @@ def load_start_model(
         return LoadedModel(built, meta, ModelSource("selmix", text))
     loaded = load_state_dict_model(text, model, num_classes, in_channels, ckpt_prefix)
     return LoadedModel(loaded.model.to(device), loaded.meta, loaded.source)
+
+
+def class_name_difference(saved: Sequence[Any], data: Sequence[Any]) -> str:
+    """The warning for a model whose class names are not the data's, naming those that differ.
+
+    Args:
+        saved: the class names the model file holds.
+        data: the data's class names.
+    """
+    saved, data = [str(name) for name in saved], [str(name) for name in data]
+    pairs = [
+        f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(saved, data, strict=False)) if a != b
+    ]
+    shown = "; ".join(pairs[:5]) + (f"; and {len(pairs) - 5} more" if len(pairs) > 5 else "")
+    counts = f"{len(saved)} in the checkpoint, {len(data)} in the data"
+    if not pairs:  # one list extends the other
+        return f"the checkpoint's class names differ from the data's ({counts})"
+    return (
+        "the checkpoint's class names differ from the data's (class: checkpoint vs data) "
+        f"at {shown}" + ("" if len(saved) == len(data) else f" ({counts})")
+    )
 
 
 def checkpoint_digest(checkpoint: str | os.PathLike) -> str:
