@@ -711,8 +711,8 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            # numpy's stub types **kwds like its allow_pickle keyword
-            np.savez(file, **arrays)  # type: ignore[arg-type]
+            # plain arrays only, as the cache is read back with allow_pickle=False
+            np.savez(file, allow_pickle=False, **arrays)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
