@@ -175,6 +175,9 @@ def test_hugging_face_vit_folder_in_and_out(tree: Path, tmp_path: Path) -> None:
     from_safetensors.load_state_dict(load_file(str(out / "model.safetensors")))
     assert torch.equal(logits(from_safetensors, images), expected)
     assert evaluated(tree, tmp_path, "--checkpoint", f"hf:{out / 'hf'}") == reported(out)
+    # selmix's own model.pt records the configuration, so it rebuilds without the folder
+    assert torch.equal(selmix_logits(out, images), expected)
+    assert evaluated(tree, tmp_path, "--checkpoint", str(out / "model.pt")) == reported(out)
 
 
 def test_lightning_checkpoint_in_and_out(tree: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from selmix._io import atomic_write_bytes
-from selmix.models.loading import ModelSource
+from selmix.models.loading import ModelSource, quiet_transformers
 
 __all__ = [
     "EXPORT_FILES",
@@ -143,7 +143,8 @@ def _save_pretrained(model: nn.Module, folder: Path, source: ModelSource | None)
     # written next to the target and renamed, so a failure leaves no half folder behind
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_pretrained(str(partial))
+    with quiet_transformers():
+        save_pretrained(str(partial))
     if source is not None and source.kind == "hf":
         for name in _PROCESSOR_FILES:
             original = Path(source.path) / name

@@ -24,9 +24,10 @@ in the same layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -374,25 +375,43 @@ def load_hf_classifier(
     channels = getattr(config, "num_channels", None)
     if in_channels is not None and channels is not None and int(channels) != in_channels:
         raise ValueError(f"{where} is for {channels}-channel images but the data has {in_channels}")
-    hf_logging = transformers.utils.logging
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # selmix reports its own progress
     try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(directory), config=config, local_files_only=True
-        )
+        with quiet_transformers():
+            model = transformers.AutoModelForImageClassification.from_pretrained(
+                str(directory), config=config, local_files_only=True
+            )
     except (OSError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{where} holds no loadable image classifier: {first}") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    # what selmix.save_model needs to rebuild it (registry entry hf_auto)
+    spec = {
+        "name": "hf_auto", "num_classes": labels,
+        "in_channels": int(channels) if channels is not None else (in_channels or 3),
+        "kwargs": {"config": config.to_dict()},
+    }  # fmt: skip
+    setattr(model, "selmix_spec", spec)  # noqa: B010 - nn.Module's setattr is typed for modules
     meta: dict[str, Any] = {}
     names = [str(config.id2label.get(k, "")) for k in range(labels)] if config.id2label else []
     if names and names != [f"LABEL_{k}" for k in range(labels)]:
         meta["classes"] = names
     model.eval()
     return LoadedModel(model, meta, ModelSource("hf", str(directory)))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hides transformers' progress bars (loading, writing shards) inside the block: selmix
+    reports its own progress, and a bar would break its one-line messages."""
+    import transformers
+
+    hf_logging = transformers.utils.logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_start_model(
