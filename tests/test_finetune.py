@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -492,3 +493,31 @@ def test_uniform_mix_and_multiplier_step_reach_the_feedback(demo, pretrained):
         copy.deepcopy(pretrained), train, val, "min_recall", confusion_smoothing=0.0, **common
     )
     assert not torch.allclose(soft.gains[0][1], hard.gains[0][1])
+
+
+def test_small_validation_warns_for_per_class_objectives_only(demo, pretrained):
+    few = small(demo.val, 10)  # 10 per class: below SMALL_VALIDATION
+    settings = {"steps": 2, "feedback_every": 1, "progress": False}
+    with pytest.warns(selmix.SmallValidationWarning, match="10 samples of its smallest class"):
+        finetune(copy.deepcopy(pretrained), demo.train, few, "min_recall", **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", selmix.SmallValidationWarning)
+        finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall", **settings)
+        finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall_min_coverage", **settings)
+        finetune(copy.deepcopy(pretrained), demo.train, small(demo.val, 60), "min_recall",
+                 **settings)  # fmt: skip
+
+
+def test_shrinkage_changes_what_the_objective_sees_not_the_logged_counts(demo, pretrained):
+    few = small(demo.val, 10)
+    settings = {"steps": 20, "feedback_every": 10, "progress": False, "seed": 0}
+    plain = finetune(copy.deepcopy(pretrained), demo.train, few, "min_recall", **settings)
+    pooled = finetune(
+        copy.deepcopy(pretrained), demo.train, few, "min_recall", shrinkage="auto", **settings
+    )
+    # step 0: the same model, the same logged metrics, other multipliers
+    assert plain.history[0]["metrics"] == pooled.history[0]["metrics"]
+    assert plain.history[0]["multipliers"] != pooled.history[0]["multipliers"]
+    spread = [max(r["multipliers"]) for r in (plain.history[0], pooled.history[0])]
+    assert spread[1] < spread[0]  # the pooled estimate concentrates the multipliers less
+    assert pooled.config.shrinkage == "auto"
