@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "auto-select": {"head_init": "auto", "shrinkage": "auto", "select_on": "estimate"},
 }
 
+
 @dataclass(frozen=True)
 class Case:
     name: str
