@@ -22,8 +22,8 @@ from selmix._config import (
     setting,
 )
 from selmix._validation import check_head_classes
+from selmix.estimates import SHRINKAGE
 from selmix.evaluate import DEVICE_HELP
-from selmix.feedback import SHRINKAGE
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
@@ -70,6 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "soft_confusion": False,
         "uniform_mix": 0.0,
         "multiplier_step": 1.0,
+        "head_init": "none",
+        "shrinkage": "none",
     },
 }
 
@@ -164,21 +166,17 @@ class FinetuneConfig(ConfigMixin):
         "and the gain (0 = the paper; 1 lets the gain see classes with zero recall)",
     )  # fmt: skip
     head_init: str = setting(
-        "none", check=Choice(HEAD_INIT), run=True, flag=True,
+        "auto", check=Choice(HEAD_INIT), run=True, flag=True,
         help="the head SelMix starts from: 'none' the model's own; 'posthoc_la' or 'crt' "
         "a re-balanced head on the same features; 'auto' the best of the three on the "
         "validation set for the objective",
     )  # fmt: skip
     shrinkage: str = setting(
-        "none", check=Choice(SHRINKAGE), run=True, flag=True,
-        help="estimate of C the objective, gain and selection see: 'auto' pools the "
-        "classes (empirical Bayes, selmix.estimates.shrunk_confusion), for small "
-        "validation sets; 'none' uses the counts",
-    )  # fmt: skip
-    select_on: str = setting(
-        "counts", check=Choice(("counts", "estimate")), run=True,
-        help="what the best step is chosen by: the validation counts or the estimate of C "
-        "the objective sees (see shrinkage)",
+        "auto", check=Choice(SHRINKAGE), run=True, flag=True,
+        help="pool the classes' validation estimates (empirical Bayes, "
+        "selmix.estimates.shrunk_confusion) to steer and to select the best step: 'auto' "
+        "for objectives of per-class recalls (min recall, H-mean, G-mean), 'on' always, "
+        "'none' never (the paper)",
     )  # fmt: skip
     soft_confusion: bool = setting(
         False, check=Flag(), run=True,

@@ -40,11 +40,6 @@ from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
 from selmix.metrics import all_metrics
 from selmix.objectives import (
-    CoverageConstrained,
-    GMean,
-    HMean,
-    MinHeadTailRecall,
-    MinRecall,
     Objective,
 )
 from selmix.optim import split_sgd_cosine
@@ -76,16 +71,6 @@ def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
                 f"`{name}` has num_classes = {declared} but the model's head has "
                 f"{num_classes} outputs"
             )
-
-
-def _per_class_objective(objective: Objective) -> bool:
-    """Whether the objective turns on each class's recall (min recall, H-mean, G-mean), not
-    on sums over many classes (mean recall, coverage, head/tail groups)."""
-    if isinstance(objective, CoverageConstrained):
-        return objective.metric == "h_mean" and not objective.head_tail
-    if isinstance(objective, MinHeadTailRecall):
-        return False
-    return isinstance(objective, MinRecall | HMean | GMean)
 
 
 def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
@@ -146,10 +131,7 @@ class Trainer:
             val_counts = torch.bincount(
                 torch.as_tensor(self.val.labels).long().cpu(), minlength=self.num_classes
             )
-            warn_if_small_validation(
-                val_counts, self.objective.name, _per_class_objective(self.objective),
-                config.shrinkage,
-            )  # fmt: skip
+            warn_if_small_validation(val_counts, self.objective, config.shrinkage)
         self.device = self.collective.process_device(config.device)
         # the resolved precision is recorded: "auto" resumes only where it resolves alike
         self.precision = resolve_precision(config.precision, self.device)
@@ -228,9 +210,10 @@ class Trainer:
         # estimate of C; the logged metrics are those of the raw counts
         result = feedback_step(self.objective, evaluation, self.split.head, config)
         # the score (which step is best) is the objective's metric of the raw counts, or of
-        # the estimate with select_on="estimate": the same on every rank either way (the
-        # counts are summed over ranks)
-        scored = result.estimate if config.select_on == "estimate" else evaluation.counts
+        # the pooled estimate when the run pools the classes (shrinkage): with a few
+        # samples per class the best raw score is mostly the luckiest; the same on every
+        # rank either way (the counts are summed over ranks)
+        scored = result.estimate if result.pooled else evaluation.counts
         score = objective_score(self.objective, scored)
         self.best.offer(score, self.step, self.model)
         value, gain, self.distribution = result.value, result.gain, result.distribution
