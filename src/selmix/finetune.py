@@ -63,6 +63,14 @@ from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
 from selmix.feedback import feedback_step
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import all_metrics, infer_head_classes
+from selmix.mixing import (
+    FEATURE,
+    check_mixup_needs_backbone,
+    get_mixup,
+    list_mixups,
+    mixed_cross_entropy,
+    second_labels,
+)
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
 from selmix.policy import POLICIES, effective_pairs, policy_entropy
@@ -212,6 +220,13 @@ class FinetuneConfig(ConfigMixin):
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
     )
+    mixup: str = setting(
+        FEATURE, check=Choice(list_mixups), run=True, flag=True, metavar="NAME",
+        help="how a pair is mixed: 'feature' (the paper: features, label i), 'input' (the "
+        "images, lam x1 + (1 - lam) x2), 'cutmix' (a box of x2 of area 1 - lam pasted into "
+        "x1), or a name given to selmix.register_mixup; all but 'feature' need "
+        "frozen_backbone off and mix features in the head-first phase (selmix.mixing)",
+    )  # fmt: skip
     confusion_smoothing: float = setting(
         1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
@@ -296,6 +311,7 @@ class FinetuneConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.multiplier_step <= 0:
             raise ValueError(f"`multiplier_step` must be in (0, 1], got {self.multiplier_step}")
+        check_mixup_needs_backbone(self.mixup, self.frozen_backbone)
         if not self.frozen_backbone and self.head_first_steps is not None:
             if self.head_first_steps >= self.steps:
                 raise ValueError(
@@ -712,7 +728,7 @@ def check_resume(
             f"but this run has {world_size} (world size): resume on as many processes"
         )
     # checkpoints written before the precision setting existed ran in float32
-    changed = config.resume_changes({"precision": "fp32", **state["config"]})
+    changed = config.resume_changes({"precision": "fp32", "mixup": FEATURE, **state["config"]})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")
@@ -1007,6 +1023,8 @@ class Trainer:
             config.seed + 1_000_003 * self.collective.rank
         )
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
+        # None: feature mixup, done by the views (selmix.mixing)
+        self.mixup_operation = get_mixup(config.mixup)
         self.pseudo_labels: torch.Tensor | None = None
         self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
         self.step = 0
@@ -1107,6 +1125,19 @@ class Trainer:
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
+        elif self.mixup_operation is not None and self.view.trains_backbone:
+            # an input-space mix (selmix.mixing); the head-first phase mixes features
+            logits, weight = self.view.mixed_input_logits(
+                first, second, from_second, lam, self.generator, self.mixup_operation
+            )
+            loss = mixed_cross_entropy(
+                logits, labels, lambda: second_labels(
+                    self.train.labels, self.pseudo_labels, second, from_second
+                ), weight,
+            )  # fmt: skip
+            loss_value = float(loss.detach())
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            _scaled_step(loss, self.optimizer, self.scaler)
         else:
             logits = self.view.mixed_logits(first, second, from_second, lam, self.generator)
             # the loss in float32 whatever the precision of the forward pass
