@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selmix._validation import check_choice
+
 __all__ = [
     "FEATURE",
     "LABEL_RULES",
@@ -277,9 +279,7 @@ def get_mixup(name: str) -> MixupOperation | None:
     Raises:
         ValueError: an unknown name (listing the known ones).
     """
-    if name not in _MIXUPS:
-        raise ValueError(f"`mixup` must be one of {list_mixups()}, got {name!r}")
-    return _MIXUPS[name]
+    return _MIXUPS[check_choice("mixup", name, list_mixups())]
 
 
 def check_mixup_needs_backbone(mixup: str, frozen_backbone: bool) -> None:
