@@ -141,35 +141,42 @@ def table(args: argparse.Namespace) -> str:
     seeds = sorted({r["seed"] for r in runs})
     config = next((r["config"] for r in runs if "config" in r), {})
     machine = next((r["machine"] for r in runs if "machine" in r), "")
+    head_first = config.get("head_first_steps") or 0
+    phase = (
+        f"the first {head_first} on cached features (feature mixup), the rest the whole "
+        "model with the row's mix "
+        if head_first
+        else "the whole model with the row's mix from the first step "
+    )
     lines = [
         "# SelMix with other mixups on Fashion-MNIST-LT",
         "",
         f"Fashion-MNIST-LT (rho = 100), small_cnn, the committed cross-entropy starts "
         f"`{STARTS.format(seed='{' + ','.join(map(str, seeds)) + '}')}`, test set (10,000 "
         f"images); min-recall fine-tuning with the backbone fine-tuned: "
-        f"{config.get('steps')} steps of {config.get('batch_size')} pairs, the first "
-        f"{config.get('head_first_steps')} on cached features (feature mixup), the rest the "
-        f"whole model with the row's mix (lr {config.get('lr_head')} for the head, a tenth "
-        f"for the backbone); feedback every {config.get('feedback_every')} "
+        f"{config.get('steps')} steps of {config.get('batch_size')} pairs, {phase}"
+        f"(lr {config.get('lr_head')} for the head, a tenth for the backbone); feedback "
+        f"every {config.get('feedback_every')} "
         "steps, the other settings the defaults (s = 3 on the normalised gain, confusion "
         "smoothing 1, lam ~ U[0.6, 1], the best validation step returned). Seeds "
-        f"{seeds}, mean ± std over seeds, %. Time per run ({machine}) on AMD EPYC (Zen 4, "
-        "family 25 model 17), 2 cores, AVX-512-bf16, no AMX, shared with other jobs and "
-        "noisy; one run at a time.",
+        f"{seeds}, mean ± std over seeds, %; *best steps*: the validation-best step each "
+        "seed returned. Time per run on AMD EPYC (Zen 4, family 25 model 17), 2 cores, "
+        f"AVX-512-bf16, no AMX, shared with other jobs and noisy ({machine}); one run at a "
+        "time.",
         "",
         "Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/mixup_variants.py "
         "--out docs/results/mixup_variants.md` (runs in "
         "`docs/results/runs/mixup_variants.json`).",
         "",
-        "| policy | mixup | loss | seeds | test mean recall | test min recall | "
+        "| policy | mixup | loss | seeds | test mean recall | test min recall | best steps | "
         "wall s / run | CPU s / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     start = [r for r in runs if r["mixup"] == "start"]
     if start:
         mean = percent_cell([r["mean_recall"] for r in start])
         low = percent_cell([r["min_recall"] for r in start])
-        lines.append(f"| – (the CE start) | – | – | {len(start)} | {mean} | {low} | – | – |")
+        lines.append(f"| – (the CE start) | – | – | {len(start)} | {mean} | {low} | – | – | – |")
     for name, mixup, policy in VARIANTS:
         chosen = [r for r in runs if r["mixup"] == mixup and r["policy"] == policy]
         if not chosen:
@@ -182,7 +189,7 @@ def table(args: argparse.Namespace) -> str:
         cpu = sum(r["cpu_seconds"] for r in chosen) / len(chosen)
         lines.append(
             f"| {policy} | {kind.replace(' (the paper)', '')} | {loss} | {len(chosen)} | "
-            f"{mean} | {low} | "
+            f"{mean} | {low} | {', '.join(str(r['best_step']) for r in chosen)} | "
             f"{wall:.0f} | {cpu:.0f} |"
         )
     return "\n".join(lines) + "\n"

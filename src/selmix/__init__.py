@@ -41,6 +41,7 @@ from selmix.metrics import (
     per_class_coverage,
     per_class_recall,
 )
+from selmix.mixing import MixedBatch, MixupOperation, list_mixups, register_mixup
 from selmix.models import create_model, list_models, register_model, split_model
 from selmix.objectives import (
     Objective,
@@ -131,4 +132,8 @@ __all__ = [
     "resolve_precision",
     "sgd_cosine",
     "warmup_cosine",
+    "MixedBatch",
+    "MixupOperation",
+    "list_mixups",
+    "register_mixup",
 ]
