@@ -91,13 +91,14 @@ class Evaluation:
         class_counts: LongTensor[K], samples per true class.
         soft_counts: float64 Tensor[K, K], row y the sum over the samples of true class y
             of their softmax probabilities (a confusion matrix of probabilities: no entry
-            of a row with samples is exactly 0).
+            of a row with samples is exactly 0); None where the evaluation left them out
+            (a frozen-features evaluation asked for ``soft=False``).
     """
 
     counts: torch.Tensor
     prototypes: torch.Tensor
     class_counts: torch.Tensor
-    soft_counts: torch.Tensor
+    soft_counts: torch.Tensor | None
 
     @classmethod
     def from_sums(cls, sums: tuple[torch.Tensor, ...]) -> Evaluation:
@@ -105,7 +106,8 @@ class Evaluation:
         under ``torch.distributed``, over ranks)."""
         counts, feature_sums, class_counts, soft_counts = sums
         prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
-        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts.cpu())
+        soft_counts = None if soft_counts is None else soft_counts.cpu()
+        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts)
 
     @property
     def confusion(self) -> torch.Tensor:

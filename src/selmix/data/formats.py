@@ -30,6 +30,7 @@ from torch import Tensor
 
 from selmix._validation import check_int
 from selmix.data.base import BatchDataset
+from selmix.data.readers import read_cifar_batch, read_data_pickle
 from selmix.data.streaming import WorkerPool, seeded_items, to_device
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
@@ -295,9 +296,6 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         raise FileNotFoundError(
             f"no CIFAR-100 pickles in {root}: expected cifar-100-python/train (and test, meta)"
         )
-    # sources imports this module's FORMATS: import it here, not at the top
-    from selmix.data.sources import read_cifar_batch, read_data_pickle
-
     path = folder / ("train" if train else "test")
     images, labels = read_cifar_batch(path, "CIFAR-100 file", "CIFAR-100", b"fine_labels")
     if labels and not 0 <= min(labels) <= max(labels) < 100:

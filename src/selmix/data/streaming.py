@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selmix._validation import check_int
-from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.augment import channel_stats, normalize, random_crop_flip
 from selmix.data.base import BatchDataset, as_index
 
 # (row of the reader, augment, seed or None): what a worker is asked to decode
@@ -394,8 +394,6 @@ class StreamingImageDataset(BatchDataset):
     def channel_stats(self, max_images: int = 1000, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """Per-channel mean and std of up to ``max_images`` evenly spaced samples (eval
         transform, before normalisation), float32 Tensor[C] each, in [0, 1] units."""
-        from selmix.data.tensor_dataset import channel_stats
-
         count = len(self)
         chosen = torch.linspace(0, count - 1, min(count, max_images)).round().long().unique()
         parts = []

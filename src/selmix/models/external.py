@@ -14,49 +14,16 @@ use the model directly with :func:`selmix.finetune`, which splits it with
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
 
+from selmix.models._optional import TIMM_PREFIX, _require, create_timm_model
 from selmix.models.registry import register_model
 
-TIMM_PREFIX = "timm:"
-
-
-def _require(package: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise ImportError(
-            f"this model needs the optional package {package!r}: pip install 'selmix[{extra}]' "
-            f"(or pip install {package})"
-        ) from None
-
-
-def create_timm_model(
-    name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
-) -> nn.Module:
-    """``timm.create_model(name, num_classes=K, in_chans=C, pretrained=False, **kwargs)``.
-
-    Raises:
-        ImportError: if timm is not installed (naming the extra to install).
-        ValueError: if timm has no such architecture.
-    """
-    timm = _require("timm", "timm")
-    if "pretrained" in kwargs:
-        raise ValueError(
-            "`pretrained` must not be passed: the registry builds random weights (load "
-            "pre-trained weights in your own code and pass the model to selmix.finetune)"
-        )
-    try:
-        return timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
-        )
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"unknown timm model {name!r}: {error}") from None
-        raise
+# TIMM_PREFIX and create_timm_model live in selmix.models._optional (below the registry,
+# which builds timm names with it); they stay importable from here
+__all__ = ["TIMM_PREFIX", "create_timm_model", "hf_convnext", "hf_vit"]
 
 
 @register_model

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 from torch import nn
 
 from selmix._validation import check_int
+from selmix.models._optional import create_timm_model
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -101,8 +102,6 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     check_int("num_classes", num_classes, minimum=2)
     check_int("in_channels", in_channels, minimum=1)
     if timm_name is not None:
-        from selmix.models.external import create_timm_model
-
         model = create_timm_model(timm_name, num_classes, in_channels, **kwargs)
     else:
         model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
