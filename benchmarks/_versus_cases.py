@@ -173,13 +173,13 @@ def start_path(spec: TwoDomainSpec | GaussSpec) -> Path:
     return CACHE / "starts" / f"{spec.key}.pt"
 
 
-def _train_linear_head(spec: GaussSpec, train: FeatureTensorDataset) -> nn.Module:
+def train_linear_head(spec: GaussSpec, train: FeatureTensorDataset, epochs: int = 30) -> nn.Module:
     """Plain cross-entropy SGD on the imbalanced features (the start a user would have)."""
     generator = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
     head = nn.Linear(spec.dim, spec.num_classes)
     optimiser = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
-    epochs, batch = 30, 256
+    batch = 256
     steps = epochs * math.ceil(len(train) / batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     for _ in range(epochs):
@@ -200,7 +200,7 @@ def build_start(spec: TwoDomainSpec | GaussSpec, data: CaseData | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, GaussSpec):
         data = data or load_gauss(spec)
-        model = _train_linear_head(spec, data.train)
+        model = train_linear_head(spec, data.train)
         torch.save(model.state_dict(), path.with_suffix(".tmp"))
     else:
         from selmix import pretrain

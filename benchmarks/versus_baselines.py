@@ -72,7 +72,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rate-scaled": {"rate": "scaled"},
     "auto-init": {"head_init": "auto"},
     "auto-shrink": {"head_init": "auto", "shrinkage": "auto"},
+    "auto-select": {"head_init": "auto", "shrinkage": "auto", "select_on": "estimate"},
 }
+
 
 @dataclass(frozen=True)
 class Case:

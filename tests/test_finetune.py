@@ -503,9 +503,7 @@ def test_small_validation_warns_for_per_class_objectives_only(demo, pretrained):
     with warnings.catch_warnings():
         warnings.simplefilter("error", selmix.SmallValidationWarning)
         finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall", **settings)
-        finetune(
-            copy.deepcopy(pretrained), demo.train, few, "mean_recall_min_coverage", **settings
-        )
+        finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall_min_coverage", **settings)
         finetune(copy.deepcopy(pretrained), demo.train, small(demo.val, 60), "min_recall",
                  **settings)  # fmt: skip
 

@@ -101,9 +101,14 @@ class Evaluation:
     soft_counts: torch.Tensor | None
 
     @classmethod
-    def from_sums(cls, sums: tuple[torch.Tensor, ...]) -> Evaluation:
+    def from_sums(
+        cls,
+        sums: tuple[torch.Tensor, ...]
+        | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    ) -> Evaluation:
         """The evaluation of the totals :func:`summarize` returns (summed over batches and,
-        under ``torch.distributed``, over ranks)."""
+        under ``torch.distributed``, over ranks); the soft counts may be None (a
+        frozen-features evaluation without them)."""
         counts, feature_sums, class_counts, soft_counts = sums
         prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
         soft_counts = None if soft_counts is None else soft_counts.cpu()
@@ -233,7 +238,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        totals = None
+        totals: tuple[torch.Tensor, ...] | None = None
         for start in range(0, labels.numel(), batch_size):
             index = torch.arange(start, min(start + batch_size, labels.numel()))
             images, batch_labels = dataset.batch(index, device=device)
@@ -249,6 +254,8 @@ def evaluate(
             )
     finally:
         model.train(was_training)
+    if totals is None:
+        raise ValueError("`dataset` is empty")
     if reduce is not None:
         for tensor in totals:
             reduce(tensor)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from selmix.cli.options import Option, _config_from, _config_options, _data_options
+from selmix.cli.options import (
+    Option,
+    _config_from,
+    _config_options,
+    _data_options,
+    _start_model_options,
+)
 from selmix.cli.run import (
     _check_out,
     _load_data,
@@ -26,7 +32,7 @@ def _baseline_methods() -> list[str]:
 def _baseline_options() -> list[Option]:
     from selmix.baselines import BaselineConfig
 
-    return _data_options() + [
+    return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
                metavar="FILE", required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml and, for "
@@ -78,7 +84,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     _check_out(settings)
 
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    model = _load_start_model(settings, splits).model
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from selmix.cli.options import Option, _common_options, _data_options
+from selmix.cli.options import Option, _common_options, _data_options, _start_model_options
 from selmix.cli.run import (
     _check_early,
     _check_out,
@@ -17,8 +17,10 @@ from selmix.cli.run import (
 
 
 def _evaluate_options() -> list[Option]:
-    return _data_options() + [
-        Option("checkpoint", None, "model file to evaluate", metavar="FILE", required=True),
+    return _data_options() + _start_model_options() + [
+        Option("checkpoint", None, "model to evaluate: a selmix model file, a state dict, "
+               ".safetensors or Lightning .ckpt with --model, or hf:DIR", metavar="FILE",
+               required=True),
         Option("out", None, "if set, write OUT/metrics.json (key `test`)", metavar="DIR"),
         Option("batch_size", 512, "evaluation batch size", type=int),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
@@ -34,7 +36,7 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     if settings["out"] is not None:
         _check_out(settings)
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    model = _load_start_model(settings, splits).model
     head_classes = _head_classes(settings, splits)
     settings["head_classes"] = head_classes
     metrics = evaluate(model, splits.test, settings["device"], settings["batch_size"]).metrics(

@@ -3,7 +3,6 @@ run's identity: data source, splits and starting checkpoint) and under ``torchru
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 from pathlib import Path
@@ -16,6 +15,7 @@ from selmix.cli.options import (
     _config_from,
     _config_options,
     _data_options,
+    _start_model_options,
 )
 from selmix.cli.run import (
     _ARGV,
@@ -33,11 +33,17 @@ from selmix.cli.run import (
 
 
 def _finetune_options() -> list[Option]:
+    from selmix.export import EXPORT_FORMATS
     from selmix.finetune import FinetuneConfig
 
-    return _data_options() + [
-        Option("checkpoint", None, "model file to start from (model.pt of `selmix pretrain`)",
-               metavar="FILE", required=True),
+    return _data_options() + _start_model_options() + [
+        Option("checkpoint", None, "model to start from: model.pt of `selmix pretrain`, a "
+               "state dict, .safetensors or Lightning .ckpt with --model, or hf:DIR (a "
+               "Hugging Face save_pretrained folder)", metavar="FILE", required=True),
+        Option("export", None, "also write the returned model in its own family: "
+               "safetensors (OUT/model.safetensors), state_dict (OUT/model_state_dict.pt), "
+               "both with the starting file's keys, hf (OUT/hf/, save_pretrained); "
+               "comma-separated", metavar="|".join(EXPORT_FORMATS)),
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
@@ -45,31 +51,28 @@ def _finetune_options() -> list[Option]:
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _run_identity(settings: dict[str, Any], splits: Any = None) -> dict[str, Any]:
     """What a fine-tuning run is made from beyond its settings: the data source (its kind
     and resolved path), how the splits are cut and the starting model file (path and
     content digest). A resumed run must agree on all of them."""
+    from selmix.models.loading import checkpoint_digest
+
     kind, sep, location = str(settings["data"]).partition(":")
     data = f"{kind}:{Path(location).expanduser().resolve()}" if sep and location else kind
-    checkpoint = Path(settings["checkpoint"]).expanduser().resolve()
-    return {
+    identity = {
         "data": data,
         "imbalance": settings["imbalance"],
         "max_per_class": settings["max_per_class"],
         "val_per_class": settings["val_per_class"],
-        "checkpoint": f"{checkpoint} (sha256 {_file_digest(checkpoint)})",
+        "checkpoint": checkpoint_digest(settings["checkpoint"]),
         # streamed trees get other transforms, and --stream auto can choose differently
         # when the free memory changes between a run and its resume
         "storage": _storage(splits),
     }
+    for key in ("model", "ckpt_prefix"):  # only when set: earlier runs' identities lack them
+        if settings.get(key) is not None:
+            identity[key] = settings[key]
+    return identity
 
 
 def _storage(splits: Any) -> str:
@@ -90,9 +93,11 @@ def _check_tensorboard(directory: str | None) -> None:
 
 
 def _cmd_finetune(settings: dict[str, Any]) -> int:
+    from selmix._validation import check_labels
     from selmix.checkpoint import load_checkpoint, save_model
     from selmix.collective import SingleProcess, evaluate_across
     from selmix.distributed import init_from_env
+    from selmix.export import check_export_formats, export_model
     from selmix.finetune import (
         FinetuneConfig,
         check_resume,
@@ -107,12 +112,17 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     config = _config_from(FinetuneConfig, settings, _finetune_options())
     get_objective(config.objective, **config.objective_params)
     _check_tensorboard(config.tensorboard_dir)
+    start_kind = "hf" if str(settings["checkpoint"]).startswith("hf:") else "file"
+    export = check_export_formats(settings["export"], start_kind)
     if settings["resume"] is not None and not Path(settings["resume"]).is_file():
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
     _check_out(settings)
 
     splits = _load_data(settings)
-    model, _ = _load_start_model(settings, splits)
+    # checked here, before --out is touched, as the library will check them again
+    check_labels("train", splits.train.labels, _num_classes(splits))
+    check_labels("val", splits.val.labels, _num_classes(splits), every_class=True)
+    model, _, source = _load_start_model(settings, splits)
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
@@ -169,6 +179,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             save_model(out / "model.pt", result.model, meta)
+            exported = export_model(result.model, out, export, source) if export else []
             _write_json(out / "metrics.json", metrics)
             _write_yaml(out / "config.yaml", settings)
         # all ranks leave together: gloo aborts a process whose peer hung up first
@@ -186,6 +197,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     print(format_metrics_table({"before": before, "after": after}))
     written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
     print(f"wrote {written}, {out / 'config.yaml'}")
+    if exported:
+        print("exported " + ", ".join(str(path) for path in exported))
     return 0
 
 

@@ -16,7 +16,9 @@ EXIT_USAGE = 2
 
 
 #: Keys whose values name files or folders (never coerced to numbers).
-_PATH_KEYS = {"data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard"}
+_PATH_KEYS = {
+    "data", "out", "checkpoint", "resume", "cache_dir", "config", "tensorboard", "ckpt_prefix",
+}  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -66,7 +68,7 @@ def _config_options(config_class: type, **adjust: dict[str, Any]) -> list[Option
     return options
 
 
-def _config_from(config_class: type, settings: dict[str, Any], options: list[Option]) -> Any:
+def _config_from(config_class: Any, settings: dict[str, Any], options: list[Option]) -> Any:
     """The configuration the settings give (validated by the class)."""
     return config_class.from_dict(
         {option.field: settings[option.key] for option in options if option.field}
@@ -119,6 +121,20 @@ def _data_options(required: bool = True) -> list[Option]:
             "num_workers", None, "worker processes that decode streamed images; 0: the main "
             "process; unset: min(4, cores - 1)", type=int, metavar="N",
         ),
+    ]  # fmt: skip
+
+
+def _start_model_options() -> list[Option]:
+    """--model and ckpt_prefix: a starting model from a state dict, safetensors, Lightning
+    or Hugging Face file (selmix.models.loading)."""
+    return [
+        Option("model", None, "architecture of a --checkpoint state dict (.pt/.pth), "
+               ".safetensors or Lightning .ckpt: a registry name, torchvision:NAME or "
+               "timm:NAME; unset: --checkpoint is a selmix model file or hf:DIR",
+               metavar="NAME"),
+        Option("ckpt_prefix", None, "prefix of the model's keys in --checkpoint (e.g. "
+               "'model.' for a LightningModule's self.model); unset: found when only one fits",
+               flag=False),
     ]  # fmt: skip
 
 

@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selmix.cli.options import _STREAM_ARGUMENT, PROG, UsageError
+
+if TYPE_CHECKING:
+    from selmix.models.loading import LoadedModel
 
 
 def _load_data(settings: dict[str, Any]) -> Any:
@@ -86,27 +89,29 @@ def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str
     }
 
 
-def _load_start_model(settings: dict[str, Any], splits: Any) -> tuple[Any, dict[str, Any]]:
-    from selmix.checkpoint import load_model
+def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
+    """The starting model, its meta and where it came from."""
     from selmix.evaluate import resolve_device
+    from selmix.models.loading import class_name_difference, load_start_model
 
     device = resolve_device(settings["device"])
-    model, meta = load_model(settings["checkpoint"], device, num_classes=_num_classes(splits))
-    spec = getattr(model, "selmix_spec", None) or {}
+    loaded = load_start_model(
+        settings["checkpoint"], settings.get("model"), num_classes=_num_classes(splits),
+        in_channels=_in_channels(splits.train), ckpt_prefix=settings.get("ckpt_prefix"),
+        device=device,
+    )  # fmt: skip
+    spec = getattr(loaded.model, "selmix_spec", None) or {}
     channels = _in_channels(splits.train)
     if spec.get("in_channels") not in (None, channels):
         raise UsageError(
             f"`checkpoint` {settings['checkpoint']!r} is for {spec['in_channels']}-channel "
             f"images but the data has {channels} channels"
         )
+    meta = loaded.meta
     saved = meta.get("classes") if isinstance(meta, dict) else None
     if saved and splits.classes is not None and list(saved) != list(splits.classes):
-        print(
-            f"{PROG}: warning: the checkpoint's class names {list(saved)} differ from the "
-            f"data's {list(splits.classes)}",
-            file=sys.stderr,
-        )
-    return model, meta
+        print(f"{PROG}: warning: {class_name_difference(saved, splits.classes)}", file=sys.stderr)
+    return loaded
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -124,7 +129,7 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 #: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
-    "pretrain_state.pt",
+    "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
 )  # fmt: skip
 
 

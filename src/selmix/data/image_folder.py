@@ -174,6 +174,7 @@ def estimate_decoded_bytes(
         return 0
     sizes, grey = _sample_headers(paths, sample)
     channels = 1 if grey else 3
+    pixels: float
     if image_size is not None:
         pixels = image_size[0] * image_size[1]
     else:
@@ -205,7 +206,8 @@ def _stream_image_folder(
     train_transform: Callable[[Any], Tensor] | None,
     eval_transform: Callable[[Any], Tensor] | None,
     crop_size: int,
-) -> dict[str, StreamingImageDataset]:
+) -> dict[str, ImageTensorDataset | StreamingImageDataset]:
+    _check_class_folders(root)
     files = _tree_files(root, ("train", "val", "test"))
     train_files = [f for f in files if f[0] == "train"]
     if not train_files:
@@ -238,6 +240,7 @@ def _stream_image_folder(
             )
         train_transform = eval_transform = PILToUint8(size)
         batch_crop = True
+    assert train_transform is not None and eval_transform is not None  # set by each branch
     reader = ImageFileReader(paths, mode, train_transform, eval_transform)
     labels = torch.tensor([index[f[1]] for f in ordered], dtype=torch.long)
     splits = [f[0] for f in ordered]
@@ -358,7 +361,8 @@ def _write_cache(path: Path, decoded: _Decoded) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
+            # plain arrays only, as the cache is read back with allow_pickle=False
+            np.savez(file, allow_pickle=False, **arrays)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -387,7 +391,24 @@ def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
         raise ValueError(f"archive {archive} is truncated or corrupt: {detail}") from None
 
 
+def _check_class_folders(root: Path) -> None:
+    """Names an empty ``train/<class>/`` folder of a tree: its class would otherwise vanish,
+    or be reported as a ``val/`` or ``test/`` class that train/ does not have."""
+    train = root / "train"
+    if not train.is_dir():
+        return
+    for class_dir in sorted(p for p in train.iterdir() if p.is_dir()):
+        if class_dir.name.startswith("."):
+            continue
+        if not any(p.is_file() and _is_image_name(p.name) for p in class_dir.rglob("*")):
+            raise ValueError(
+                f"{root}: the class folder train/{class_dir.name}/ holds no images; every "
+                "class needs training images (add some, or remove the folder)"
+            )
+
+
 def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
+    _check_class_folders(root)
     for split, class_name, name, path in _tree_files(root, splits):
         yield split, class_name, name, path.read_bytes()
 

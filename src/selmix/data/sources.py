@@ -354,8 +354,10 @@ def load_data(
     if not isinstance(spec, str):
         raise TypeError(f"`spec` must be a str such as 'cifar10:DIR', got {type(spec).__name__}")
     check_int("seed", seed)
-    if imbalance is not None:
-        check_positive("imbalance", imbalance)
+    if imbalance is not None and check_positive("imbalance", imbalance) < 1:
+        raise ValueError(
+            f"`imbalance` must be >= 1 (the largest class count over the smallest), got {imbalance}"
+        )
     if max_per_class is not None:
         check_int("max_per_class", max_per_class, minimum=1)
     if val_per_class is not None:

@@ -166,7 +166,8 @@ class WorkerPool:
         if not items:
             return torch.empty(0)
         if self.num_workers == 0 or len(items) == 1:
-            return _stack([self.reader[item] for item in items])
+            # decoded here, a failure raises at once: every item is a tensor
+            return torch.stack([self.reader[item] for item in items])
         count = min(len(items), self.num_workers * _SHARES_PER_WORKER)
         bounds = [round(len(items) * k / count) for k in range(count + 1)]
         self._shares.shares = [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -192,7 +193,7 @@ class WorkerPool:
         for part in parts:
             if isinstance(part, _Failure):
                 part.raise_error()
-        return torch.cat(parts)  # type: ignore[arg-type]
+        return torch.cat(parts)
 
 
 def to_device(images: Tensor, device: torch.device | str | None) -> Tensor:

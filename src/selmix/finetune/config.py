@@ -385,15 +385,18 @@ def resolve_objective(
     Returns:
         ``(config, objective)``.
     """
-    head_classes = config.head_classes
+    # any configuration with these fields (duck-typed: the config classes share no base
+    # that declares them)
+    fields: Any = config
+    head_classes = fields.head_classes
     if head_classes is None:
         head_classes = infer_head_classes(train_labels, num_classes)
     else:
         head_classes = check_head_classes(head_classes, num_classes)
     if objective is None:
-        objective = get_objective(config.objective, **config.objective_params)
+        objective = get_objective(fields.objective, **fields.objective_params)
     elif isinstance(objective, str):
-        objective = get_objective(objective, **config.objective_params)
+        objective = get_objective(objective, **fields.objective_params)
     else:
         objective = as_objective(objective)
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:

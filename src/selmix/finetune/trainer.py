@@ -58,7 +58,7 @@ from selmix.precision import (
 )
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
-from selmix.views import PairPools, make_view
+from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
 def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
@@ -298,12 +298,14 @@ class Trainer:
         lam = lam.to(self.device)[:, None]
         labels = labels.to(self.device)
         if self._head_step is not None:
+            assert isinstance(self.view, FrozenFeatures)  # the closed-form step's condition
             mixed = self.view.mixed_features(first, second, from_second, lam)
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
         elif self.mixup_operation is not None and self.view.trains_backbone:
             # an input-space mix (selmix.mixing); the head-first phase mixes features
+            assert isinstance(self.view, FullBackbone)  # the view that trains the backbone
             logits, weight = self.view.mixed_input_logits(
                 first, second, from_second, lam, self.generator, self.mixup_operation
             )
