@@ -26,6 +26,7 @@ from selmix.estimates import SHRINKAGE
 from selmix.evaluate import DEVICE_HELP
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import infer_head_classes
+from selmix.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.policy import POLICIES
 from selmix.precision import (
@@ -160,6 +161,13 @@ class FinetuneConfig(ConfigMixin):
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
     )
+    mixup: str = setting(
+        FEATURE, check=Choice(list_mixups), run=True, flag=True, metavar="NAME",
+        help="how a pair is mixed: 'feature' (the paper: features, label i), 'input' (the "
+        "images, lam x1 + (1 - lam) x2), 'cutmix' (a box of x2 of area 1 - lam pasted into "
+        "x1), or a name given to selmix.register_mixup; all but 'feature' need "
+        "frozen_backbone off and mix features in the head-first phase (selmix.mixing)",
+    )  # fmt: skip
     confusion_smoothing: float = setting(
         1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
@@ -257,6 +265,7 @@ class FinetuneConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.multiplier_step <= 0:
             raise ValueError(f"`multiplier_step` must be in (0, 1], got {self.multiplier_step}")
+        check_mixup_needs_backbone(self.mixup, self.frozen_backbone)
         if not self.frozen_backbone and self.head_first_steps is not None:
             if self.head_first_steps >= self.steps:
                 raise ValueError(

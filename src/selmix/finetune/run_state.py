@@ -15,6 +15,7 @@ from selmix.checkpoint import (
 )
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.finetune.config import FinetuneConfig, _plain
+from selmix.mixing import FEATURE
 
 
 def _weights_are_finite(model: nn.Module) -> bool:
@@ -84,7 +85,7 @@ def check_resume(
             f"but this run has {world_size} (world size): resume on as many processes"
         )
     # checkpoints written before the precision setting existed ran in float32
-    changed = config.resume_changes({"precision": "fp32", **state["config"]})
+    changed = config.resume_changes({"precision": "fp32", "mixup": FEATURE, **state["config"]})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")

@@ -39,6 +39,7 @@ from selmix.finetune.monitor import (
 from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
 from selmix.metrics import all_metrics
+from selmix.mixing import get_mixup, mixed_cross_entropy, second_labels
 from selmix.objectives import (
     Objective,
 )
@@ -52,7 +53,7 @@ from selmix.precision import (
 )
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
-from selmix.views import FrozenFeatures, PairPools, make_view
+from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
 def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
@@ -149,6 +150,8 @@ class Trainer:
             config.seed + 1_000_003 * self.collective.rank
         )
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
+        # None: feature mixup, done by the views (selmix.mixing)
+        self.mixup_operation = get_mixup(config.mixup)
         self.pseudo_labels: torch.Tensor | None = None
         self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
         self.step = 0
@@ -283,6 +286,20 @@ class Trainer:
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
+        elif self.mixup_operation is not None and self.view.trains_backbone:
+            # an input-space mix (selmix.mixing); the head-first phase mixes features
+            assert isinstance(self.view, FullBackbone)  # the view that trains the backbone
+            logits, weight = self.view.mixed_input_logits(
+                first, second, from_second, lam, self.generator, self.mixup_operation
+            )
+            loss = mixed_cross_entropy(
+                logits, labels, lambda: second_labels(
+                    self.train.labels, self.pseudo_labels, second, from_second
+                ), weight,
+            )  # fmt: skip
+            loss_value = float(loss.detach())
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            _scaled_step(loss, self.optimizer, self.scaler)
         else:
             logits = self.view.mixed_logits(first, second, from_second, lam, self.generator)
             # the loss in float32 whatever the precision of the forward pass
