@@ -282,8 +282,9 @@ def record_path(case: Case, method: str, variant: str, seed: int) -> Path:
 # ---------------------------------------------------------------- rendering
 
 
-def load_records() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+def load_records(folders: list[Path] | None = None) -> list[dict[str, Any]]:
+    folders = folders or [RUNS]
+    return [json.loads(p.read_text()) for folder in folders for p in sorted(folder.glob("*.json"))]
 
 
 def _mean(values: list[float]) -> float:
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the table of the saved records, run nothing")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["before", "defaults"],
                         help="variants shown by --render")  # fmt: skip
+    parser.add_argument("--runs", nargs="+", type=Path, default=None,
+                        help="record folders read by --render (default: the suite's)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -427,10 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     wanted = [w for w in args.cases.split(",") if w]
     cases = [c for c in cases if not wanted or any(w in c.name for w in wanted)]
     if args.render:
-        text = render(load_records(), args.variants, [c.name for c in cases])
+        text = render(load_records(args.runs), args.variants, [c.name for c in cases])
+        command = "python benchmarks/versus_baselines.py " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
         header = (
-            f"Command: `python benchmarks/versus_baselines.py --suite {args.suite} --render "
-            f"{args.render}`; test set, %; SelMix: the selected model's test value, its "
+            f"Command: `{command}`; test set, %; SelMix: the selected model's test value, its "
             "validation value and the gap (validation - test), and its test min / mean "
             "recall. Baselines on the frozen features of the same start.\n\n"
         )
