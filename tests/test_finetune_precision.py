@@ -131,7 +131,8 @@ def test_bad_precision_is_a_one_line_error():
 def test_resume_is_bit_exact_in_bf16(tmp_path, frozen):
     data = tiny_set()
     settings = {**SETTINGS, "steps": 9, "precision": "bf16", "frozen_backbone": frozen,
-                "checkpoint_every": 4}  # fmt: skip
+                "checkpoint_every": 4,
+                "backbone_feedback_every": SETTINGS["feedback_every"]}  # fmt: skip
     reference = tiny_model()
     uninterrupted = finetune(reference, data, data, checkpoint_path=str(tmp_path / "a.pt"),
                              **settings)  # fmt: skip

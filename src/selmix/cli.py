@@ -781,6 +781,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         for which, step in (("best", result.best_step), ("last", result.last_step)):
             same = step == result.selected_step
             metrics[which] = after if same else test_metrics(result.model_at(which))
+        metrics["timings"] = result.timings  # wall time of training and feedback per phase
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             save_model(out / "model.pt", result.model, meta)

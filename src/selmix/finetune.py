@@ -76,6 +76,7 @@ from selmix.precision import (
     to_channels_last,
 )
 from selmix.sampler import PairSampler
+from selmix.timing import PhaseTimings, backbone_feedback_every
 from selmix.selection import ObjectiveScore, objective_score
 from selmix.views import MixupForward, PairPools, make_view
 
@@ -112,6 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 2000,
         "batch_size": 128,
         "feedback_every": 50,
+        "backbone_feedback_every": 50,
         "gain_scale": 10.0,
         "normalize_gain": False,
         "confusion_smoothing": 0.0,
@@ -208,6 +210,15 @@ class FinetuneConfig(ConfigMixin):
     feedback_every: int = setting(
         10, help="steps between feedback (validation) steps (the paper: 50)", check=Int(1),
         run=True, flag=True,
+    )  # fmt: skip
+    # the whole-model phase evaluates less often: at feedback_every it spent most of its
+    # time on the validation set (docs/results/feedback_share.md)
+    backbone_feedback_every: int | None = setting(
+        None, check=Optional(Int(1)), run=True, metavar="STEPS",
+        help="steps between feedback steps while the whole model trains; unset: the "
+        "smallest multiple of feedback_every that keeps feedback near 15% of the phase's "
+        "time (selmix.timing.backbone_feedback_every, from the validation size and "
+        "batch_size; the paper: 50)",
     )  # fmt: skip
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
@@ -404,6 +415,8 @@ class FinetuneResult:
     last_step: int = 0
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     last_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: wall time of training and feedback per phase (:class:`selmix.timing.PhaseTimings`)
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def model_at(self, which: str) -> nn.Module:
         """A copy of the model with the ``"best"`` or the ``"last"`` weights."""
@@ -711,8 +724,11 @@ def check_resume(
             f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
             f"but this run has {world_size} (world size): resume on as many processes"
         )
-    # checkpoints written before the precision setting existed ran in float32
-    changed = config.resume_changes({"precision": "fp32", **state["config"]})
+    # checkpoints written before the precision setting existed ran in float32, those before
+    # backbone_feedback_every fed back every feedback_every steps in both phases
+    saved_config = state["config"]
+    older = {"precision": "fp32", "backbone_feedback_every": saved_config.get("feedback_every")}
+    changed = config.resume_changes({**older, **saved_config})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")
@@ -852,7 +868,7 @@ def _select(trainer: Trainer) -> FinetuneResult:
     return FinetuneResult(
         trainer.model, trainer.split, trainer.objective, trainer.config, trainer.history,
         trainer.gains, selected_step=selected, best_step=best.step, last_step=trainer.step,
-        best_state=best.weights, last_state=last,
+        best_state=best.weights, last_state=last, timings=trainer.timings.to_dict(),
     )  # fmt: skip
 
 
@@ -1018,6 +1034,10 @@ class Trainer:
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
+        self.timings = PhaseTimings()
+        self.backbone_feedback_every = config.backbone_feedback_every or backbone_feedback_every(
+            config.feedback_every, len(self.val), config.batch_size
+        )
         self._start_phase(head_phase=config.head_first > 0)
 
     def _start_phase(self, head_phase: bool) -> None:
@@ -1048,6 +1068,21 @@ class Trainer:
         self._head_step = _closed_form_head_step(self.view, self.collective)
 
     # -- feedback -----------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """``"frozen"``, ``"head"`` (the head-first phase) or ``"backbone"``."""
+        if self.config.frozen_backbone:
+            return "frozen"
+        return "head" if self.head_phase else "backbone"
+
+    def feedback_due(self) -> bool:
+        """Whether the current step is a feedback step: every ``feedback_every`` steps on
+        cached features, every :attr:`backbone_feedback_every` steps from the start of the
+        whole-model phase."""
+        if self.config.frozen_backbone or self.step <= self.config.head_first:
+            return self.step % self.config.feedback_every == 0
+        return (self.step - self.config.head_first) % self.backbone_feedback_every == 0
+
     def _evaluate_val(self) -> Evaluation:
         return self.view.evaluate(self.val)
 
@@ -1132,25 +1167,31 @@ class Trainer:
         try:
             while self.step < config.steps and not self.best.exhausted(config.patience):
                 done = bool(self.history) and self.history[-1]["step"] == self.step
-                if self.step % config.feedback_every == 0 and not done:
+                if self.feedback_due() and not done:
+                    started = time.perf_counter()
                     progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
+                    self.timings.record(self.phase, "feedback", time.perf_counter() - started)
                     if self.best.exhausted(config.patience):
                         break
                 if self.head_phase and self.step >= config.head_first:
                     self._start_phase(head_phase=False)
                     first_step = True  # the backbone's first step is where memory runs out
+                started = time.perf_counter()
                 if first_step:
                     self._first_train_step()
                     first_step = False
                 else:
                     self.train_step()
+                self.timings.record(self.phase, "train", time.perf_counter() - started)
                 self.step += 1
                 progress.update(1)
                 every = config.checkpoint_every
                 if every and self.step % every == 0 and self.step < config.steps:
                     self.save_checkpoint()
             if not self.history or self.history[-1]["step"] != self.step:
+                started = time.perf_counter()
                 self.feedback()
+                self.timings.record(self.phase, "feedback", time.perf_counter() - started)
         finally:
             progress.close()
         self.save_checkpoint()
