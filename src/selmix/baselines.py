@@ -951,7 +951,7 @@ class BaselineConfig(ConfigMixin):
     )  # fmt: skip
     precision: str = precision_setting(_DEFAULTS.precision, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(flag=True, extra=_TRAINED)
+    channels_last: bool = channels_last_setting(False, flag=True, extra=_TRAINED)
     progress: bool = setting(
         True, help="show progress bars (crt, mislas_stage2 and la_finetune; plain lines when "
         "not a terminal)",

@@ -62,6 +62,7 @@ from selmix.collective import Collective, SingleProcess
 from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
 from selmix.feedback import feedback_step
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
+from selmix.hardware import resolve_for_run
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
@@ -71,13 +72,12 @@ from selmix.precision import (
     configure_threads,
     grad_scaler,
     precision_setting,
-    resolve_precision,
     threads_setting,
     to_channels_last,
 )
 from selmix.sampler import PairSampler
-from selmix.timing import PhaseTimings, backbone_feedback_every
 from selmix.selection import ObjectiveScore, objective_score
+from selmix.timing import PhaseTimings, backbone_feedback_every
 from selmix.views import MixupForward, PairPools, make_view
 
 __all__ = [
@@ -267,7 +267,7 @@ class FinetuneConfig(ConfigMixin):
     )  # fmt: skip
     precision: str = precision_setting(PRECISION_DEFAULT, run=True, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(flag=True)
+    channels_last: bool | str = channels_last_setting(flag=True)
     compile: bool = setting(
         False, check=Flag(), flag=True,
         help="torch.compile the feature extractor (pays back its compile time only in "
@@ -417,6 +417,8 @@ class FinetuneResult:
     last_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: wall time of training and feedback per phase (:class:`selmix.timing.PhaseTimings`)
     timings: dict[str, Any] = field(default_factory=dict)
+    #: what ``auto`` precision and layout resolved to (:class:`selmix.hardware.HardwareChoice`)
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     def model_at(self, which: str) -> nn.Module:
         """A copy of the model with the ``"best"`` or the ``"last"`` weights."""
@@ -869,6 +871,7 @@ def _select(trainer: Trainer) -> FinetuneResult:
         trainer.model, trainer.split, trainer.objective, trainer.config, trainer.history,
         trainer.gains, selected_step=selected, best_step=best.step, last_step=trainer.step,
         best_state=best.weights, last_state=last, timings=trainer.timings.to_dict(),
+        hardware=trainer.hardware.to_dict(),
     )  # fmt: skip
 
 
@@ -1007,11 +1010,21 @@ class Trainer:
         labels = torch.as_tensor(self.train.labels).long().cpu()
         config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
         self.device = self.collective.process_device(config.device)
-        # the resolved precision is recorded: "auto" resumes only where it resolves alike
-        self.precision = resolve_precision(config.precision, self.device)
-        self.config = config = config.replace(device=str(self.device), precision=self.precision)
         configure_threads(config.threads)
         self.model = model.to(self.device)
+        # "auto" precision and layout are measured here (selmix.hardware); the resolved
+        # values are recorded: "auto" resumes only where it resolves alike
+        self.hardware = resolve_for_run(
+            self.model, self.train, self.device, config.precision, config.channels_last,
+            batch_size=self.collective.local_batch_size(config.batch_size),
+            train=not config.frozen_backbone, processes=self.collective.world_size,
+            is_main=self.collective.is_main,
+        )  # fmt: skip
+        self.precision = self.hardware.precision
+        self.config = config = config.replace(
+            device=str(self.device), precision=self.precision,
+            channels_last=self.hardware.channels_last,
+        )  # fmt: skip
         if config.channels_last:
             to_channels_last(self.model)
         if config.compile:

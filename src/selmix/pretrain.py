@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from selmix.checkpoint import (
     save_model,
 )
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
+from selmix.hardware import resolve_for_run
 from selmix.models.split import output_tensor
 from selmix.optim import sgd_cosine
 from selmix.precision import (
@@ -46,7 +47,6 @@ from selmix.precision import (
     evaluation_mode,
     grad_scaler,
     precision_setting,
-    resolve_precision,
     threads_setting,
     to_channels_last,
 )
@@ -113,7 +113,7 @@ class PretrainConfig(ConfigMixin):
     )
     precision: str = precision_setting(run=True, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(run=True, flag=True)
+    channels_last: bool | str = channels_last_setting(run=True, flag=True)
 
     def __post_init__(self) -> None:
         if self.warmup_epochs > self.epochs:
@@ -129,6 +129,8 @@ class PretrainResult:
     model: nn.Module
     config: PretrainConfig
     history: list[dict[str, Any]]
+    #: what ``auto`` precision and layout resolved to (:class:`selmix.hardware.HardwareChoice`)
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Saves the model (rebuildable with :func:`selmix.load_model`)."""
@@ -179,12 +181,18 @@ def pretrain(
     """
     config = PretrainConfig.resolve(config, overrides)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     configure_threads(config.threads)
     model.to(device)
+    train = as_batch_dataset(train, "train")
+    # "auto" precision and layout are measured (selmix.hardware) and recorded resolved
+    hardware = resolve_for_run(
+        model, train, device, config.precision, config.channels_last,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    config = config.replace(precision=hardware.precision, channels_last=hardware.channels_last)
+    precision = hardware.precision
     if config.channels_last:
         to_channels_last(model)
-    train = as_batch_dataset(train, "train")
     labels = torch.as_tensor(train.labels).long()
     num_classes = _num_outputs(model, train)
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -290,7 +298,7 @@ def pretrain(
             save(done)
     bar.close()
     model.eval()
-    return PretrainResult(model, config, history)
+    return PretrainResult(model, config, history, hardware.to_dict())
 
 
 # settings that may change between a run and its resumption: they do not change the
