@@ -66,18 +66,34 @@ def main() -> int:
                         help="data source overriding the models' config.yaml (e.g. "
                         "fashion-mnist:/work/shared/data/fashion-mnist)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write every run here")
+    parser.add_argument(
+        "--reuse", default=None, metavar="RUNS.json",
+        help="the --json of benchmarks/feedback_share.py: its 'backbone, default' runs are "
+        "this script's full-backbone fp32 runs (the same settings), taken instead of rerun",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started_all = time.time()
     runs = []
+    reused = {}
+    if args.reuse:
+        for run in json.loads(Path(args.reuse).read_text()):
+            if run["variant"] == "backbone, default":
+                reused[run["seed"]] = run
     for seed in args.seeds:
         start = load_start(MODELS / f"fmnist_lt_small_cnn_ce_s{seed}", data=args.data)
         data = start.data
         for mode in args.modes:
             for precision in args.precisions:
-                model = copy.deepcopy(start.model)
                 full = mode == "full"
+                if full and precision == "fp32" and seed in reused and args.full_steps == 1000:
+                    old = reused[seed]
+                    runs.append({"seed": seed, "mode": mode, "precision": precision,
+                                 "cpu_seconds": None, "min_recall": old["min_recall"],
+                                 "mean_recall": old["mean_recall"], "reused": True})  # fmt: skip
+                    continue
+                model = copy.deepcopy(start.model)
                 interval = {"feedback_every": args.frozen_feedback_every}
                 if full and args.full_feedback_every is not None:
                     interval = {"backbone_feedback_every": args.full_feedback_every}
@@ -112,7 +128,13 @@ def main() -> int:
         f"full backbone: {args.full_steps} steps (the first {args.full_steps // 2} head-first), "
         f"whole-model feedback every {args.full_feedback_every or 'default'} steps (the "
         "library's `backbone_feedback_every`). Test metrics in float32; mean (min-max) over seeds "
-        f"{args.seeds}, in %. CPU: this process's CPU time per run (the machine is shared).",
+        f"{args.seeds}, in %. CPU: this process's CPU time per run (the machine is shared)"
+        + (
+            f"; full-backbone fp32 runs taken from `{args.reuse}` (benchmarks/feedback_share.py, "
+            "the same settings)."
+            if reused
+            else "."
+        ),
         "",
         "| backbone | precision | test min recall | test mean recall | CPU s per run |",
         "|---|---|---:|---:|---:|",
@@ -120,17 +142,19 @@ def main() -> int:
     for mode in args.modes:
         for precision in args.precisions:
             group = [r for r in runs if r["mode"] == mode and r["precision"] == precision]
-            cpu = statistics.mean(r["cpu_seconds"] for r in group)
+            seconds = [r["cpu_seconds"] for r in group if r["cpu_seconds"] is not None]
+            cpu = f"{statistics.mean(seconds):.1f}" if seconds else "- (reused)"
             lines.append(
                 f"| {mode} | {precision} | {spread([r['min_recall'] for r in group])} | "
-                f"{spread([r['mean_recall'] for r in group])} | {cpu:.1f} |"
+                f"{spread([r['mean_recall'] for r in group])} | {cpu} |"
             )
     lines += ["", "Per seed:", "", "| seed | backbone | precision | min recall | mean recall |"
               " CPU s |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
     for r in runs:
+        cpu = "reused" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         lines.append(
             f"| {r['seed']} | {r['mode']} | {r['precision']} | {100 * r['min_recall']:.1f} | "
-            f"{100 * r['mean_recall']:.1f} | {r['cpu_seconds']:.1f} |"
+            f"{100 * r['mean_recall']:.1f} | {cpu} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

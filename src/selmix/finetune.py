@@ -63,6 +63,7 @@ from selmix.evaluate import DEVICE_HELP, Evaluation, as_batch_dataset, evaluate
 from selmix.feedback import feedback_step
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.hardware import resolve_for_run
+from selmix.memory import resolve_eval_batch_size
 from selmix.metrics import all_metrics, infer_head_classes
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.optim import split_sgd_cosine
@@ -254,9 +255,11 @@ class FinetuneConfig(ConfigMixin):
         help="stop after this many feedback steps without a better validation score; "
         "unset: never stop early",
     )  # fmt: skip
-    eval_batch_size: int = setting(
-        512, help="batch size of evaluation and feature extraction", check=Int(1)
-    )
+    eval_batch_size: int | None = setting(
+        None, check=Optional(Int(1)), metavar="N",
+        help="batch size of evaluation and feature extraction; unset: sized from the input "
+        "size, the model's activations and the memory available (selmix.memory; at most 512)",
+    )  # fmt: skip
     seed: int = setting(
         0, help="random seed (model initialisation, data split, sampling)", check=Seed(),
         run=True, flag=True,
@@ -1024,6 +1027,17 @@ class Trainer:
         self.config = config = config.replace(
             device=str(self.device), precision=self.precision,
             channels_last=self.hardware.channels_last,
+        )  # fmt: skip
+        # the evaluation batch sized from the memory unless set; batches that cannot fit
+        # fail here, in one line naming the setting, not in the kernel's OOM killer
+        self.config = config = config.replace(
+            eval_batch_size=resolve_eval_batch_size(
+                self.split.features, self.train, self.device, self.precision,
+                config.eval_batch_size,
+                None if config.frozen_backbone else self.collective.local_batch_size(
+                    config.batch_size
+                ),
+            )
         )  # fmt: skip
         if config.channels_last:
             to_channels_last(self.model)

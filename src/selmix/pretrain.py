@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
+from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
 from selmix._progress import progress_bar
 from selmix.checkpoint import (
     capture_rng_state,
@@ -38,6 +38,7 @@ from selmix.checkpoint import (
 )
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.hardware import resolve_for_run
+from selmix.memory import resolve_eval_batch_size
 from selmix.models.split import output_tensor
 from selmix.optim import sgd_cosine
 from selmix.precision import (
@@ -99,7 +100,11 @@ class PretrainConfig(ConfigMixin):
         "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
         metavar="DEVICE",
     )  # fmt: skip
-    eval_batch_size: int = setting(512, help="batch size of the per-epoch validation", check=Int(1))
+    eval_batch_size: int | None = setting(
+        None, check=Optional(Int(1)), metavar="N",
+        help="batch size of the per-epoch validation; unset: sized from the input size, the "
+        "model's activations and the memory available (selmix.memory; at most 512)",
+    )  # fmt: skip
     progress: bool = setting(
         True, check=Flag(), flag=True,
         help="show progress (a bar on a terminal, a plain line every tenth of the run "
@@ -193,6 +198,12 @@ def pretrain(
     precision = hardware.precision
     if config.channels_last:
         to_channels_last(model)
+    # fails early, in one line naming the setting, when a batch cannot fit in the memory
+    config = config.replace(
+        eval_batch_size=resolve_eval_batch_size(
+            model, train, device, precision, config.eval_batch_size, config.batch_size
+        )
+    )
     labels = torch.as_tensor(train.labels).long()
     num_classes = _num_outputs(model, train)
     if labels.min() < 0 or labels.max() >= num_classes:
