@@ -33,7 +33,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -247,6 +246,8 @@ def memory_only(args: argparse.Namespace, began: float) -> None:
 
 
 def main() -> None:
+    from selmix.hardware import machine_description
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", type=Path, default=Path("/tmp/selmix-stream-tree"))
     parser.add_argument("--images", type=int, default=20000)
@@ -308,7 +309,7 @@ def main() -> None:
         "# Streaming image folders",
         "",
         f"Command: `PYTHONPATH=src python benchmarks/streaming.py --images {args.images} "
-        f"--tree {args.tree}` ({platform.processor() or platform.machine()}, {cores} cores "
+        f"--tree {args.tree}` ({machine_description()}, {cores} cores "
         f"shared with other jobs, torch {torch.__version__}, 1 torch thread per process; "
         f"total {time.perf_counter() - began:.0f} s).",
         "",
