@@ -240,7 +240,7 @@ def test_finetune_settings_are_generated_from_the_config_fields() -> None:
             assert item.key not in defaults
             continue
         assert defaults[item.key] == item.shown_default, item.name
-        if item.flag and item.type is bool:
+        if item.flag and (item.type is bool or item.choices == ("auto", True, False)):
             flag = ["--no-" + item.key.replace("_", "-")] if item.default else []
             flag = flag or ["--" + item.key.replace("_", "-")]
         elif item.flag:

@@ -616,7 +616,7 @@ def logit_adjusted_finetune(
     augment: bool = _DEFAULTS.augment,
     seed: int | torch.Generator = 0,
     device: str | torch.device = "cpu",
-    eval_batch_size: int = _DEFAULTS.eval_batch_size,
+    eval_batch_size: int = 512,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     progress: bool = False,
@@ -934,7 +934,7 @@ class BaselineConfig(ConfigMixin):
         check=Flag(), extra=_LA,
     )  # fmt: skip
     eval_batch_size: int = setting(
-        _DEFAULTS.eval_batch_size, help="batch size of feature extraction and evaluation",
+        512, help="batch size of feature extraction and evaluation",
         check=Int(1),
     )  # fmt: skip
     head_classes: list[int] | None = setting(

@@ -16,10 +16,10 @@ the data, the starting model and, with ``--resume``, that the checkpoint continu
 very run); a command that fails there leaves ``--out`` as it was, byte for byte. Only then
 does a fresh run of ``pretrain``, ``finetune`` or ``baseline`` remove the previous run's
 files from ``--out`` (``model.pt``, ``metrics.json``, ``config.yaml``, ``log.jsonl``,
-``finetune_state.pt``, ``details.json``) and write its ``config.yaml``, so a run that fails
-later leaves its own files only (a resumable ``finetune_state.pt`` and ``log.jsonl``),
-never a mix of two runs. ``model.pt`` and ``metrics.json`` are written at the end; every
-file is written atomically (:mod:`selmix._io`).
+``finetune_state.pt``, ``details.json``, ``timings.json``) and write its ``config.yaml``,
+so a run that fails later leaves its own files only (a resumable ``finetune_state.pt``
+and ``log.jsonl``), never a mix of two runs. ``model.pt`` and ``metrics.json`` are written
+at the end; every file is written atomically (:mod:`selmix._io`).
 """
 
 from __future__ import annotations
@@ -564,10 +564,21 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
     write_yaml(path, data)
 
 
+def _note_resolved(path: Path, config: Any) -> None:
+    """Appends to a run's config.yaml, as comments, what its unset or ``auto`` hardware
+    settings resolved to (comments: the file stays a valid ``--config`` for another
+    machine, where ``auto`` measures again)."""
+    from selmix._io import atomic_write_text
+
+    lines = [f"# resolved on this machine: {key}: {getattr(config, key)!r}"
+             for key in ("precision", "channels_last", "eval_batch_size")]  # fmt: skip
+    atomic_write_text(path, path.read_text() + "\n".join(lines) + "\n")
+
+
 #: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
-    "pretrain_state.pt",
+    "timings.json", "pretrain_state.pt",
 )  # fmt: skip
 
 
@@ -690,6 +701,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     }  # fmt: skip
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
     _write_json(out / "metrics.json", metrics)
+    _note_resolved(out / "config.yaml", result.config)
     print(format_metrics_table({"val": metrics["val"], "test": metrics["test"]}, change=False))
     print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'config.yaml'}")
     return 0
@@ -782,12 +794,14 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         for which, step in (("best", result.best_step), ("last", result.last_step)):
             same = step == result.selected_step
             metrics[which] = after if same else test_metrics(result.model_at(which))
-        metrics["timings"] = result.timings  # wall time of training and feedback per phase
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             save_model(out / "model.pt", result.model, meta)
             _write_json(out / "metrics.json", metrics)
+            # wall time of training and feedback per phase, and what `auto` resolved to
+            _write_json(out / "timings.json", {**result.timings, "hardware": result.hardware})
             _write_yaml(out / "config.yaml", settings)
+            _note_resolved(out / "config.yaml", result.config)
         # all ranks leave together: gloo aborts a process whose peer hung up first
         collective.barrier()
     finally:
