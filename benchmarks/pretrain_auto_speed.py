@@ -1,12 +1,15 @@
 """`selmix pretrain` with the default hardware settings against fp32 + contiguous, 1 thread.
 
 Runs ``selmix pretrain --data demo --model resnet32 --epochs 1 --threads 1`` (the CLI, one
-process each, ``OMP_NUM_THREADS=1``) in three ways, in this order:
+process each, ``OMP_NUM_THREADS=1``) in these ways, in this order:
 
 1. ``defaults, measured``: the defaults with an empty hardware cache (``SELMIX_CACHE_DIR``
    a fresh folder), so the run includes the timing of the ``auto`` candidates;
-2. ``defaults, cached``: the same again, the choice read from the cache;
-3. ``fp32, contiguous``: ``--set precision=fp32 --set channels_last=false``.
+2. ``precision auto, measured``: ``--set precision=auto`` (precision and layout both
+   measured), also with nothing cached for it yet;
+3. ``defaults, cached`` and ``precision auto, cached``: the same again, the choices read
+   from the cache;
+4. ``fp32, contiguous``: ``--set precision=fp32 --set channels_last=false``.
 
 Prints (and writes with ``--out``) a table of each run's wall time, the ratio to the fixed
 run and the one line in which ``auto`` said what it chose; ``--repeats`` repeats the cached
@@ -58,15 +61,22 @@ def main() -> int:
     base = ["--data", "demo", "--model", options.model, "--epochs", str(options.epochs),
             "--threads", "1", "--no-progress"]  # fmt: skip
     fixed = [*base, "--set", "precision=fp32", "--set", "channels_last=false"]
+    auto = [*base, "--set", "precision=auto"]
     rows: list[tuple[str, float, str]] = []
     with tempfile.TemporaryDirectory() as folder:
         cache, out = str(Path(folder) / "cache"), str(Path(folder) / "run")
         seconds, line = run(base, cache, out)
         rows.append(("defaults, measured (empty cache)", seconds, line))
         print(rows[-1], flush=True)
+        seconds, line = run(auto, cache, out)
+        rows.append(("precision auto, measured", seconds, line))
+        print(rows[-1], flush=True)
         for _ in range(options.repeats):
             seconds, line = run(base, cache, out)
             rows.append(("defaults, cached", seconds, line))
+            print(rows[-1], flush=True)
+            seconds, line = run(auto, cache, out)
+            rows.append(("precision auto, cached", seconds, line))
             print(rows[-1], flush=True)
             seconds, _ = run(fixed, cache, out)
             rows.append(("fp32, contiguous", seconds, ""))
