@@ -412,7 +412,9 @@ def resolve_hardware(
     requested = (precision, channels_last)
     if report is None:
         report = _print_line
-    if len(settings) == 1 or not measure:
+    if len(settings) == 1:  # nothing to choose (no convolution, one precision)
+        return HardwareChoice(*baseline, source="default", machine=description)
+    if not measure:
         choice = HardwareChoice(*baseline, source="default", machine=description)
         report(choice.describe(requested))
         return choice
