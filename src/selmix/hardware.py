@@ -306,8 +306,8 @@ class HardwareChoice:
         source: ``"given"`` (nothing was auto), ``"measured"``, ``"cached"`` (measured
             earlier on this machine) or ``"default"`` (auto without measuring, e.g. in a
             multi-process run).
-        timings: seconds per step of each candidate (``"fp32/contiguous": 0.85``), when
-            measured.
+        timings: seconds per step of each candidate (``"fp32/contiguous": 0.85``), the
+            baseline first, when measured.
         machine: :func:`machine_description` of the device.
     """
 
@@ -330,7 +330,7 @@ class HardwareChoice:
         times = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in self.timings.items())
         return (
             f"selmix hardware: {chosen} ({self.source} per step: {times}; a change needs "
-            f">= {CLEAR_SPEEDUP}x over fp32/contiguous; {self.machine})"
+            f">= {CLEAR_SPEEDUP}x over {next(iter(self.timings))}; {self.machine})"
         )
 
     def to_dict(self) -> dict[str, Any]:
