@@ -358,7 +358,7 @@ def _write_cache(path: Path, key: str, record: dict[str, Any]) -> None:
         data = _read_cache(path)
         data[key] = record
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     except OSError:
         pass  # a read-only home: measured again next time
 
