@@ -6,12 +6,14 @@ from), with SGD, momentum, weight decay, linear warm-up and a cosine schedule
 (:mod:`selmix.optim`).
 
 ``precision`` runs the forward passes under autocast (:mod:`selmix.precision`; bf16 ran a
-ResNet-32 pre-training step 1.7-2.0x faster than float32 in CPU time on this project's
-AVX-512-bf16 CPU, ``docs/results/finetune_speed_precision.md``). The default stays
-``"fp32"``: ``"auto"`` depends on the hardware, so a seeded run would no longer give the
-same numbers on every machine. With ``checkpoint_path`` a run writes resumable
-checkpoints; ``pretrain(..., resume=path)`` continues one bit-identically on the same
-device, precision and thread count.
+ResNet-32 pre-training step 1.7-2.0x faster than float32 in CPU time on an AMD EPYC with
+AVX-512-bf16, ``docs/results/finetune_speed_precision.md``, and 1.09x on an Intel Xeon with
+it, issue 27). The default stays ``"fp32"``: ``"auto"`` is measured on the machine
+(:mod:`selmix.hardware`), so a seeded run would no longer give the same numbers on every
+machine. ``channels_last`` defaults to ``"auto"`` (measured the same way; the layout changes
+only the float rounding); the config of the result holds the resolved values. With
+``checkpoint_path`` a run writes resumable checkpoints; ``pretrain(..., resume=path)``
+continues one bit-identically on the same device, precision, layout and thread count.
 """
 
 from __future__ import annotations
