@@ -126,8 +126,13 @@ def main() -> int:
         "SelMix for min recall (rate 50, confusion smoothing 1, lr_head 3e-3, B = 128), "
         f"frozen: {args.frozen_steps} steps, feedback every {args.frozen_feedback_every}; "
         f"full backbone: {args.full_steps} steps (the first {args.full_steps // 2} head-first), "
-        f"whole-model feedback every {args.full_feedback_every or 'default'} steps (the "
-        "library's `backbone_feedback_every`). Test metrics in float32; mean (min-max) over seeds "
+        "whole-model feedback every "
+        + (
+            f"{args.full_feedback_every} steps"
+            if args.full_feedback_every
+            else "`backbone_feedback_every` steps (unset: the library's default)"
+        )
+        + ". Test metrics in float32; mean (min-max) over seeds "
         f"{args.seeds}, in %. CPU: this process's CPU time per run (the machine is shared)"
         + (
             f"; full-backbone fp32 runs taken from `{args.reuse}` (benchmarks/feedback_share.py, "
