@@ -17,7 +17,6 @@ from selmix.feedback import SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, Trainer, _LinearHeadStep, finetune
 from selmix.models import create_model, split_model
 from selmix.optim import split_sgd_cosine
-from selmix.precision import resolve_precision
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 
