@@ -319,12 +319,13 @@ class HardwareChoice:
 
     def describe(self, requested: tuple[str, bool | str] | None = None) -> str:
         """One line: what was chosen, from what, on which machine."""
-        chosen = f"precision {self.precision}, channels_last {str(self.channels_last).lower()}"
-        if requested is not None:
-            chosen = (
-                f"precision {requested[0]} -> {self.precision}, channels_last "
-                f"{str(requested[1]).lower()} -> {str(self.channels_last).lower()}"
-            )
+        resolved = (self.precision, str(self.channels_last).lower())
+        asked = requested if requested is not None else resolved
+        names = ("precision", "channels_last")
+        chosen = ", ".join(
+            f"{name} {value} -> {result}" if value == "auto" else f"{name} {result}"
+            for name, value, result in zip(names, asked, resolved, strict=True)
+        )
         if not self.timings:
             return f"selmix hardware: {chosen} ({self.source}; {self.machine})"
         times = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in self.timings.items())
