@@ -21,7 +21,7 @@ It first trains a small CNN on the packaged long-tailed Fashion-MNIST subset wit
 cross-entropy (your existing model), then fine-tunes it for mean recall with SelMix pairs
 and prints the validation objective and metrics before and after. ``--objective
 min_recall`` works too, but from a start where some class has 0% validation recall it moves
-slowly: that class's gain is 0 (see the README's Known limits); the loop already adds a
+slowly: that class's gain is 0 (see docs/guide/known_limits.md); the loop already adds a
 pseudo-count of 1 to the confusion counts, which lets the gain see it.
 """
 

@@ -104,6 +104,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cut = archive_buffer.read_bytes()
     (files / "cut.tar.gz").write_bytes(cut[: len(cut) // 2])
     (files / "a_file").write_text("not a folder\n")
+    objects = np.array([{"a": 1}], dtype=object)
+    np.savez(files / "objects.npz", train_features=objects, train_labels=np.zeros(1))
+    empty_class = _image_tree(files / "empty_class")
+    for image in (empty_class / "train" / "class_2").iterdir():
+        image.unlink()
+    no_val_class = _image_tree(files / "no_val_class")  # val/ has classes 0 and 1 only
+    for name in ("class_0", "class_1"):
+        shutil.copytree(no_val_class / "test" / name, no_val_class / "val" / name)
+    renamed = _image_tree(files / "renamed")  # class_1 is called "dog" here
+    for split in ("train", "test"):
+        (renamed / split / "class_1").rename(renamed / split / "dog")
     yield {"tree": tree, "other_tree": other_tree, "pretrained": pretrained, "good": good,
            "files": files}  # fmt: skip
     if previous_cache is None:
@@ -150,6 +161,13 @@ CASES: dict[str, tuple[list[str], str]] = {
                                        "objective_params"),
     "policy unknown": ([*FT, "--set", "policy=random"], "policy"),
     "imbalance inf": ([*FT, "--imbalance", "inf"], "imbalance"),
+    "imbalance below 1": ([*FT, "--imbalance", "0.5"], "`imbalance` must be >= 1"),
+    "features file of objects": ([*FT, "--data", "features:{files}/objects.npz"], "objects.npz"),
+    "empty class folder": ([*FT, "--data", "imagefolder:{files}/empty_class"],
+                           "train/class_2/ holds no images"),
+    # found before --out is touched, which the byte-identical check below shows
+    "validation lacks a class": ([*FT, "--data", "imagefolder:{files}/no_val_class", "--set",
+                                  "val_per_class=null"], "`val` has no samples of class(es) [2]"),
     "val_per_class negative": ([*FT, "--val-per-class", "-1"], "val_per_class"),
     "checkpoint missing": ([*FT, "--checkpoint", "{files}/none.pt"], "none.pt"),
     "checkpoint empty": ([*FT, "--checkpoint", "{files}/empty.pt"], "empty.pt"),
@@ -245,12 +263,25 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     assert status == 2, captured.err
     assert len(lines) == 1, captured.err
     assert "error" in lines[0] and expected in lines[0], lines[0]
-    assert "weights_only" not in lines[0]
+    assert "weights_only" not in lines[0] and "allow_pickle" not in lines[0]
     assert _snapshot(out) == before, "the failed run changed the previous run's files"
 
 
 def test_there_are_at_least_30_cases() -> None:
     assert len(CASES) >= 30
+
+
+def test_class_name_warning_says_which_names_differ(
+    world: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    argv = ["evaluate", "--data", f"imagefolder:{world['files'] / 'renamed'}", "--checkpoint",
+            str(world["pretrained"] / "model.pt"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    # sorted, the data's classes are class_0, class_2, dog: indices 1 and 2 differ
+    assert "1: 'class_1' vs 'class_2'; 2: 'class_2' vs 'dog'" in warnings[0], warnings[0]
 
 
 # -- run-level behaviour ------------------------------------------------------------------------

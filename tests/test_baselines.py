@@ -186,6 +186,21 @@ def test_coverage_rule_prefers_feasible_then_metric_then_coverage():
     assert best_index([ObjectiveScore(0.5), ObjectiveScore(0.5), ObjectiveScore(0.4)]) == 0
 
 
+def test_min_recall_ties_go_to_the_higher_mean_recall():
+    # two steps with the same min recall 0.5 (a small validation set moves it in steps of
+    # 1 / n): the better-trained one, higher mean recall, is the best; then the earlier
+    early = torch.tensor([[5, 5, 0], [2, 6, 2], [0, 4, 6]])  # recalls .5 .6 .6, mean .567
+    later = torch.tensor([[9, 1, 0], [1, 9, 0], [0, 5, 5]])  # recalls .9 .9 .5, mean .767
+    scores = [objective_score("min_recall", c) for c in (early, later)]
+    assert scores[0].metric == scores[1].metric == pytest.approx(0.5)
+    assert best_index(scores) == 1
+    assert scores[1].tiebreak == pytest.approx((0.9 + 0.9 + 0.5) / 3)
+    # min head/tail recall (head [0], tail [1, 2]): .5 against .7, the later wins outright
+    head_tail = get_objective("min_head_tail_recall", head_classes=[0])
+    assert best_index([objective_score(head_tail, c) for c in (early, later)]) == 1
+    assert best_index([objective_score("min_recall", c) for c in (later, later)]) == 0
+
+
 # -- post-hoc logit adjustment ------------------------------------------------------------
 def test_posthoc_shift_is_minus_tau_log_prior(data, ce_model):
     state = snapshot(ce_model)
@@ -589,7 +604,13 @@ def test_registry_runs_every_baseline_by_name(data, ce_model):
     assert torch.equal(logits_of(start.model, val.x), logits_of(ce_model, val.x))
     posthoc = run_baseline("posthoc_la", ce_model, train, val, "min_recall", taus=[0.0, 1.0])
     assert posthoc.details["tau"] in (0.0, 1.0) and len(posthoc.details["scores"]) == 2
-    assert set(posthoc.details["scores"][0]) == {"metric", "coverage", "target", "feasible"}
+    assert set(posthoc.details["scores"][0]) == {
+        "metric",
+        "coverage",
+        "target",
+        "tiebreak",
+        "feasible",
+    }
     seen = []
     crt = run_baseline("crt", ce_model, train, val, "min_recall", epochs=2, callback=seen.append)
     assert len(crt.details["history"]) == 2 and seen == crt.details["history"]

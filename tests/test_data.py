@@ -34,7 +34,7 @@ from selmix.data import (
     read_idx,
     semi_supervised_split,
 )
-from selmix.data import sources as sources_module
+from selmix.data import image_folder as image_folder_module
 from selmix.data.sources import read_data_pickle
 
 torch.set_num_threads(1)
@@ -409,7 +409,7 @@ def test_load_cifar10_from_archive_orders_and_caches(tmp_path, monkeypatch):
         raise AssertionError("the cache should have been used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(sources_module, "_decode_entries", no_decoding)
+        patch.setattr(image_folder_module, "_decode_entries", no_decoding)
         test = load_cifar10(archive, train=False, cache_dir=cache)
     labels, values = expected_order("test")
     assert test.labels.tolist() == labels and test.images[:, 0, 0, 0].tolist() == values

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -493,3 +494,75 @@ def test_uniform_mix_and_multiplier_step_reach_the_feedback(demo, pretrained):
         copy.deepcopy(pretrained), train, val, "min_recall", confusion_smoothing=0.0, **common
     )
     assert not torch.allclose(soft.gains[0][1], hard.gains[0][1])
+
+
+def test_small_validation_warns_for_per_class_objectives_only(demo, pretrained):
+    few = small(demo.val, 10)  # 10 per class: below SMALL_VALIDATION
+    settings = {"steps": 2, "feedback_every": 1, "progress": False}
+    with pytest.warns(selmix.SmallValidationWarning, match="10 samples of its smallest class"):
+        finetune(copy.deepcopy(pretrained), demo.train, few, "min_recall", **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", selmix.SmallValidationWarning)
+        finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall", **settings)
+        finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall_min_coverage", **settings)
+        finetune(copy.deepcopy(pretrained), demo.train, small(demo.val, 60), "min_recall",
+                 **settings)  # fmt: skip
+
+
+def test_shrinkage_changes_what_the_objective_sees_not_the_logged_counts(demo, pretrained):
+    few = small(demo.val, 10)
+    settings = {"steps": 20, "feedback_every": 10, "progress": False, "seed": 0}
+    plain = finetune(copy.deepcopy(pretrained), demo.train, few, "min_recall", **settings)
+    pooled = finetune(
+        copy.deepcopy(pretrained), demo.train, few, "min_recall", shrinkage="auto", **settings
+    )
+    # step 0: the same model, the same logged metrics, other multipliers
+    assert plain.history[0]["metrics"] == pooled.history[0]["metrics"]
+    assert plain.history[0]["multipliers"] != pooled.history[0]["multipliers"]
+    spread = [max(r["multipliers"]) for r in (plain.history[0], pooled.history[0])]
+    assert spread[1] < spread[0]  # the pooled estimate concentrates the multipliers less
+    assert pooled.config.shrinkage == "auto"
+
+
+def test_head_init_starts_from_the_rebalanced_head_it_names(demo, pretrained):
+    from selmix.baselines import classifier_retraining
+
+    settings = {"steps": 1, "feedback_every": 1, "progress": False, "seed": 3}
+    crt = classifier_retraining(pretrained, demo.train, None, seed=3)
+    run = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall",
+                   head_init="crt", **settings)  # fmt: skip
+    assert run.head_init["head_init"] == "crt"
+    # the start the run scored (step 0) is the cRT head on the same features
+    assert run.history[0]["metrics"] == evaluate(crt, demo.val).metrics()
+    kept = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall", **settings)
+    assert kept.head_init is None
+    assert kept.history[0]["metrics"] == evaluate(pretrained, demo.val).metrics()
+
+
+def test_head_init_auto_takes_the_best_candidate_on_validation(demo, pretrained):
+    settings = {"steps": 1, "feedback_every": 1, "progress": False}
+    run = finetune(copy.deepcopy(pretrained), demo.train, demo.val, "min_recall",
+                   head_init="auto", **settings)  # fmt: skip
+    scores = run.head_init["scores"]
+    assert set(scores) == {"model", "posthoc_la", "crt"}
+    best = max(scores, key=lambda name: (scores[name]["metric"], scores[name]["tiebreak"]))
+    assert run.head_init["head_init"] == best
+    assert run.history[0]["score"]["metric"] == pytest.approx(scores[best]["metric"])
+    with pytest.raises(ValueError, match="head_init"):
+        FinetuneConfig(head_init="balanced")
+
+
+def test_resume_does_not_initialise_the_head_again(demo, pretrained, tmp_path):
+    train, val = small(demo.train, 15), small(demo.val, 10)
+    settings = dict(steps=8, feedback_every=4, batch_size=16, progress=False,
+                    objective="min_recall", head_init="auto")  # fmt: skip
+    whole = finetune(copy.deepcopy(pretrained), train, val,
+                     checkpoint_path=str(tmp_path / "a.pt"), **settings)  # fmt: skip
+    part = copy.deepcopy(pretrained)
+    finetune(part, train, val, checkpoint_path=str(tmp_path / "b.pt"),
+             **{**settings, "steps": 4})  # fmt: skip
+    state = load_checkpoint(tmp_path / "b.pt")
+    state["config"]["steps"] = 8  # continue the 4-step run to 8 steps
+    resumed = finetune(copy.deepcopy(pretrained), train, val, resume=state, **settings)
+    assert resumed.head_init == whole.head_init
+    assert untimed(resumed.history) == untimed(whole.history)

@@ -234,7 +234,7 @@ def test_frozen_run_is_the_same_with_and_without_the_closed_form(monkeypatch):
     fast = tiny_model()
     finetune(fast, data, data, **settings)
     # the autograd path: the Trainer takes it when the head is not a plain nn.Linear
-    engine = sys.modules["selmix.finetune"]  # (selmix.finetune is also the function)
+    engine = sys.modules["selmix.finetune.trainer"]  # the module of the Trainer
     monkeypatch.setattr(engine, "_closed_form_head_step", lambda view, collective: None)
     slow = tiny_model()
     finetune(slow, data, data, **settings)
@@ -266,7 +266,7 @@ def test_trainer_and_selmix_feedback_share_feedback_step(monkeypatch):
     data = tiny_set()
     calls = []
     feedback_module = sys.modules["selmix.feedback"]
-    finetune_module = sys.modules["selmix.finetune"]
+    finetune_module = sys.modules["selmix.finetune.trainer"]
 
     def spy(*args, **kwargs):
         calls.append(args[3])

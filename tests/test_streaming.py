@@ -14,9 +14,9 @@ from selmix.data import (
     DatasetAdapter,
     ImageTensorDataset,
     StreamingImageDataset,
+    image_folder,
     load_data,
     load_image_folder,
-    sources,
 )
 from selmix.finetune import finetune
 from selmix.models import create_model
@@ -104,14 +104,14 @@ def test_imagenet_transforms_are_seeded_per_image_whatever_the_workers(large_tre
 
 
 def test_image_folder_chooses_memory_or_streaming_by_size(small_tree, monkeypatch):
-    files = [path for *_, path in sources._tree_files(small_tree, ("train", "test"))]
+    files = [path for *_, path in image_folder._tree_files(small_tree, ("train", "test"))]
     assert len(files) == 60
     # 60 RGB images of 16 x 19 pixels
-    assert sources.estimate_decoded_bytes(files) == 60 * 3 * 16 * 19
-    assert sources.estimate_decoded_bytes(files, (8, 8)) == 60 * 3 * 8 * 8
-    monkeypatch.setattr(sources, "available_memory", lambda: 4 * 60 * 3 * 16 * 19 - 4)
+    assert image_folder.estimate_decoded_bytes(files) == 60 * 3 * 16 * 19
+    assert image_folder.estimate_decoded_bytes(files, (8, 8)) == 60 * 3 * 8 * 8
+    monkeypatch.setattr(image_folder, "available_memory", lambda: 4 * 60 * 3 * 16 * 19 - 4)
     assert isinstance(load_image_folder(small_tree)["train"], StreamingImageDataset)
-    monkeypatch.setattr(sources, "available_memory", lambda: 4 * 60 * 3 * 16 * 19)
+    monkeypatch.setattr(image_folder, "available_memory", lambda: 4 * 60 * 3 * 16 * 19)
     assert isinstance(load_image_folder(small_tree)["train"], ImageTensorDataset)
     assert isinstance(
         load_image_folder(small_tree, stream=True, num_workers=0)["train"],

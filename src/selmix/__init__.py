@@ -21,6 +21,7 @@ from selmix.baselines import (
     run_baseline,
 )
 from selmix.checkpoint import load_model, save_model
+from selmix.estimates import SmallValidationWarning, shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.feedback import FeedbackResult, SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
@@ -82,7 +83,9 @@ __all__ = [
     "register_model",
     "save_model",
     "split_model",
+    "shrunk_confusion",
     "Objective",
+    "SmallValidationWarning",
     "StationaryPointWarning",
     "accuracy",
     "all_metrics",

@@ -95,11 +95,11 @@ class Real:
 class Choice:
     """One of ``choices`` (a sequence, or a function returning one for registries)."""
 
-    def __init__(self, choices: Sequence[str] | Callable[[], Sequence[str]]) -> None:
+    def __init__(self, choices: Sequence[Any] | Callable[[], Sequence[Any]]) -> None:
         self._choices = choices
 
     @property
-    def choices(self) -> Sequence[str]:
+    def choices(self) -> Sequence[Any]:
         return self._choices() if callable(self._choices) else self._choices
 
     def __call__(self, name: str, value: Any) -> Any:

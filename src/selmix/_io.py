@@ -65,7 +65,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """
     target = Path(target)
     prefix = f".{target.name}."
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:

@@ -63,7 +63,7 @@ class _PlainProgress:
         if self._next is not None and self._step is not None and self.n >= self._next:
             while self._next <= self.n:
                 self._next += self._step
-            percent = 100 * self.n / self.total
+            percent = 100 * self.n / self.total if self.total else 100.0
             postfix = f" {self.postfix}" if self.postfix else ""
             print(
                 f"{self.desc}: {self.n}/{self.total} ({percent:.0f}%){postfix}",
@@ -128,7 +128,7 @@ def progress_bar(
     stream = sys.stderr if stream is None else stream
     enabled = enabled and not disable
     iterable = None
-    total = steps
+    total: int | None = steps if isinstance(steps, int) else None
     if steps is not None and not isinstance(steps, int):
         iterable = steps
         total = tqdm_kwargs.pop("total", None)

@@ -367,15 +367,17 @@ class DistributedContext:
                 if param.requires_grad:
                     by_dtype.setdefault(param.dtype, []).append(param)
             for group in by_dtype.values():
+                grads = []
                 for param in group:
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                flat = torch.cat([param.grad.reshape(-1) for param in group])
+                    grads.append(param.grad)
+                flat = torch.cat([grad.reshape(-1) for grad in grads])
                 self.all_reduce(flat).div_(self.world_size)
                 offset = 0
-                for param in group:
-                    size = param.numel()
-                    param.grad.copy_(flat[offset : offset + size].view_as(param.grad))
+                for grad in grads:
+                    size = grad.numel()
+                    grad.copy_(flat[offset : offset + size].view_as(grad))
                     offset += size
 
         return optimizer.register_step_pre_hook(hook)

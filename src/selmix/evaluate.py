@@ -91,21 +91,28 @@ class Evaluation:
         class_counts: LongTensor[K], samples per true class.
         soft_counts: float64 Tensor[K, K], row y the sum over the samples of true class y
             of their softmax probabilities (a confusion matrix of probabilities: no entry
-            of a row with samples is exactly 0).
+            of a row with samples is exactly 0); None where the evaluation left them out
+            (a frozen-features evaluation asked for ``soft=False``).
     """
 
     counts: torch.Tensor
     prototypes: torch.Tensor
     class_counts: torch.Tensor
-    soft_counts: torch.Tensor
+    soft_counts: torch.Tensor | None
 
     @classmethod
-    def from_sums(cls, sums: tuple[torch.Tensor, ...]) -> Evaluation:
+    def from_sums(
+        cls,
+        sums: tuple[torch.Tensor, ...]
+        | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    ) -> Evaluation:
         """The evaluation of the totals :func:`summarize` returns (summed over batches and,
-        under ``torch.distributed``, over ranks)."""
+        under ``torch.distributed``, over ranks); the soft counts may be None (a
+        frozen-features evaluation without them)."""
         counts, feature_sums, class_counts, soft_counts = sums
         prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
-        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts.cpu())
+        soft_counts = None if soft_counts is None else soft_counts.cpu()
+        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts)
 
     @property
     def confusion(self) -> torch.Tensor:
@@ -241,7 +248,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        totals = None
+        totals: tuple[torch.Tensor, ...] | None = None
         for start in range(0, labels.numel(), batch_size):
             index = torch.arange(start, min(start + batch_size, labels.numel()))
             images, batch_labels = dataset.batch(index, device=device)
@@ -257,6 +264,8 @@ def evaluate(
             )
     finally:
         model.train(was_training)
+    if totals is None:
+        raise ValueError("`dataset` is empty")
     if reduce is not None:
         for tensor in totals:
             reduce(tensor)

@@ -42,6 +42,7 @@ from selmix._validation import (
     check_int,
     check_positive,
 )
+from selmix.estimates import shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.gain import gain_matrix
 from selmix.metrics import all_metrics
@@ -52,9 +53,20 @@ from selmix.sampler import PairSampler
 __all__ = ["FeedbackResult", "MixupPairs", "SelMixFeedback", "feedback_step", "smoothed_confusion"]
 
 
-def smoothed_confusion(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
-    """``(counts + pseudo_count) / total``: Tensor[K, K] float64 summing to 1."""
+SHRINKAGE = ("none", "auto")
+
+
+def smoothed_confusion(
+    counts: torch.Tensor, pseudo_count: float, shrinkage: str = "none"
+) -> torch.Tensor:
+    """The estimate of C from validation counts: Tensor[K, K] float64 summing to 1.
+
+    ``(counts + pseudo_count) / total``, then, with ``shrinkage="auto"``, every row pulled
+    towards the pooled classes (:func:`selmix.estimates.shrunk_confusion`).
+    """
     smoothed = counts.double() + pseudo_count
+    if shrinkage == "auto":
+        return shrunk_confusion(smoothed)
     return smoothed / smoothed.sum()
 
 
@@ -94,7 +106,9 @@ def feedback_step(
     Returns:
         A :class:`FeedbackResult`.
     """
-    estimate = smoothed_confusion(evaluation.counts, settings.confusion_smoothing)
+    estimate = smoothed_confusion(
+        evaluation.counts, settings.confusion_smoothing, settings.shrinkage
+    )
     objective.update(estimate, step_size=settings.multiplier_step)
     with torch.no_grad():
         value = float(objective(estimate))
@@ -146,6 +160,8 @@ class SelMixFeedback:
             factor instead of the counts.
         uniform_mix: share eps of the uniform policy mixed into P.
         multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
+        shrinkage: ``"auto"`` pulls each class's row of the counts towards the pooled
+            classes (:func:`selmix.estimates.shrunk_confusion`), ``"none"`` uses the counts.
 
     The defaults are those of :class:`selmix.FinetuneConfig` (the robust defaults of
     docs/DESIGN.md); ``gain_scale=10, normalize_gain=False, confusion_smoothing=0`` is the
@@ -174,6 +190,7 @@ class SelMixFeedback:
         soft_confusion: bool = False,
         uniform_mix: float = 0.0,
         multiplier_step: float = 1.0,
+        shrinkage: str = "none",
         head_classes: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
@@ -202,6 +219,7 @@ class SelMixFeedback:
         self.multiplier_step = check_in_range("multiplier_step", multiplier_step, 0.0, 1.0)
         if self.multiplier_step == 0:
             raise ValueError("`multiplier_step` must be in (0, 1], got 0")
+        self.shrinkage = check_choice("shrinkage", shrinkage, SHRINKAGE)
         self.head_classes = None if head_classes is None else list(head_classes)
         self.generator = torch.Generator().manual_seed(check_int("seed", seed))
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)

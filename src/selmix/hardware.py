@@ -406,7 +406,7 @@ def resolve_hardware(
         resolve_precision(precision, device)  # validates
     device = torch.device(device)
     description = machine_description(device) if device.type in ("cpu", "cuda") else device.type
-    if precision != "auto" and channels_last != "auto":
+    if precision != "auto" and isinstance(channels_last, bool):  # nothing is auto
         return HardwareChoice(precision, channels_last, "given", machine=description)
     settings = candidates(device, precision, channels_last, model)
     baseline = settings[0]

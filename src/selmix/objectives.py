@@ -182,6 +182,18 @@ class Objective:
         assert self._head_mask is not None  # set by _bind before any use
         return self._head_mask
 
+    @property
+    def _bound_classes(self) -> int:
+        """K, once a matrix has been seen (set by _bind before any use)."""
+        assert self.num_classes is not None
+        return self.num_classes
+
+    @property
+    def _current_multipliers(self) -> torch.Tensor:
+        """The multipliers ``value`` uses (set by ``__call__`` before it calls ``value``)."""
+        assert self._multipliers is not None
+        return self._multipliers
+
 
 class MeanRecall(Objective):
     """Mean recall (balanced accuracy)."""
@@ -229,10 +241,11 @@ class MinRecall(Objective):
         return {"rate": self.rate}
 
     def value(self, prepared: torch.Tensor) -> torch.Tensor:
-        return (self._multipliers * _recall(prepared)).sum()
+        return (self._current_multipliers * _recall(prepared)).sum()
 
     def _initial_multipliers(self) -> torch.Tensor:
-        return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+        size = self._bound_classes
+        return torch.full((size,), 1.0 / size, dtype=torch.float64)
 
     def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
         return torch.softmax(-self.rate * _recall(prepared), dim=0)
@@ -309,7 +322,7 @@ class CoverageConstrained(Objective):
             metric = recall.mean()
         else:
             metric = recall.numel() / recall.reciprocal().sum()
-        multipliers = self._multipliers
+        multipliers = self._current_multipliers
         penalty = (multipliers * _coverage(prepared)).sum()
         return (metric + penalty) / (1 + self._largest_constraint_multiplier(multipliers))
 
@@ -326,10 +339,10 @@ class CoverageConstrained(Objective):
         return torch.maximum(multipliers[mask].sum(), multipliers[~mask].sum())
 
     def _initial_multipliers(self) -> torch.Tensor:
-        return torch.zeros(self.num_classes, dtype=torch.float64)
+        return torch.zeros(self._bound_classes, dtype=torch.float64)
 
     def _rule(self, coverage: torch.Tensor) -> torch.Tensor:
-        target = self.alpha / self.num_classes
+        target = self.alpha / self._bound_classes
         return (self.scale * (1 - torch.exp((coverage - target) / self.tau))).clamp_min(0)
 
     def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:

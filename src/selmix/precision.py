@@ -50,7 +50,6 @@ __all__ = [
     "default_threads",
     "evaluation_mode",
     "grad_scaler",
-    "machine_description",
     "resolve_precision",
     "to_channels_last",
 ]
@@ -196,14 +195,6 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         model.to(memory_format=torch.channels_last)
     return model
-
-
-def machine_description(device: str | torch.device = "cpu") -> str:
-    """One line naming the CPU (model, cores, AVX-512-bf16 / AMX flags) or GPU a speed
-    figure was measured on (:func:`selmix.hardware.machine_description`)."""
-    from selmix.hardware import machine_description as describe
-
-    return describe(device)
 
 
 def _physical_cores() -> int:

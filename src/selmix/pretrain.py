@@ -236,6 +236,8 @@ def pretrain(
             to_channels_last(model)
 
     def save(epoch: int) -> None:
+        if config.checkpoint_path is None:  # called only with a checkpoint path
+            return
         state = {
             "epoch": epoch,
             "config": config.to_dict(),

@@ -216,15 +216,17 @@ def _normalise_run(name: str, run: Any) -> dict[str, Any]:
     if result is not None:
         history = history if history is not None else getattr(result, "history", None)
         gains = gains if gains is not None else getattr(result, "gains", None)
-    before, after = get("before"), get("after")
-    for label, metrics in (("before", before), ("after", after)):
-        if not isinstance(metrics, Mapping):
+    metrics: dict[str, dict[str, Any]] = {}
+    for label in ("before", "after"):
+        given = get(label)
+        if not isinstance(given, Mapping):
             raise ValueError(
-                f"`runs[{name!r}]` needs a `{label}` metrics dict, got {type(metrics).__name__}"
+                f"`runs[{name!r}]` needs a `{label}` metrics dict, got {type(given).__name__}"
             )
+        metrics[label] = dict(given)
     return {
-        "before": dict(before),
-        "after": dict(after),
+        "before": metrics["before"],
+        "after": metrics["after"],
         "history": list(history or []),
         "gains": [(int(step), _as_matrix(matrix)) for step, matrix in (gains or [])],
         "title": get("title") or name,

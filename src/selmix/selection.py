@@ -69,11 +69,16 @@ class ObjectiveScore:
         coverage: the constrained quantity (min coverage, or min head/tail coverage for the
             ``*_min_head_tail_coverage`` objectives); None without a constraint.
         target: the constraint's target ``alpha / K``; None without a constraint.
+        tiebreak: what orders equal metrics (the mean recall, for min recall and the
+            min head/tail recall): a min recall on n samples per class moves in steps of
+            1 / n, so on a small validation set many steps tie on it, and the first of
+            them is rarely the best trained. None: ties stay ties (the earlier wins).
     """
 
     metric: float
     coverage: float | None = None
     target: float | None = None
+    tiebreak: float | None = None
 
     @property
     def feasible(self) -> bool:
@@ -98,7 +103,9 @@ class ObjectiveScore:
     def key(self) -> tuple[float, ...]:
         """The tuple the scores are ordered by."""
         if self.coverage is None:
-            return (1.0, self.metric)
+            if self.tiebreak is None:
+                return (1.0, self.metric)
+            return (1.0, self.metric, self.tiebreak)
         if self.feasible:
             return (1.0, self.metric, self.coverage)
         return (0.0, self.penalized, self.coverage)
@@ -122,6 +129,7 @@ class ObjectiveScore:
             "metric": self.metric,
             "coverage": self.coverage,
             "target": self.target,
+            "tiebreak": self.tiebreak,
             "feasible": self.feasible,
         }
 
@@ -159,9 +167,10 @@ def objective_score(objective: ObjectiveLike, confusion: torch.Tensor) -> Object
         return ObjectiveScore(float(metric(confusion)), float(coverage), target)
     if isinstance(objective, MinHeadTailRecall):  # before MinRecall: it is a subclass
         value = min_head_tail_recall(confusion, objective.head_classes)
-    elif isinstance(objective, MinRecall):
-        value = min_recall(confusion)
-    elif isinstance(objective, MeanRecall):
+        return ObjectiveScore(float(value), tiebreak=float(mean_recall(confusion)))
+    if isinstance(objective, MinRecall):
+        return ObjectiveScore(float(min_recall(confusion)), tiebreak=float(mean_recall(confusion)))
+    if isinstance(objective, MeanRecall):
         value = mean_recall(confusion)
     elif isinstance(objective, GMean):
         value = g_mean(confusion)

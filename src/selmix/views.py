@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from selmix.collective import Collective, SingleProcess, evaluate_across
-from selmix.evaluate import Evaluation, extract_features, summarize
+from selmix.evaluate import Evaluation, extract_features
+from selmix.metrics import confusion_counts
 from selmix.precision import autocast, evaluation_mode
 
 if TYPE_CHECKING:
@@ -121,8 +122,9 @@ class ModelView(Protocol):
     device: torch.device
     trains_backbone: bool
 
-    def evaluate(self, dataset: Any) -> Evaluation:
-        """Confusion counts, prototypes and soft counts of ``dataset`` (the whole set)."""
+    def evaluate(self, dataset: Any, soft: bool = True) -> Evaluation:
+        """Confusion counts, prototypes and soft counts of ``dataset`` (the whole set);
+        with ``soft=False`` a view may leave the soft counts out (None)."""
         ...
 
     def predict(self, dataset: Any) -> torch.Tensor:
@@ -274,6 +276,8 @@ class FrozenFeatures(_PairMixing):
         self.cache = cache or FeatureCache(
             split.features, device, batch_size, self.collective, precision
         )
+        # per data set (kept with it, so that its id is never reused): feature sums, counts
+        self._class_sums: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def features(self, dataset: Any) -> torch.Tensor:
         """The cached features of ``dataset``, Tensor[N, d] on :attr:`device`."""
@@ -286,12 +290,33 @@ class FrozenFeatures(_PairMixing):
         return self.split.head(self.features(dataset))
 
     @torch.no_grad()
-    def evaluate(self, dataset: Any) -> Evaluation:
-        # every process holds all features, so the sums need no reduction
+    def evaluate(self, dataset: Any, soft: bool = True) -> Evaluation:
+        # every process holds all features, so the sums need no reduction; the features
+        # never change, so their class sums are computed once per data set, and the soft
+        # counts (a K x K softmax over the set, the cost that grows fastest with K) only
+        # when asked for
         features = self.features(dataset)
         num_classes = self.split.head.out_features
         labels = torch.as_tensor(dataset.labels).long()
-        return Evaluation.from_sums(summarize(features, self.logits(dataset), labels, num_classes))
+        key = id(dataset)
+        if key not in self._class_sums:
+            feature_sums = torch.zeros(
+                num_classes, features.shape[1], device=features.device, dtype=torch.float64
+            )
+            feature_sums.index_add_(0, labels.to(features.device), features.double())
+            class_counts = torch.bincount(labels, minlength=num_classes)
+            self._class_sums[key] = (dataset, feature_sums, class_counts)
+        _, feature_sums, class_counts = self._class_sums[key]
+        logits = self.logits(dataset)
+        labels = labels.to(logits.device)
+        counts = confusion_counts(labels, logits.argmax(dim=1), num_classes)
+        soft_counts = None
+        if soft:
+            soft_counts = torch.zeros(
+                num_classes, num_classes, device=logits.device, dtype=torch.float64
+            )
+            soft_counts.index_add_(0, labels, torch.softmax(logits.double(), dim=1))
+        return Evaluation.from_sums((counts, feature_sums, class_counts.cpu(), soft_counts))
 
     def predict(self, dataset: Any) -> torch.Tensor:
         return self.logits(dataset).argmax(dim=1).cpu()
@@ -380,7 +405,7 @@ class FullBackbone(_PairMixing):
         self.mixup = MixupForward(split.features, split.head)
         self.train_module = self.collective.wrap(self.mixup)
 
-    def evaluate(self, dataset: Any) -> Evaluation:
+    def evaluate(self, dataset: Any, soft: bool = True) -> Evaluation:
         return evaluate_across(
             self.collective, self.mixup, dataset, self.device, self.batch_size,
             features=self.split.features, head=self.split.head, precision=self.precision,

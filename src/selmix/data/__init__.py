@@ -15,7 +15,9 @@ from selmix.data.augment import (
     normalize,
     random_crop_flip,
 )
+from selmix.data.image_folder import load_image_folder
 from selmix.data.longtail import long_tail_counts, long_tail_split
+from selmix.data.readers import read_idx
 from selmix.data.semisup_split import (
     UNLABELLED_DISTRIBUTIONS,
     SemiSupervisedData,
@@ -36,8 +38,6 @@ from selmix.data.sources import (
     load_data,
     load_demo,
     load_fashion_mnist,
-    load_image_folder,
-    read_idx,
 )
 from selmix.data.streaming import StreamingImageDataset, WorkerPool, default_num_workers
 from selmix.data.tensor_dataset import (

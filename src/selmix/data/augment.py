@@ -1,4 +1,5 @@
-"""Batched image augmentation: random crop with padding and horizontal flip.
+"""Batched image augmentation (random crop with padding and horizontal flip) and
+normalisation (per-channel statistics, :func:`channel_stats`, and :func:`normalize`).
 
 The whole batch is augmented with one gather instead of a Python loop over images, so
 augmentation costs little next to the forward pass even on CPU. Random numbers come from a
@@ -14,6 +15,9 @@ import torch
 from torch import Tensor
 
 from selmix._validation import check_int
+
+# Largest float64 temporary of channel_stats, in bytes.
+_STATS_CHUNK_BYTES = 64 << 20
 
 
 def random_crop_flip(
@@ -71,6 +75,35 @@ def random_crop_flip(
         padded, 2, rows[:, None, :, None].expand(-1, padded.shape[1], -1, padded.shape[3])
     )
     return torch.gather(out, 3, cols[:, None, None, :].expand(-1, out.shape[1], height, -1))
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
+
+    Args:
+        images: uint8 Tensor[N, C, H, W].
+        chunk: images per step at most, bounding the float64 temporary memory (which is
+            also kept under 64 MB per step whatever the image size).
+
+    Returns:
+        ``(mean, std)``, each float32 Tensor[C].
+    """
+    channels = images.shape[1]
+    # Bound the float64 temporaries by bytes too: 4096 images of 256 x 256 x 3 would take
+    # 6.4 GB each, several times the uint8 images themselves.
+    per_image = max(images[0].numel() * 8, 1) if images.shape[0] else 1
+    chunk = max(1, min(chunk, _STATS_CHUNK_BYTES // per_image))
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start : start + chunk].to("cpu", torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        squares += (part * part).sum(dim=(0, 2, 3))
+    count = max(images.shape[0] * images.shape[2] * images.shape[3], 1)
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    # A constant channel would give std 0 and infinite normalised values.
+    return mean.float(), std.clamp_min(1e-3).float()
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:

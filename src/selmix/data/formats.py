@@ -30,6 +30,7 @@ from torch import Tensor
 
 from selmix._validation import check_int
 from selmix.data.base import BatchDataset
+from selmix.data.readers import read_cifar_batch, read_data_pickle
 from selmix.data.streaming import WorkerPool, seeded_items, to_device
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
@@ -258,10 +259,21 @@ def _read_feature_arrays(path: Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except Exception as error:  # noqa: BLE001 - any failure to read means a bad file
-        detail = " ".join(str(error).split()) or type(error).__name__
         raise ValueError(
-            f"features file {path} is not a readable .npz or .pt dict: {detail}"
+            f"features file {path} is not a readable .npz or .pt dict: {_read_error(error)}"
         ) from None
+
+
+def _read_error(error: BaseException) -> str:
+    """Why a features file could not be read, without numpy's or torch's advice to load it
+    unsafely (allow_pickle / weights_only=False would run code from the file)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if any(word in text for word in ("allow_pickle", "pickled", "weights_only", "Weights only")):
+        return (
+            "it holds Python objects (pickled data) rather than plain arrays; refused, as "
+            "loading them could run code"
+        )
+    return text
 
 
 def _features_source(location: str, cache_dir: Any = None) -> Source:
@@ -295,9 +307,6 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
         raise FileNotFoundError(
             f"no CIFAR-100 pickles in {root}: expected cifar-100-python/train (and test, meta)"
         )
-    # sources imports this module's FORMATS: import it here, not at the top
-    from selmix.data.sources import read_cifar_batch, read_data_pickle
-
     path = folder / ("train" if train else "test")
     images, labels = read_cifar_batch(path, "CIFAR-100 file", "CIFAR-100", b"fine_labels")
     if labels and not 0 <= min(labels) <= max(labels) < 100:
@@ -309,10 +318,8 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
     meta = folder / "meta"
     if meta.is_file():
         try:
-            classes = [
-                n.decode()
-                for n in read_data_pickle(meta, "CIFAR-100 meta file")[b"fine_label_names"]
-            ]
+            names: Any = read_data_pickle(meta, "CIFAR-100 meta file")
+            classes = [n.decode() for n in names[b"fine_label_names"]]
         except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as error:
             raise ValueError(
                 f"CIFAR-100 meta file {meta} has no b'fine_label_names' list: {error}"
@@ -428,6 +435,7 @@ def _read_stl10_images(path: Path, memory_map: bool = False) -> Tensor:
             f"3 x 96 x 96 images ({per_image} bytes each)"
         )
     shape = (size // per_image, 3, STL10_SIDE, STL10_SIDE)
+    array: np.ndarray
     if memory_map:
         # copy-on-write: torch wants a writable buffer, the file itself is never changed
         array = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)

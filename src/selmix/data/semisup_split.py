@@ -160,10 +160,10 @@ def semi_supervised_split(
         check_int("unlabelled_max", unlabelled_max, minimum=0)
         _check_imbalance("unlabelled_imbalance", unlabelled_imbalance)
     check_int("val_per_class", val_per_class, minimum=0)
-    generator = seed if isinstance(seed, torch.Generator) else None
-    if generator is None:
-        check_int("seed", seed)
-        generator = torch.Generator().manual_seed(seed)
+    if isinstance(seed, torch.Generator):
+        generator = seed
+    else:
+        generator = torch.Generator().manual_seed(check_int("seed", seed))
 
     labelled_counts = long_tail_counts(labelled_max, num_classes, float(labelled_imbalance))
     labelled, val = long_tail_split(labels, labelled_counts, val_per_class, generator)
@@ -176,6 +176,7 @@ def semi_supervised_split(
     elif unlabelled_max == 0:
         unlabelled = rest[:0]
     else:
+        assert unlabelled_imbalance is not None  # given with unlabelled_max (checked above)
         counts = long_tail_counts(unlabelled_max, num_classes, float(unlabelled_imbalance))
         try:
             picked, _ = long_tail_split(labels[rest], counts, 0, generator)

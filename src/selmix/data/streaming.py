@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selmix._validation import check_int
-from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.augment import channel_stats, normalize, random_crop_flip
 from selmix.data.base import BatchDataset, as_index
 
 # (row of the reader, augment, seed or None): what a worker is asked to decode
@@ -166,7 +166,8 @@ class WorkerPool:
         if not items:
             return torch.empty(0)
         if self.num_workers == 0 or len(items) == 1:
-            return _stack([self.reader[item] for item in items])
+            # decoded here, a failure raises at once: every item is a tensor
+            return torch.stack([self.reader[item] for item in items])
         count = min(len(items), self.num_workers * _SHARES_PER_WORKER)
         bounds = [round(len(items) * k / count) for k in range(count + 1)]
         self._shares.shares = [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -192,7 +193,7 @@ class WorkerPool:
         for part in parts:
             if isinstance(part, _Failure):
                 part.raise_error()
-        return torch.cat(parts)  # type: ignore[arg-type]
+        return torch.cat(parts)
 
 
 def to_device(images: Tensor, device: torch.device | str | None) -> Tensor:
@@ -394,8 +395,6 @@ class StreamingImageDataset(BatchDataset):
     def channel_stats(self, max_images: int = 1000, batch_size: int = 256) -> tuple[Tensor, Tensor]:
         """Per-channel mean and std of up to ``max_images`` evenly spaced samples (eval
         transform, before normalisation), float32 Tensor[C] each, in [0, 1] units."""
-        from selmix.data.tensor_dataset import channel_stats
-
         count = len(self)
         chosen = torch.linspace(0, count - 1, min(count, max_images)).round().long().unique()
         parts = []

@@ -16,13 +16,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from selmix._validation import check_int
-from selmix.data.augment import normalize, random_crop_flip
+from selmix.data.augment import channel_stats, normalize, random_crop_flip
 from selmix.data.base import BatchDataset, as_index
 from selmix.data.streaming import WorkerPool, run_seeded, seeded_items, to_device
 
 IndexLike = Tensor | Sequence[int] | range
-# Largest float64 temporary of channel_stats, in bytes.
-_STATS_CHUNK_BYTES = 64 << 20
 
 
 class ImageTensorDataset(BatchDataset):
@@ -291,35 +289,6 @@ def as_tensor_dataset(dataset: Any) -> ImageTensorDataset | DatasetAdapter:
     if isinstance(dataset, (ImageTensorDataset, DatasetAdapter)):
         return dataset
     return DatasetAdapter(dataset)
-
-
-def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
-
-    Args:
-        images: uint8 Tensor[N, C, H, W].
-        chunk: images per step at most, bounding the float64 temporary memory (which is
-            also kept under 64 MB per step whatever the image size).
-
-    Returns:
-        ``(mean, std)``, each float32 Tensor[C].
-    """
-    channels = images.shape[1]
-    # Bound the float64 temporaries by bytes too: 4096 images of 256 x 256 x 3 would take
-    # 6.4 GB each, several times the uint8 images themselves.
-    per_image = max(images[0].numel() * 8, 1) if images.shape[0] else 1
-    chunk = max(1, min(chunk, _STATS_CHUNK_BYTES // per_image))
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, images.shape[0], chunk):
-        part = images[start : start + chunk].to("cpu", torch.float64) / 255.0
-        total += part.sum(dim=(0, 2, 3))
-        squares += (part * part).sum(dim=(0, 2, 3))
-    count = max(images.shape[0] * images.shape[2] * images.shape[3], 1)
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt()
-    # A constant channel would give std 0 and infinite normalised values.
-    return mean.float(), std.clamp_min(1e-3).float()
 
 
 def _as_labels(labels: Any, name: str) -> Tensor:

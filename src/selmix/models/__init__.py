@@ -5,11 +5,13 @@ Built-in models (``list_models()``): ``resnet32`` (CIFAR ResNet-32, 64-d feature
 128-d). Each has ``.features`` (images -> [N, d]), ``.head`` (``nn.Linear(d, K)``) and
 ``.num_features``; :func:`split_model` also splits torchvision, timm-style and
 ``nn.Sequential`` classifiers, and Hugging Face image classifiers. ``linear`` is a linear
-head on fixed features (for ``--data features:FILE``); ``timm:<name>``, ``hf_vit`` and
-``hf_convnext`` build timm and Hugging Face models (optional extras).
+head on fixed features (for ``--data features:FILE``); ``timm:<name>``,
+``torchvision:<name>``, ``hf_vit``, ``hf_convnext`` and ``hf_auto`` (any Hugging Face
+classifier from its configuration dict) build timm, torchvision and Hugging Face models.
+:mod:`selmix.models.loading` reads starting models from other libraries' files.
 """
 
-from selmix.models import external as _external  # noqa: F401 - registers hf_vit, hf_convnext
+from selmix.models import external as _external  # noqa: F401 - registers hf_vit, hf_convnext, hf_auto
 from selmix.models.linear import LinearClassifier, linear
 from selmix.models.registry import create_model, list_models, register_model
 from selmix.models.resnet_cifar import ResNetCifar, resnet32

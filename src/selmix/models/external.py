@@ -3,7 +3,9 @@
 ``create_model("timm:resnet18", num_classes=K)`` builds any timm architecture with random
 weights; ``create_model("hf_vit", num_classes=K, hidden_size=..., ...)`` and
 ``create_model("hf_convnext", ...)`` build Hugging Face ``ViTForImageClassification`` and
-``ConvNextForImageClassification`` from a config whose fields are the keyword arguments.
+``ConvNextForImageClassification`` from a config whose fields are the keyword arguments;
+``create_model("hf_auto", num_classes=K, config=config.to_dict())`` builds any Hugging Face
+image classifier from its configuration (what a model read from ``hf:DIR`` records).
 Built through the registry, such models carry their name and arguments, so
 :func:`selmix.save_model` / :func:`selmix.load_model` round-trip them.
 
@@ -14,49 +16,25 @@ use the model directly with :func:`selmix.finetune`, which splits it with
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from torch import nn
 
+from selmix.models._optional import (
+    TIMM_PREFIX,
+    _require,
+    create_timm_model,
+    create_torchvision_model,
+)
 from selmix.models.registry import register_model
 
-TIMM_PREFIX = "timm:"
-
-
-def _require(package: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise ImportError(
-            f"this model needs the optional package {package!r}: pip install 'selmix[{extra}]' "
-            f"(or pip install {package})"
-        ) from None
-
-
-def create_timm_model(
-    name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
-) -> nn.Module:
-    """``timm.create_model(name, num_classes=K, in_chans=C, pretrained=False, **kwargs)``.
-
-    Raises:
-        ImportError: if timm is not installed (naming the extra to install).
-        ValueError: if timm has no such architecture.
-    """
-    timm = _require("timm", "timm")
-    if "pretrained" in kwargs:
-        raise ValueError(
-            "`pretrained` must not be passed: the registry builds random weights (load "
-            "pre-trained weights in your own code and pass the model to selmix.finetune)"
-        )
-    try:
-        return timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
-        )
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"unknown timm model {name!r}: {error}") from None
-        raise
+# TIMM_PREFIX, create_timm_model and create_torchvision_model live in
+# selmix.models._optional (below the registry, which builds timm: and torchvision: names
+# with them); they stay importable from here
+__all__ = [
+    "TIMM_PREFIX", "create_timm_model", "create_torchvision_model", "hf_auto", "hf_convnext",
+    "hf_vit",
+]  # fmt: skip
 
 
 @register_model
@@ -83,3 +61,28 @@ def hf_convnext(num_classes: int, in_channels: int = 3, **config: Any) -> nn.Mod
         num_labels=num_classes, num_channels=in_channels, **config
     )
     return transformers.ConvNextForImageClassification(settings)
+
+
+@register_model
+def hf_auto(
+    num_classes: int, in_channels: int = 3, config: dict[str, Any] | None = None
+) -> nn.Module:
+    """A Hugging Face image classifier of any architecture from its configuration as a dict
+    (``PretrainedConfig.to_dict()``, which names the ``model_type``), random weights.
+
+    This is what selmix records for a model read from ``--checkpoint hf:DIR``, so that the
+    ``model.pt`` of such a run rebuilds with :func:`selmix.load_model`.
+    """
+    transformers = _require("transformers", "transformers")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(
+            "`config` must be a Hugging Face configuration dict with a 'model_type', got "
+            f"{type(config).__name__}"
+        )
+    fields = dict(config)
+    model_type = fields.pop("model_type")
+    fields["num_labels"] = num_classes
+    if "num_channels" in fields:
+        fields["num_channels"] = in_channels
+    settings = transformers.AutoConfig.for_model(model_type, **fields)
+    return transformers.AutoModelForImageClassification.from_config(settings)

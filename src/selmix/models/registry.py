@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 from torch import nn
 
 from selmix._validation import check_int
+from selmix.models._optional import create_timm_model, create_torchvision_model
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -78,7 +79,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     Args:
         name: a name from :func:`list_models`, e.g. ``"resnet32"``, ``"wrn28_2"``,
             ``"small_cnn"``, ``"linear"``, ``"hf_vit"``; or ``"timm:<architecture>"`` for
-            any timm model with random weights (needs the ``timm`` extra).
+            any timm model with random weights (needs the ``timm`` extra); or
+            ``"torchvision:<architecture>"`` for a ``torchvision.models`` classifier.
         num_classes: K, the number of output logits (>= 2).
         in_channels: channels of the input images (3 for colour, 1 for grey).
         **kwargs: passed on to the model's constructor (e.g. ``shortcut="B"`` for resnet32).
@@ -93,21 +95,25 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     if not isinstance(name, str):
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
     timm_name = name[len("timm:") :] if name.startswith("timm:") else None
-    if timm_name is None and name not in _MODELS:
+    torchvision_name = name[len("torchvision:") :] if name.startswith("torchvision:") else None
+    if timm_name is None and torchvision_name is None and name not in _MODELS:
         known = ", ".join(repr(n) for n in list_models())
-        raise ValueError(f"unknown model {name!r}; expected one of {known} or 'timm:NAME'")
-    if timm_name == "":
-        raise ValueError("`name` 'timm:' needs an architecture, e.g. 'timm:resnet18'")
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {known}, 'timm:NAME' or 'torchvision:NAME'"
+        )
+    if timm_name == "" or torchvision_name == "":
+        raise ValueError(f"`name` {name!r} needs an architecture, e.g. '{name}resnet18'")
     check_int("num_classes", num_classes, minimum=2)
     check_int("in_channels", in_channels, minimum=1)
+    model: nn.Module
     if timm_name is not None:
-        from selmix.models.external import create_timm_model
-
         model = create_timm_model(timm_name, num_classes, in_channels, **kwargs)
+    elif torchvision_name is not None:
+        model = create_torchvision_model(torchvision_name, num_classes, in_channels, **kwargs)
     else:
         model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     # what selmix.save_model needs to rebuild the model from a checkpoint
-    model.selmix_spec = {
-        "name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs,
-    }  # fmt: skip
+    spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs}
+    # setattr: nn.Module's __setattr__ is typed for tensors and modules only
+    setattr(model, "selmix_spec", spec)  # noqa: B010
     return model

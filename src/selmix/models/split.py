@@ -119,7 +119,8 @@ class _PreLogits(nn.Module):
 
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
-        self.body = body
+        # a timm model: forward_features and forward_head are duck-typed, not nn.Module's
+        self.body: Any = body
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body.forward_head(self.body.forward_features(x), pre_logits=True)
@@ -198,7 +199,8 @@ def split_model(
         return ModelSplit(model.features, model.head)
 
     if all(callable(getattr(model, a, None)) for a in _TIMM_METHODS):
-        classifier = model.get_classifier()
+        timm_like: Any = model  # get_classifier is duck-typed (checked just above)
+        classifier = timm_like.get_classifier()
         if not isinstance(classifier, nn.Linear):
             raise TypeError(
                 _unsupported(
@@ -263,6 +265,8 @@ def headless_view(model: nn.Module, path: list[str] | str) -> nn.Module:
             state[key] = type(state[key])(state[key])
     view.__dict__.update(state)
     child = model._modules[path[0]]
+    if child is None:  # registered as None: there is no sub-module to drop
+        raise ValueError(f"`path` must name a sub-module of `model`, got {'.'.join(path)!r}")
     view._modules[path[0]] = nn.Identity() if len(path) == 1 else headless_view(child, path[1:])
     return view
 

@@ -1,0 +1,183 @@
+"""What the commands' runs share: loading the data and the starting model, the head
+classes, the output folder (``--out``: checked, cleared of the previous run's files) and
+the files written there, and the interruption that names what to do next."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from selmix.cli.options import _STREAM_ARGUMENT, PROG, UsageError
+
+if TYPE_CHECKING:
+    from selmix.models.loading import LoadedModel
+
+
+def _load_data(settings: dict[str, Any]) -> Any:
+    from selmix.data import load_data
+
+    spec = settings.get("data")
+    if not isinstance(spec, str) or not spec:
+        raise UsageError(
+            f"`data` must be a data source string such as imagefolder:DIR, got {spec!r}"
+        )
+    kwargs = {"seed": settings["seed"]}
+    for key in ("imbalance", "max_per_class", "val_per_class", "cache_dir", "num_workers"):
+        if settings.get(key) is not None:
+            kwargs[key] = settings[key]
+    stream = _STREAM_ARGUMENT[settings.get("stream") or "auto"]
+    if stream is not None:
+        kwargs["stream"] = stream
+    return load_data(spec, **kwargs)
+
+
+def _num_classes(splits: Any) -> int:
+    return int(getattr(splits.train, "num_classes", None) or len(splits.classes))
+
+
+def _in_channels(dataset: Any) -> int:
+    images = getattr(dataset, "images", None)
+    if images is not None:
+        return int(images.shape[1])
+    return int(dataset[0][0].shape[0])
+
+
+def _flag(settings: dict[str, Any], key: str) -> bool:
+    from selmix._validation import check_bool
+
+    return check_bool(key, settings[key])
+
+
+def _check_early(settings: dict[str, Any]) -> None:
+    """The checks of command-level settings that need no data (seed, head classes)."""
+    from selmix._validation import check_head_classes, check_seed
+
+    check_seed("seed", settings["seed"])
+    if settings.get("head_classes") is not None:
+        check_head_classes(settings["head_classes"], None)
+
+
+def _head_classes(settings: dict[str, Any], splits: Any) -> list[int] | None:
+    """The configured head classes (checked against the data's K), or the 90% most
+    frequent training classes."""
+    from selmix._validation import check_head_classes
+    from selmix.metrics import infer_head_classes
+
+    num_classes = _num_classes(splits)
+    if settings.get("head_classes") is not None:
+        return check_head_classes(settings["head_classes"], num_classes)
+    if num_classes < 2:
+        return None
+    return infer_head_classes(splits.train.labels, num_classes)
+
+
+def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        "classes": list(splits.classes) if splits.classes is not None else None,
+        "mean": plain(getattr(splits.train, "mean", None)),
+        "std": plain(getattr(splits.train, "std", None)),
+        "command": command,
+        "settings": {k: v for k, v in settings.items() if k != "progress"},
+    }
+
+
+def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
+    """The starting model, its meta and where it came from."""
+    from selmix.evaluate import resolve_device
+    from selmix.models.loading import class_name_difference, load_start_model
+
+    device = resolve_device(settings["device"])
+    loaded = load_start_model(
+        settings["checkpoint"], settings.get("model"), num_classes=_num_classes(splits),
+        in_channels=_in_channels(splits.train), ckpt_prefix=settings.get("ckpt_prefix"),
+        device=device,
+    )  # fmt: skip
+    spec = getattr(loaded.model, "selmix_spec", None) or {}
+    channels = _in_channels(splits.train)
+    if spec.get("in_channels") not in (None, channels):
+        raise UsageError(
+            f"`checkpoint` {settings['checkpoint']!r} is for {spec['in_channels']}-channel "
+            f"images but the data has {channels} channels"
+        )
+    meta = loaded.meta
+    saved = meta.get("classes") if isinstance(meta, dict) else None
+    if saved and splits.classes is not None and list(saved) != list(splits.classes):
+        print(f"{PROG}: warning: {class_name_difference(saved, splits.classes)}", file=sys.stderr)
+    return loaded
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from selmix._io import write_json
+
+    write_json(path, data)
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    from selmix._io import write_yaml
+
+    write_yaml(path, data)
+
+
+def _note_resolved(path: Path, config: Any) -> None:
+    """Appends to a run's config.yaml, as comments, what its unset or ``auto`` hardware
+    settings resolved to (comments: the file stays a valid ``--config`` for another
+    machine, where ``auto`` measures again)."""
+    from selmix._io import atomic_write_text
+
+    lines = [f"# resolved on this machine: {key}: {getattr(config, key)!r}"
+             for key in ("precision", "channels_last", "eval_batch_size")]  # fmt: skip
+    atomic_write_text(path, path.read_text() + "\n".join(lines) + "\n")
+
+
+#: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
+RUN_FILES = (
+    "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
+    "timings.json", "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
+)  # fmt: skip
+
+
+def _check_out(settings: dict[str, Any]) -> Path:
+    """The output folder, checked but not touched."""
+    out = Path(settings["out"])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"`out` {str(out)!r} exists and is not a folder")
+    return out
+
+
+def _out_dir(settings: dict[str, Any]) -> Path:
+    out = _check_out(settings)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create `out` {str(out)!r}: {error.strerror}") from None
+    return out
+
+
+def _start_run(settings: dict[str, Any], keep: Sequence[str] = ()) -> Path:
+    """Makes ``--out`` hold this run only: removes the previous run's files (see the module
+    docstring) except ``keep`` (the starting model when it lives there), then writes this
+    run's ``config.yaml``. Called once everything has been checked; rank 0 only."""
+    out = _out_dir(settings)
+    if os.environ.get("RANK", "0") == "0":
+        kept = {Path(path).resolve() for path in keep}
+        for name in RUN_FILES:
+            if (out / name).resolve() not in kept:
+                (out / name).unlink(missing_ok=True)
+        _write_yaml(out / "config.yaml", settings)
+    return out
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what to do next (the message :func:`main` prints)."""
+
+
+# the arguments of the command being run (for the resume hint)
+_ARGV: list[str] = []

@@ -1,0 +1,118 @@
+"""Where SelMix's head starts: the model's own, or a re-balanced one (``head_init``).
+
+A head trained with cross-entropy on long-tailed data is biased towards the frequent
+classes by about ``log prior``; SelMix moves it a little per step, and from far away it
+spends its steps (and its small validation set) on undoing the bias. Two cheap re-balanced
+heads are at hand on the same features: post-hoc logit adjustment (the bias shifted by
+``-tau log prior``, tau tuned on the validation set for the objective) and cRT (the head
+re-trained with class-balanced sampling). ``head_init="auto"`` scores the model's own
+head and both candidates on the validation set for the objective
+(:func:`selmix.selection.objective_score`) and starts from the best; the start the run
+selects from (``select="best"``) is then that head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from selmix.evaluate import evaluate
+from selmix.finetune.config import HEAD_INIT
+from selmix.models import ModelSplit
+from selmix.objectives import Objective
+from selmix.selection import objective_score
+
+__all__ = ["HEAD_INIT", "initialise_head"]
+
+
+def _candidate_heads(
+    method: str,
+    model: nn.Module,
+    split: ModelSplit,
+    train: Any,
+    val: Any,
+    objective: Objective,
+    config: Any,
+) -> dict[str, tuple[nn.Linear, dict[str, Any]]]:
+    """The re-balanced heads to consider, with what each reports."""
+    # the baselines import the fine-tuning settings: imported here, not at module level
+    from selmix.baselines.crt import classifier_retraining
+    from selmix.baselines.posthoc import posthoc_logit_adjustment
+
+    heads: dict[str, tuple[nn.Linear, dict[str, Any]]] = {}
+    options = {"device": config.device, "features": split.features, "head": split.head}
+    if method in ("posthoc_la", "auto"):
+        prior = torch.bincount(
+            torch.as_tensor(train.labels).long().cpu(), minlength=split.head.out_features
+        )
+        adjusted = posthoc_logit_adjustment(
+            model, prior, val, objective, batch_size=config.eval_batch_size,
+            precision=config.precision, **options,
+        )  # fmt: skip
+        heads["posthoc_la"] = (_head_of(adjusted.model, split), {"tau": adjusted.tau})
+    if method in ("crt", "auto"):
+        retrained = classifier_retraining(
+            model, train, None, seed=config.seed, eval_batch_size=config.eval_batch_size,
+            precision=config.precision, **options,
+        )  # fmt: skip
+        heads["crt"] = (_head_of(retrained, split), {})
+    return heads
+
+
+def _head_of(copy_of_model: nn.Module, split: ModelSplit) -> nn.Linear:
+    """The linear head of a copy of the model that ``split`` was made from."""
+    from selmix.models import split_model
+
+    return split_model(copy_of_model).head
+
+
+def initialise_head(
+    method: str,
+    model: nn.Module,
+    split: ModelSplit,
+    train: Any,
+    val: Any,
+    objective: Objective,
+    config: Any,
+) -> dict[str, Any]:
+    """Puts the head SelMix starts from into ``split.head`` (in place) and says which.
+
+    Args:
+        method: one of :data:`HEAD_INIT`: ``"none"`` keeps the model's head,
+            ``"posthoc_la"`` / ``"crt"`` take that re-balanced head, ``"auto"`` the best on
+            the validation set of the model's own, the post-hoc and the cRT head.
+        model: the classifier; ``split`` is its (features, head) split.
+        train, val: the training and validation sets.
+        objective: the run's objective (the candidates are scored for it).
+        config: the run's settings (device, seed, precision, eval_batch_size).
+
+    Returns:
+        ``{"head_init": the head chosen ("model", "posthoc_la" or "crt"), "scores": each
+        candidate's validation score (its ``to_dict()``), ...}`` plus the chosen tau of
+        post-hoc logit adjustment when it was a candidate.
+    """
+    if method == "none":
+        return {"head_init": "model"}
+    candidates = _candidate_heads(method, model, split, train, val, objective, config)
+    scores = {}
+    if method == "auto":
+        scores["model"] = objective_score(objective, evaluate(model, val, config.device).counts)
+    original = {k: v.detach().clone() for k, v in split.head.state_dict().items()}
+    for name, (head, _) in candidates.items():
+        split.head.load_state_dict(head.state_dict())
+        scores[name] = objective_score(objective, evaluate(model, val, config.device).counts)
+    # the first of the best wins: the model's own head on a tie
+    chosen = max(scores, key=lambda name: scores[name].key) if method == "auto" else method
+    if chosen == "model":
+        split.head.load_state_dict(original)
+    else:
+        split.head.load_state_dict(candidates[chosen][0].state_dict())
+    report: dict[str, Any] = {
+        "head_init": chosen,
+        "scores": {name: score.to_dict() for name, score in scores.items()},
+    }
+    if "posthoc_la" in candidates:
+        report["posthoc_tau"] = candidates["posthoc_la"][1]["tau"]
+    return report

@@ -1,0 +1,583 @@
+"""The SelMix fine-tuning loop: :class:`Trainer` and :func:`finetune` (MATH.md section 5,
+paper Alg. 1; the package docstring of :mod:`selmix.finetune` describes the loop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selmix._progress import progress_bar
+from selmix._validation import check_labels
+from selmix.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from selmix.collective import Collective, SingleProcess
+from selmix.estimates import warn_if_small_validation
+from selmix.evaluate import Evaluation, as_batch_dataset
+from selmix.feedback import feedback_step
+from selmix.finetune.best import _BestSoFar
+from selmix.finetune.config import FinetuneConfig, _plain, resolve_objective
+from selmix.finetune.head_init import initialise_head
+from selmix.finetune.head_step import _closed_form_head_step, _scaled_step
+from selmix.finetune.monitor import (
+    _append_json_line,
+    _batch_must_fit,
+    _check_finite,
+    _LossMonitor,
+    _pseudo_label_report,
+    _rewrite_log,
+)
+from selmix.finetune.result import FinetuneResult
+from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
+from selmix.hardware import resolve_for_run
+from selmix.memory import resolve_eval_batch_size
+from selmix.metrics import all_metrics
+from selmix.objectives import (
+    CoverageConstrained,
+    GMean,
+    HMean,
+    MinHeadTailRecall,
+    MinRecall,
+    Objective,
+)
+from selmix.optim import split_sgd_cosine
+from selmix.policy import effective_pairs, policy_entropy
+from selmix.precision import (
+    configure_threads,
+    grad_scaler,
+    to_channels_last,
+)
+from selmix.sampler import PairSampler
+from selmix.selection import ObjectiveScore, objective_score
+from selmix.timing import PhaseTimings, backbone_feedback_every
+from selmix.views import FrozenFeatures, PairPools, make_view
+
+
+def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
+    """Labels in range, every class in ``val``, declared class counts that match the head.
+
+    The missing classes are named first: a validation set that lacks its last class
+    infers one class fewer, and "no samples of class(es) [9]" says what is wrong where
+    "num_classes = 9 but the head has 10" does not.
+    """
+    check_labels("train", train.labels, num_classes)
+    check_labels("val", val.labels, num_classes, every_class=True)
+    for name, dataset in (("train", train), ("val", val)):
+        declared = getattr(dataset, "num_classes", None)
+        if declared is not None and declared != num_classes:
+            raise ValueError(
+                f"`{name}` has num_classes = {declared} but the model's head has "
+                f"{num_classes} outputs"
+            )
+
+
+def _per_class_objective(objective: Objective) -> bool:
+    """Whether the objective turns on each class's recall (min recall, H-mean, G-mean), not
+    on sums over many classes (mean recall, coverage, head/tail groups)."""
+    if isinstance(objective, CoverageConstrained):
+        return objective.metric == "h_mean" and not objective.head_tail
+    if isinstance(objective, MinHeadTailRecall):
+        return False
+    return isinstance(objective, MinRecall | HMean | GMean)
+
+
+def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
+    """The length and head learning rate of a phase's cosine schedule
+    (:meth:`Trainer._start_phase`)."""
+    if config.frozen_backbone or head_phase:
+        return (config.head_first if head_phase else config.steps), config.lr_head
+    return config.steps - config.head_first, config.backbone_phase_lr_head
+
+
+class Trainer:
+    """One SelMix fine-tuning run; :func:`finetune` is the usual entry point.
+
+    Args:
+        model: the classifier to fine-tune (changed in place).
+        train: labelled training set.
+        val: validation set with every class present.
+        objective: objective name, :class:`Objective` or differentiable callable of C
+            (None: ``config.objective``); resolved with :func:`resolve_objective`.
+        config: the run's settings.
+        unlabelled: optional unlabelled set (semi-supervised); its labels are never read.
+        features, head: an explicit split of ``model``.
+        callback: called with each feedback record, plus the gain matrix under ``"gain"``
+            (Tensor[K, K]; the logged record has no gain).
+        distributed: the run's :class:`selmix.collective.Collective` (default: one process).
+        identity: plain data naming what the run was made from beyond its settings and
+            data (e.g. the data source and the starting checkpoint); stored in the
+            checkpoints, and a resume must match it (:func:`check_resume`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Any,
+        val: Any,
+        objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str | None,
+        config: FinetuneConfig,
+        unlabelled: Any = None,
+        features: nn.Module | None = None,
+        head: nn.Linear | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        distributed: Collective | None = None,
+        identity: dict[str, Any] | None = None,
+        initialise_head_weights: bool = True,
+    ) -> None:
+        from selmix.models import split_model
+
+        self.collective = distributed or SingleProcess()
+        self.split = split_model(model, features=features, head=head)
+        self.num_classes = self.split.head.out_features
+        self.train = as_batch_dataset(train, "train")
+        self.val = as_batch_dataset(val, "val")
+        self.unlabelled = None if unlabelled is None else as_batch_dataset(unlabelled, "unlabelled")
+        _check_datasets(self.train, self.val, self.num_classes)
+        labels = torch.as_tensor(self.train.labels).long().cpu()
+        config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
+        if self.collective.is_main:
+            val_counts = torch.bincount(
+                torch.as_tensor(self.val.labels).long().cpu(), minlength=self.num_classes
+            )
+            warn_if_small_validation(
+                val_counts, self.objective.name, _per_class_objective(self.objective),
+                config.shrinkage,
+            )  # fmt: skip
+        self.device = self.collective.process_device(config.device)
+        configure_threads(config.threads)
+        self.model = model.to(self.device)
+        # "auto" precision and layout are measured here (selmix.hardware); the resolved
+        # values are recorded: "auto" resumes only where it resolves alike
+        self.hardware = resolve_for_run(
+            self.model, self.train, self.device, config.precision, config.channels_last,
+            batch_size=self.collective.local_batch_size(config.batch_size),
+            train=not config.frozen_backbone, processes=self.collective.world_size,
+            is_main=self.collective.is_main,
+        )  # fmt: skip
+        self.precision = self.hardware.precision
+        self.config = config = config.replace(
+            device=str(self.device), precision=self.precision,
+            channels_last=self.hardware.channels_last,
+        )  # fmt: skip
+        # the evaluation batch sized from the memory unless set; batches that cannot fit
+        # fail here, in one line naming the setting, not in the kernel's OOM killer
+        self.eval_batch_size = resolve_eval_batch_size(
+            self.split.features, self.train, self.device, self.precision,
+            config.eval_batch_size,
+            None if config.frozen_backbone else self.collective.local_batch_size(
+                config.batch_size
+            ),
+        )  # fmt: skip
+        self.config = config = config.replace(eval_batch_size=self.eval_batch_size)
+        if config.channels_last:
+            to_channels_last(self.model)
+        if config.compile:
+            # in place: the parameters and state_dict keys stay those of the model
+            self.split.features.compile()
+        self.callback = callback
+        # distinct, reproducible streams per rank; rank 0 matches a single-process run
+        self.generator = torch.Generator().manual_seed(
+            config.seed + 1_000_003 * self.collective.rank
+        )
+        self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
+        self.pseudo_labels: torch.Tensor | None = None
+        self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.gains: list[tuple[int, torch.Tensor]] = []
+        self.best = _BestSoFar()
+        self.losses = _LossMonitor(self.num_classes, self.collective.is_main)
+        self.identity = None if identity is None else _plain(dict(identity))
+        self.data = data_fingerprint(self.train, self.val, self.unlabelled)
+        # (path, step) of the last checkpoint this run wrote with finite weights
+        self.good_checkpoint: tuple[str, int] | None = None
+        self.timings = PhaseTimings()
+        self.backbone_feedback_every = config.backbone_feedback_every or backbone_feedback_every(
+            config.feedback_every, len(self.val), config.batch_size
+        )
+        # the head SelMix starts from (head_init); a resumed run has it in its weights
+        self._head_init: dict[str, Any] | None = None
+        if initialise_head_weights and config.head_init != "none":
+            self._head_init = initialise_head(
+                config.head_init, self.model, self.split, self.train, self.val, self.objective,
+                config,
+            )  # fmt: skip
+        self._start_phase(head_phase=config.head_first > 0)
+
+    def _start_phase(self, head_phase: bool) -> None:
+        """The view, optimiser and schedule of a phase of the run.
+
+        Frozen backbone: one phase, the head on cached features. Backbone fine-tuned: a
+        head phase (``config.head_first`` steps on cached features, when > 0), then the
+        whole model for the remaining steps from where the head phase ended, with the head
+        at :attr:`FinetuneConfig.backbone_phase_lr_head`; each phase has its own cosine
+        schedule. The step counter, the feedback steps and the best-step selection run
+        across the phases.
+        """
+        config = self.config
+        frozen = config.frozen_backbone or head_phase
+        self.head_phase = head_phase
+        self.view = make_view(
+            frozen, self.split, self.device, self.collective, self.eval_batch_size,
+            PairPools(self.train, self.unlabelled), config.augment, precision=self.precision,
+        )  # fmt: skip
+        steps, lr_head = _phase_schedule(config, head_phase)
+        self.optimizer, self.scheduler = split_sgd_cosine(
+            self.split, steps, lr_head, config.backbone_lr if self.view.trains_backbone else None,
+            config.momentum, config.weight_decay,
+        )  # fmt: skip
+        self.view.attach(self.optimizer)
+        # loss scaling for fp16 (a pass-through otherwise); its state is checkpointed
+        self.scaler = grad_scaler(self.precision, self.device)
+        self._head_step = _closed_form_head_step(self.view, self.collective)
+
+    # -- feedback -----------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """``"frozen"``, ``"head"`` (the head-first phase) or ``"backbone"``."""
+        if self.config.frozen_backbone:
+            return "frozen"
+        return "head" if self.head_phase else "backbone"
+
+    def feedback_due(self) -> bool:
+        """Whether the current step is a feedback step: every ``feedback_every`` steps on
+        cached features, every :attr:`backbone_feedback_every` steps from the start of the
+        whole-model phase."""
+        if self.config.frozen_backbone or self.step <= self.config.head_first:
+            return self.step % self.config.feedback_every == 0
+        return (self.step - self.config.head_first) % self.backbone_feedback_every == 0
+
+    def _evaluate_val(self) -> Evaluation:
+        return self.view.evaluate(self.val, soft=self.config.soft_confusion)
+
+    def feedback(self) -> dict[str, Any]:
+        """Evaluates, scores the model, updates multipliers, gain and policy; returns the
+        logged record."""
+        config = self.config
+        started = time.perf_counter()
+        evaluation = self._evaluate_val()
+        # the objective, multipliers and gain see the (optionally smoothed or shrunk)
+        # estimate of C; the logged metrics are those of the raw counts
+        result = feedback_step(self.objective, evaluation, self.split.head, config)
+        # the score (which step is best) is the objective's metric of the raw counts, or of
+        # the estimate with select_on="estimate": the same on every rank either way (the
+        # counts are summed over ranks)
+        scored = result.estimate if config.select_on == "estimate" else evaluation.counts
+        score = objective_score(self.objective, scored)
+        self.best.offer(score, self.step, self.model)
+        value, gain, self.distribution = result.value, result.gain, result.distribution
+        record = self._feedback_record(evaluation, score, value, gain)
+        if self._head_init is not None and not self.history:
+            record["head_init"] = self._head_init
+        if self.unlabelled is not None:
+            record.update(self._refresh_pseudo_labels())
+        record["feedback_seconds"] = time.perf_counter() - started
+        if self.num_classes <= 200 or not self.gains or self.step == config.steps:
+            self.gains.append((self.step, gain))
+        self.losses.warn_if_diverging(record["train_loss"], self.step)
+        self.history.append(record)
+        if config.log_path and self.collective.is_main:
+            _append_json_line(config.log_path, record)
+        if self.callback is not None:
+            # the gain matrix goes to the callback (e.g. TensorBoardLogger draws it) but
+            # not to the log: it is K x K numbers per feedback step
+            self.callback({**record, "gain": gain})
+        return record
+
+    def _refresh_pseudo_labels(self) -> dict[str, Any]:
+        self.model.eval()
+        self.pseudo_labels = self.view.predict(self.unlabelled)
+        self.sampler.set_second_labels(self.pseudo_labels)
+        return _pseudo_label_report(self.pseudo_labels, self.unlabelled, self.num_classes)
+
+    def _feedback_record(
+        self, evaluation: Evaluation, score: ObjectiveScore, value: float, gain: torch.Tensor
+    ) -> dict[str, Any]:
+        """What a feedback step logs (before the pseudo-label report and its duration); takes
+        the mean training loss since the last feedback step."""
+        groups = self.optimizer.param_groups
+        return {
+            "step": self.step,
+            "objective": value,
+            "score": score.to_dict(),
+            "best_step": self.best.step,
+            "metrics": all_metrics(evaluation.confusion, self.config.head_classes),
+            "multipliers": _plain(self.objective.multipliers),
+            "max_gain": float(gain.max()),
+            "policy_entropy": policy_entropy(self.distribution),
+            "effective_pairs": effective_pairs(self.distribution),
+            "lr_head": groups[0]["lr"],
+            "lr_backbone": groups[1]["lr"] if len(groups) > 1 else 0.0,
+            "train_loss": self.losses.take_mean(),
+        }
+
+    # -- training -----------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One SGD step on a batch of mixups drawn from the current distribution."""
+        config = self.config
+        batch_size = self.collective.local_batch_size(config.batch_size)
+        first, second, from_second, labels = self.sampler.sample(self.distribution, batch_size)
+        lam = config.lam_min + (1 - config.lam_min) * torch.rand(
+            batch_size, generator=self.generator
+        )
+        if self._head_step is None:
+            # batch norm frozen: running statistics, no updates (the closed-form head step
+            # calls no module, and eval() walking every module costs more than its maths)
+            self.model.eval()
+        lam = lam.to(self.device)[:, None]
+        labels = labels.to(self.device)
+        if self._head_step is not None:
+            assert isinstance(self.view, FrozenFeatures)  # the closed-form step's condition
+            mixed = self.view.mixed_features(first, second, from_second, lam)
+            loss_value = self._head_step.loss_and_gradients(mixed, labels)
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            self.optimizer.step()
+        else:
+            logits = self.view.mixed_logits(first, second, from_second, lam, self.generator)
+            # the loss in float32 whatever the precision of the forward pass
+            loss = F.cross_entropy(logits.float(), labels)
+            loss_value = float(loss.detach())
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            _scaled_step(loss, self.optimizer, self.scaler)
+        self.scheduler.step()
+        self.losses.add(loss_value)
+        return loss_value
+
+    def run(self) -> FinetuneResult:
+        """Runs from the current step to ``config.steps`` (with a last feedback at the end,
+        or until ``patience`` feedback steps bring no better score), then selects."""
+        config = self.config
+        if config.log_path and self.collective.is_main:
+            _rewrite_log(config.log_path, self.history)
+        progress = progress_bar(
+            config.steps, f"selmix {self.objective.name}",
+            config.progress and self.collective.is_main, initial=self.step, leave=False,
+        )  # fmt: skip
+        first_step = True
+        try:
+            while self.step < config.steps and not self.best.exhausted(config.patience):
+                done = bool(self.history) and self.history[-1]["step"] == self.step
+                if self.feedback_due() and not done:
+                    started = time.perf_counter()
+                    progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
+                    self.timings.record(self.phase, "feedback", time.perf_counter() - started)
+                    if self.best.exhausted(config.patience):
+                        break
+                if self.head_phase and self.step >= config.head_first:
+                    self._start_phase(head_phase=False)
+                    first_step = True  # the backbone's first step is where memory runs out
+                started = time.perf_counter()
+                if first_step:
+                    self._first_train_step()
+                    first_step = False
+                else:
+                    self.train_step()
+                self.timings.record(self.phase, "train", time.perf_counter() - started)
+                self.step += 1
+                progress.update(1)
+                every = config.checkpoint_every
+                if every and self.step % every == 0 and self.step < config.steps:
+                    self.save_checkpoint()
+            if not self.history or self.history[-1]["step"] != self.step:
+                started = time.perf_counter()
+                self.feedback()
+                self.timings.record(self.phase, "feedback", time.perf_counter() - started)
+        finally:
+            progress.close()
+        self.save_checkpoint()
+        return self._select()
+
+    def _select(self) -> FinetuneResult:
+        """The finished run's result, with the weights of the step ``config.select`` picks
+        (the best by validation score, or the last) loaded into the model."""
+        last = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        best = self.best
+        selected = best.step if self.config.select == "best" else self.step
+        if self.config.select == "best":
+            self.model.load_state_dict(best.weights)
+        return FinetuneResult(
+            self.model, self.split, self.objective, self.config, self.history,
+            self.gains, selected_step=selected, best_step=best.step, last_step=self.step,
+            best_state=best.weights, last_state=last,
+            head_init=self.history[0].get("head_init") if self.history else None,
+            timings=self.timings.to_dict(), hardware=self.hardware.to_dict(),
+        )  # fmt: skip
+
+    def _first_train_step(self) -> None:
+        """The first step, where a batch too large for the memory shows: one clear error."""
+        with _batch_must_fit(self.config.batch_size, self.device):
+            self.train_step()
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def start_loss(self) -> float | None:
+        """The first training step's loss (the divergence warning's reference)."""
+        return self.losses.start_loss
+
+    @property
+    def diverged_step(self) -> int | None:
+        """The feedback step at which the divergence warning was raised, if it was."""
+        return self.losses.diverged_step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as ``weights_only``-loadable data (the keys of the
+        ``selmix-finetune-v1`` format)."""
+        return {
+            "format": "selmix-finetune-v1",
+            "step": self.step,
+            "head_phase": self.head_phase,
+            "config": self.config.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "distribution": self.distribution.clone(),
+            "pseudo_labels": self.pseudo_labels,
+            "history": self.history,
+            "gains": [(step, gain.clone()) for step, gain in self.gains],
+            "best": self.best.state_dict(),
+            "rng": capture_rng_state(self.generator),
+            "world_size": self.collective.world_size,
+            "data": self.data,
+            "identity": self.identity,
+            **self.losses.state_dict(),  # "loss", "start_loss", "diverged_step"
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved (the run settings, the data and the
+        identity must agree: :func:`check_resume`)."""
+        check_resume(
+            state, self.config, world_size=self.collective.world_size, data=self.data,
+            identity=self.identity,
+        )  # fmt: skip
+        if self.head_phase and not state.get("head_phase", False):
+            self._start_phase(head_phase=False)  # the optimiser state is the backbone phase's
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"`resume` checkpoint does not match the model: {str(error).splitlines()[0]}"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # checkpoints of selmix <= 0.2 have none (fp32 only)
+            self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_state_dict(state["objective"])
+        self.distribution = state["distribution"]
+        self.pseudo_labels = state["pseudo_labels"]
+        if self.pseudo_labels is not None:
+            self.sampler.set_second_labels(self.pseudo_labels)
+        self.history = list(state["history"])
+        self.gains = [(int(step), gain) for step, gain in state["gains"]]
+        if "best" in state:
+            self.best.load_state_dict(state["best"])
+        self.step = int(state["step"])
+        self.losses.load_state_dict(state)
+        rank_rng = state.get("rank_rng") or [state["rng"]]
+        restore_rng_state(rank_rng[self.collective.rank], self.generator)
+
+    def save_checkpoint(self) -> None:
+        """Writes the resume state to ``config.checkpoint_path`` (main process only).
+
+        Weights that are no longer finite are not written: the previous checkpoint stays,
+        so the one a failed run names can always be resumed from.
+        """
+        path = self.config.checkpoint_path
+        if not path:
+            return
+        rank_rng = self.collective.gather_rng_states(self.generator)  # every rank takes part
+        if self.collective.is_main and _weights_are_finite(self.model):
+            save_checkpoint(path, {**self.state_dict(), "rank_rng": rank_rng})
+            self.good_checkpoint = (path, self.step)
+        self.collective.barrier()  # the file is complete when any rank returns
+
+
+def finetune(
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str | None = None,
+    config: FinetuneConfig | dict[str, Any] | None = None,
+    *,
+    unlabelled: Any = None,
+    features: nn.Module | None = None,
+    head: nn.Linear | None = None,
+    resume: str | Path | dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    distributed: Collective | None = None,
+    identity: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tunes ``model`` with SelMix for ``objective``.
+
+    Args:
+        model: any classifier that splits into a feature extractor and a linear head
+            (see :func:`selmix.split_model`); trained in place.
+        train: the labelled training set (a selmix dataset or any map-style (x, y) dataset).
+        val: the validation set; every class must be present.
+        objective: a name from :func:`selmix.list_objectives`, an :class:`Objective`, or a
+            differentiable function of the confusion matrix. Default: ``config.objective``.
+        config: a :class:`FinetuneConfig` or a dict of its fields.
+        unlabelled: unlabelled samples for semi-supervised SelMix (x2 is drawn from those
+            whose current pseudo-label is j).
+        features, head: an explicit split of the model.
+        resume: a checkpoint written by a previous run with the same settings and data
+            (its path, or the dict :func:`selmix.checkpoint.load_checkpoint` returned).
+        callback: called with each feedback record and its gain matrix (``"gain"``).
+        distributed: a :class:`selmix.collective.Collective`, e.g. the
+            :class:`selmix.distributed.DistributedContext` of a torchrun process.
+        identity: what the run was made from beyond its settings and data, checked on
+            resume (see :class:`Trainer`).
+        **overrides: any :class:`FinetuneConfig` field, e.g. ``steps=2000, device="cuda"``.
+
+    Returns:
+        A :class:`FinetuneResult`; the model holds the selected step's weights.
+    """
+    if isinstance(objective, str):
+        overrides = {"objective": objective, **overrides}
+        objective = None
+    config = FinetuneConfig.resolve(config, overrides)
+    logger = None
+    if config.tensorboard_dir and (distributed is None or distributed.is_main):
+        from selmix.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(config.tensorboard_dir)
+        callback = _both(callback, logger)
+    try:
+        trainer = Trainer(
+            model, train, val, objective, config, unlabelled=unlabelled, features=features,
+            head=head, callback=callback, distributed=distributed, identity=identity,
+            initialise_head_weights=resume is None,
+        )  # fmt: skip
+        if resume is not None:
+            state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+            trainer.load_state_dict(state)
+            if not isinstance(resume, dict) and _weights_are_finite(trainer.model):
+                trainer.good_checkpoint = (str(resume), trainer.step)
+        return trainer.run()
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _both(
+    first: Callable[[dict[str, Any]], None] | None, second: Callable[[dict[str, Any]], None]
+) -> Callable[[dict[str, Any]], None]:
+    if first is None:
+        return second
+
+    def call(record: dict[str, Any]) -> None:
+        first(record)
+        second(record)
+
+    return call
