@@ -65,14 +65,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the library before issue 22: these records are made with PYTHONPATH pointing at the
     # source of commit 5ff6b11 (git worktree add --detach ../selmix-before 5ff6b11)
     "before": {},
-    "shrink": {"shrinkage": "auto"},
-    "shrink-select": {"shrinkage": "auto", "select_on": "estimate"},
-    "crt-init": {"init": "crt"},
-    "crt-shrink": {"init": "crt", "shrinkage": "auto"},
-    "rate-scaled": {"rate": "scaled"},
-    "auto-init": {"head_init": "auto"},
-    "auto-shrink": {"head_init": "auto", "shrinkage": "auto"},
-    "auto-select": {"head_init": "auto", "shrinkage": "auto", "select_on": "estimate"},
+    # the defaults without one of their two changes of issue 22 (the tie-break by mean
+    # recall stays in both)
+    "no-head-init": {"head_init": "none"},
+    "no-shrinkage": {"shrinkage": "none"},
+    "crt-init": {"init": "crt", "head_init": "none", "shrinkage": "none"},
+    "rate-scaled": {"rate": "scaled", "head_init": "none", "shrinkage": "none"},
 }
 
 

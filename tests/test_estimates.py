@@ -90,7 +90,7 @@ def test_far_apart_recalls_are_left_almost_alone():
 def test_smoothed_confusion_applies_shrinkage_after_the_pseudo_count():
     counts = torch.tensor([[8.0, 2, 0], [1, 5, 4], [0, 3, 7]])
     expected = shrunk_confusion(counts + 1.0)
-    assert torch.allclose(smoothed_confusion(counts, 1.0, "auto"), expected)
+    assert torch.allclose(smoothed_confusion(counts, 1.0, pool=True), expected)
     plain = (counts.double() + 1) / (counts.double() + 1).sum()
     assert torch.allclose(smoothed_confusion(counts, 1.0), plain)
 

@@ -112,3 +112,33 @@ def test_own_loop_frozen_leaves_the_backbone_alone():
     own_loop.selmix_loop(model, data.train, data.val, steps=2, train_backbone=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.features.parameters(), strict=True))
     assert not torch.equal(head_before, model.head.weight)
+
+
+def test_saliency_mix_puts_the_box_on_the_salient_pixel_of_x2():
+    saliency_mix = load_example("saliency_mix")
+    first = torch.zeros(3, 1, 28, 28)
+    second = torch.zeros(3, 1, 28, 28)
+    spots = [(5, 20), (27, 0), (14, 14)]
+    for image, (row, col) in zip(second, spots, strict=True):
+        image[0, row, col] = 10.0
+    lam = torch.tensor([0.75, 0.75, 0.96])
+    for labels in ("first", "mixed"):
+        mixed = saliency_mix.SaliencyCutMix(labels)(first, second, lam, torch.Generator())
+        for image, (row, col) in zip(mixed.inputs, spots, strict=True):
+            assert image[0, row, col] == 10.0  # the salient pixel was pasted
+        if labels == "mixed":
+            # 14 x 14 boxes (rows c - 7 .. c + 6) clipped at the border: rows 0..11 and
+            # columns 13..26 for (5, 20), rows 20..27 and columns 0..6 for the corner;
+            # 5 x 5 for lam = 0.96
+            expected = 1 - torch.tensor([12 * 14, 8 * 7, 25.0]) / 784
+            torch.testing.assert_close(mixed.first_weight, expected)
+        else:
+            assert mixed.first_weight is None
+
+
+def test_saliency_mix_example_fine_tunes_the_whole_model_with_it(capsys):
+    saliency_mix = load_example("saliency_mix")
+    result = saliency_mix.main(["--fast", "--seed", "0"])
+    assert result.config.mixup == "saliency_cutmix" and not result.config.frozen_backbone
+    assert "mixup: saliency_cutmix" in capsys.readouterr().out
+    assert result.history[-1]["step"] == 20

@@ -42,6 +42,7 @@ from selmix.metrics import (
     per_class_coverage,
     per_class_recall,
 )
+from selmix.mixing import MixedBatch, MixupOperation, list_mixups, register_mixup
 from selmix.models import create_model, list_models, register_model, split_model
 from selmix.objectives import (
     Objective,
@@ -134,4 +135,8 @@ __all__ = [
     "resolve_precision",
     "sgd_cosine",
     "warmup_cosine",
+    "MixedBatch",
+    "MixupOperation",
+    "list_mixups",
+    "register_mixup",
 ]

@@ -14,20 +14,27 @@ noise, ``m`` grows and the estimate says so.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 from selmix._validation import check_confusion
 
 __all__ = [
+    "SHRINKAGE",
     "SMALL_VALIDATION",
     "SmallValidationWarning",
     "empirical_bayes_strength",
+    "per_class_objective",
+    "pools_classes",
     "recall_uncertainty",
     "shrinkage_prior",
     "shrunk_confusion",
     "warn_if_small_validation",
 ]
+
+SHRINKAGE = ("none", "auto", "on")
+"""Choices of the ``shrinkage`` setting: never, for per-class objectives, always."""
 
 SMALL_VALIDATION = 50
 """Validation samples of the smallest class below which :func:`warn_if_small_validation`
@@ -36,6 +43,26 @@ warns for a per-class objective (docs/guide/known_limits.md has the measurements
 
 class SmallValidationWarning(UserWarning):
     """The validation set is too small to resolve a per-class objective."""
+
+
+def per_class_objective(objective: Any) -> bool:
+    """Whether an objective turns on each class's own recall (min recall, H-mean, G-mean,
+    H-mean s.t. per-class coverage), rather than on sums over many classes (mean recall,
+    coverage with mean recall, head/tail groups, a user's function)."""
+    from selmix.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
+
+    if isinstance(objective, CoverageConstrained):
+        return objective.metric == "h_mean" and not objective.head_tail
+    if isinstance(objective, MinHeadTailRecall):
+        return False
+    return isinstance(objective, MinRecall | HMean | GMean)
+
+
+def pools_classes(shrinkage: str, objective: Any) -> bool:
+    """Whether a run with this ``shrinkage`` setting pools the classes' estimates
+    (:func:`shrunk_confusion`) for this objective: ``"on"`` always, ``"auto"`` for
+    :func:`per_class_objective` ones, ``"none"`` never."""
+    return shrinkage == "on" or (shrinkage == "auto" and per_class_objective(objective))
 
 
 # Bounds of the strength: m stays finite when every class looks alike (the prior is then
@@ -135,37 +162,34 @@ def recall_uncertainty(samples: int) -> float:
     return 0.5 / max(1, samples) ** 0.5
 
 
-def warn_if_small_validation(
-    class_counts: torch.Tensor, objective_name: str, per_class: bool, shrinkage: str
-) -> bool:
+def warn_if_small_validation(class_counts: torch.Tensor, objective: Any, shrinkage: str) -> bool:
     """Warns (one line, :class:`SmallValidationWarning`) when the smallest class of the
-    validation set has fewer than :data:`SMALL_VALIDATION` samples and the objective is a
-    function of per-class recalls.
+    validation set has fewer than :data:`SMALL_VALIDATION` samples and the objective turns
+    on per-class recalls (:func:`per_class_objective`).
 
     Args:
         class_counts: Tensor[K], validation samples per class.
-        objective_name: the objective's name, for the message.
-        per_class: whether the objective depends on each class's recall (min recall,
-            H-mean, G-mean), rather than on sums over many classes (mean recall, coverage).
+        objective: the run's objective.
         shrinkage: the run's ``shrinkage`` setting (the message says what it does).
 
     Returns:
         Whether it warned.
     """
     smallest = int(torch.as_tensor(class_counts).min())
-    if not per_class or smallest >= SMALL_VALIDATION:
+    if not per_class_objective(objective) or smallest >= SMALL_VALIDATION:
         return False
     action = (
-        "selmix pools the classes' estimates (shrinkage='auto') and breaks ties by mean recall"
-        if shrinkage == "auto"
-        else "set shrinkage='auto' to pool the classes' estimates"
+        "selmix pools the classes' estimates to steer and select (shrinkage)"
+        if pools_classes(shrinkage, objective)
+        else "shrinkage='auto' would pool the classes' estimates"
     )
     warnings.warn(
         f"`val` has {smallest} samples of its smallest class: a class's recall on it is "
-        f"known to about +/-{100 * recall_uncertainty(smallest):.0f} points, so {objective_name} "
-        f"on it is optimistic once SelMix steers and selects by it; {action}. Expect the "
-        "test value below the validation value, and compare with `selmix baseline` "
-        f"(docs/guide/known_limits.md); {SMALL_VALIDATION}+ samples per class resolve it.",
+        f"known to about +/-{100 * recall_uncertainty(smallest):.0f} points, so "
+        f"{objective.name} on it is optimistic once SelMix steers and selects by it; "
+        f"{action}. Expect the test value below the validation value, and compare with "
+        f"`selmix baseline` (docs/guide/known_limits.md); {SMALL_VALIDATION}+ samples per "
+        "class resolve it.",
         SmallValidationWarning,
         stacklevel=3,
     )

@@ -42,7 +42,7 @@ from selmix._validation import (
     check_int,
     check_positive,
 )
-from selmix.estimates import shrunk_confusion
+from selmix.estimates import SHRINKAGE, pools_classes, shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.gain import gain_matrix
 from selmix.metrics import all_metrics
@@ -53,19 +53,16 @@ from selmix.sampler import PairSampler
 __all__ = ["FeedbackResult", "MixupPairs", "SelMixFeedback", "feedback_step", "smoothed_confusion"]
 
 
-SHRINKAGE = ("none", "auto")
-
-
 def smoothed_confusion(
-    counts: torch.Tensor, pseudo_count: float, shrinkage: str = "none"
+    counts: torch.Tensor, pseudo_count: float, pool: bool = False
 ) -> torch.Tensor:
     """The estimate of C from validation counts: Tensor[K, K] float64 summing to 1.
 
-    ``(counts + pseudo_count) / total``, then, with ``shrinkage="auto"``, every row pulled
-    towards the pooled classes (:func:`selmix.estimates.shrunk_confusion`).
+    ``(counts + pseudo_count) / total``, then, with ``pool``, every row pulled towards the
+    pooled classes (:func:`selmix.estimates.shrunk_confusion`).
     """
     smoothed = counts.double() + pseudo_count
-    if shrinkage == "auto":
+    if pool:
         return shrunk_confusion(smoothed)
     return smoothed / smoothed.sum()
 
@@ -75,12 +72,15 @@ class FeedbackResult(NamedTuple):
 
     Attributes:
         estimate: float64 Tensor[K, K], the estimate of C the objective saw (summing to 1).
+        pooled: whether ``estimate`` pools the classes (``shrinkage``); the run then
+            also selects its best step by it.
         value: the objective's value at ``estimate`` (after the multiplier update).
         gain: float Tensor[K, K] on the CPU, the gain matrix.
         distribution: Tensor[K, K] on the CPU, the new mixup distribution P.
     """
 
     estimate: torch.Tensor
+    pooled: bool
     value: float
     gain: torch.Tensor
     distribution: torch.Tensor
@@ -98,17 +98,16 @@ def feedback_step(
         objective: the objective; its multipliers are updated in place.
         evaluation: the validation set's confusion counts and class-mean features.
         head: the linear head ``nn.Linear(d, K)`` (the gain's logit directions).
-        settings: anything with ``confusion_smoothing``, ``mix`` (E[lam]), ``gain_scale``,
-            ``policy``, ``normalize_gain``, ``soft_confusion``, ``uniform_mix`` and
+        settings: anything with ``confusion_smoothing``, ``shrinkage``, ``mix`` (E[lam]),
+            ``gain_scale``, ``policy``, ``normalize_gain``, ``soft_confusion``, ``uniform_mix`` and
             ``multiplier_step`` (a :class:`selmix.FinetuneConfig` or a
             :class:`SelMixFeedback`).
 
     Returns:
         A :class:`FeedbackResult`.
     """
-    estimate = smoothed_confusion(
-        evaluation.counts, settings.confusion_smoothing, settings.shrinkage
-    )
+    pool = pools_classes(settings.shrinkage, objective)
+    estimate = smoothed_confusion(evaluation.counts, settings.confusion_smoothing, pool)
     objective.update(estimate, step_size=settings.multiplier_step)
     with torch.no_grad():
         value = float(objective(estimate))
@@ -121,7 +120,7 @@ def feedback_step(
         gain, settings.gain_scale, settings.policy, settings.normalize_gain,
         uniform_mix=settings.uniform_mix,
     ).cpu()  # fmt: skip
-    return FeedbackResult(estimate, value, gain, distribution)
+    return FeedbackResult(estimate, pool, value, gain, distribution)
 
 
 class MixupPairs(NamedTuple):
@@ -161,7 +160,9 @@ class SelMixFeedback:
         uniform_mix: share eps of the uniform policy mixed into P.
         multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
         shrinkage: ``"auto"`` pulls each class's row of the counts towards the pooled
-            classes (:func:`selmix.estimates.shrunk_confusion`), ``"none"`` uses the counts.
+            classes (:func:`selmix.estimates.shrunk_confusion`) for objectives of per-class
+            recalls (min recall, H-mean, G-mean), ``"on"`` for every objective, ``"none"``
+            never.
 
     The defaults are those of :class:`selmix.FinetuneConfig` (the robust defaults of
     docs/DESIGN.md); ``gain_scale=10, normalize_gain=False, confusion_smoothing=0`` is the
@@ -190,7 +191,7 @@ class SelMixFeedback:
         soft_confusion: bool = False,
         uniform_mix: float = 0.0,
         multiplier_step: float = 1.0,
-        shrinkage: str = "none",
+        shrinkage: str = "auto",
         head_classes: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:

@@ -364,7 +364,12 @@ class MixupForward(nn.Module):
         self.features = features
         self.head = head
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, first: torch.Tensor, second: torch.Tensor | None = None, lam: Any = None
+    ) -> torch.Tensor:
+        if second is None:
+            # inputs mixed before the backbone (selmix.mixing): one pass, then the head
+            return self.head(self.features(first))
         both = self.features(torch.cat([first, second]))
         first_features, second_features = both[: first.shape[0]], both[first.shape[0] :]
         return self.head(lam * first_features + (1 - lam) * second_features)
@@ -428,6 +433,36 @@ class FullBackbone(_PairMixing):
     def _mix(self, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device):
             return self.train_module(first, second, lam)
+
+    def mixed_input_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+        operation: Callable[..., Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the pairs mixed in input space by ``operation`` (a
+        :class:`selmix.mixing.MixupOperation`) and its weights of label i.
+
+        Arguments as in :meth:`mixed_logits` (``lam``: Tensor[B] or Tensor[B, 1]); the
+        images are drawn (and augmented) as there, then mixed, then one forward pass.
+        """
+        from selmix.mixing import check_mixed_batch
+
+        if self.pools is None:
+            raise ValueError("this view was made without `pools`: it cannot draw pairs")
+
+        def rows(dataset: Any, index: torch.Tensor) -> torch.Tensor:
+            return self._rows(dataset, index, generator)
+
+        first_rows = rows(self.pools.train, first)
+        second_rows = self.pools.second_rows(second, from_unlabelled, rows)
+        mixed = operation(first_rows, second_rows, lam.reshape(-1), generator)
+        mixed = check_mixed_batch(mixed, first_rows, operation)
+        with autocast(self.precision, self.device):
+            return self.train_module(mixed.inputs), mixed.first_weight
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         return None  # DistributedDataParallel (from `wrap`) averages the gradients

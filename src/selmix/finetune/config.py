@@ -22,10 +22,11 @@ from selmix._config import (
     setting,
 )
 from selmix._validation import check_head_classes
+from selmix.estimates import SHRINKAGE
 from selmix.evaluate import DEVICE_HELP
-from selmix.feedback import SHRINKAGE
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import infer_head_classes
+from selmix.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
 from selmix.objectives import Objective, as_objective, get_objective
 from selmix.policy import POLICIES
 from selmix.precision import (
@@ -71,6 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "soft_confusion": False,
         "uniform_mix": 0.0,
         "multiplier_step": 1.0,
+        "head_init": "none",
+        "shrinkage": "none",
     },
 }
 
@@ -168,27 +171,30 @@ class FinetuneConfig(ConfigMixin):
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
     )
+    mixup: str = setting(
+        FEATURE, check=Choice(list_mixups), run=True, flag=True, metavar="NAME",
+        help="how a pair is mixed: 'feature' (the paper: features, label i), 'input' (the "
+        "images, lam x1 + (1 - lam) x2), 'cutmix' (a box of x2 of area 1 - lam pasted into "
+        "x1), or a name given to selmix.register_mixup; all but 'feature' need "
+        "frozen_backbone off and mix features in the head-first phase (selmix.mixing)",
+    )  # fmt: skip
     confusion_smoothing: float = setting(
         1.0, check=Real(strict=False), run=True, flag=True,
         help="pseudo-count added to each validation confusion cell before the multipliers "
         "and the gain (0 = the paper; 1 lets the gain see classes with zero recall)",
     )  # fmt: skip
     head_init: str = setting(
-        "none", check=Choice(HEAD_INIT), run=True, flag=True,
+        "auto", check=Choice(HEAD_INIT), run=True, flag=True,
         help="the head SelMix starts from: 'none' the model's own; 'posthoc_la' or 'crt' "
         "a re-balanced head on the same features; 'auto' the best of the three on the "
         "validation set for the objective",
     )  # fmt: skip
     shrinkage: str = setting(
-        "none", check=Choice(SHRINKAGE), run=True, flag=True,
-        help="estimate of C the objective, gain and selection see: 'auto' pools the "
-        "classes (empirical Bayes, selmix.estimates.shrunk_confusion), for small "
-        "validation sets; 'none' uses the counts",
-    )  # fmt: skip
-    select_on: str = setting(
-        "counts", check=Choice(("counts", "estimate")), run=True,
-        help="what the best step is chosen by: the validation counts or the estimate of C "
-        "the objective sees (see shrinkage)",
+        "auto", check=Choice(SHRINKAGE), run=True, flag=True,
+        help="pool the classes' validation estimates (empirical Bayes, "
+        "selmix.estimates.shrunk_confusion) to steer and to select the best step: 'auto' "
+        "for objectives of per-class recalls (min recall, H-mean, G-mean), 'on' always, "
+        "'none' never (the paper)",
     )  # fmt: skip
     soft_confusion: bool = setting(
         False, check=Flag(), run=True,
@@ -271,6 +277,7 @@ class FinetuneConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.multiplier_step <= 0:
             raise ValueError(f"`multiplier_step` must be in (0, 1], got {self.multiplier_step}")
+        check_mixup_needs_backbone(self.mixup, self.frozen_backbone)
         if not self.frozen_backbone and self.head_first_steps is not None:
             if self.head_first_steps >= self.steps:
                 raise ValueError(

@@ -15,6 +15,7 @@ from selmix.checkpoint import (
 )
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.finetune.config import FinetuneConfig, _plain
+from selmix.mixing import FEATURE
 
 
 def _weights_are_finite(model: nn.Module) -> bool:
@@ -86,7 +87,10 @@ def check_resume(
     # checkpoints written before the precision setting existed ran in float32, those before
     # backbone_feedback_every fed back every feedback_every steps in both phases
     saved_config = state["config"]
-    older = {"precision": "fp32", "backbone_feedback_every": saved_config.get("feedback_every")}
+    older = {
+        "precision": "fp32", "mixup": FEATURE,
+        "backbone_feedback_every": saved_config.get("feedback_every"),
+    }  # fmt: skip
     changed = config.resume_changes({**older, **saved_config})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)

@@ -41,12 +41,8 @@ from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fi
 from selmix.hardware import resolve_for_run
 from selmix.memory import resolve_eval_batch_size
 from selmix.metrics import all_metrics
+from selmix.mixing import get_mixup, mixed_cross_entropy, second_labels
 from selmix.objectives import (
-    CoverageConstrained,
-    GMean,
-    HMean,
-    MinHeadTailRecall,
-    MinRecall,
     Objective,
 )
 from selmix.optim import split_sgd_cosine
@@ -59,7 +55,7 @@ from selmix.precision import (
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
 from selmix.timing import PhaseTimings, backbone_feedback_every
-from selmix.views import FrozenFeatures, PairPools, make_view
+from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
 def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
@@ -78,16 +74,6 @@ def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
                 f"`{name}` has num_classes = {declared} but the model's head has "
                 f"{num_classes} outputs"
             )
-
-
-def _per_class_objective(objective: Objective) -> bool:
-    """Whether the objective turns on each class's recall (min recall, H-mean, G-mean), not
-    on sums over many classes (mean recall, coverage, head/tail groups)."""
-    if isinstance(objective, CoverageConstrained):
-        return objective.metric == "h_mean" and not objective.head_tail
-    if isinstance(objective, MinHeadTailRecall):
-        return False
-    return isinstance(objective, MinRecall | HMean | GMean)
 
 
 def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
@@ -148,10 +134,7 @@ class Trainer:
             val_counts = torch.bincount(
                 torch.as_tensor(self.val.labels).long().cpu(), minlength=self.num_classes
             )
-            warn_if_small_validation(
-                val_counts, self.objective.name, _per_class_objective(self.objective),
-                config.shrinkage,
-            )  # fmt: skip
+            warn_if_small_validation(val_counts, self.objective, config.shrinkage)
         self.device = self.collective.process_device(config.device)
         configure_threads(config.threads)
         self.model = model.to(self.device)
@@ -189,6 +172,8 @@ class Trainer:
             config.seed + 1_000_003 * self.collective.rank
         )
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
+        # None: feature mixup, done by the views (selmix.mixing)
+        self.mixup_operation = get_mixup(config.mixup)
         self.pseudo_labels: torch.Tensor | None = None
         self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
         self.step = 0
@@ -269,9 +254,10 @@ class Trainer:
         # estimate of C; the logged metrics are those of the raw counts
         result = feedback_step(self.objective, evaluation, self.split.head, config)
         # the score (which step is best) is the objective's metric of the raw counts, or of
-        # the estimate with select_on="estimate": the same on every rank either way (the
-        # counts are summed over ranks)
-        scored = result.estimate if config.select_on == "estimate" else evaluation.counts
+        # the pooled estimate when the run pools the classes (shrinkage): with a few
+        # samples per class the best raw score is mostly the luckiest; the same on every
+        # rank either way (the counts are summed over ranks)
+        scored = result.estimate if result.pooled else evaluation.counts
         score = objective_score(self.objective, scored)
         self.best.offer(score, self.step, self.model)
         value, gain, self.distribution = result.value, result.gain, result.distribution
@@ -341,6 +327,20 @@ class Trainer:
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
+        elif self.mixup_operation is not None and self.view.trains_backbone:
+            # an input-space mix (selmix.mixing); the head-first phase mixes features
+            assert isinstance(self.view, FullBackbone)  # the view that trains the backbone
+            logits, weight = self.view.mixed_input_logits(
+                first, second, from_second, lam, self.generator, self.mixup_operation
+            )
+            loss = mixed_cross_entropy(
+                logits, labels, lambda: second_labels(
+                    self.train.labels, self.pseudo_labels, second, from_second
+                ), weight,
+            )  # fmt: skip
+            loss_value = float(loss.detach())
+            _check_finite(loss_value, self.step, self.good_checkpoint)
+            _scaled_step(loss, self.optimizer, self.scaler)
         else:
             logits = self.view.mixed_logits(first, second, from_second, lam, self.generator)
             # the loss in float32 whatever the precision of the forward pass
