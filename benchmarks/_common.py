@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -169,15 +168,10 @@ def format_metric(column: str, values: list[float]) -> str:
 
 
 def machine_line(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {threads} torch thread(s)"
+    """The CPU (model, cores, bf16 / AMX flags), torch and the thread count of a run."""
+    from selmix.hardware import machine_description
+
+    return f"{machine_description()}, {threads} torch thread(s)"
 
 
 def run_record(started: float) -> dict[str, Any]:

@@ -76,13 +76,14 @@ import torch.nn.functional as F
 
 from selmix.data import load_data
 from selmix.finetune import FinetuneConfig, Trainer
+from selmix.hardware import machine_description, resolve_hardware, sample_shape
 from selmix.models import create_model
 from selmix.policy import StationaryPointWarning
 from selmix.precision import resolve_precision
 from selmix.pretrain import pretrain
 
 BATCH_SIZE = 128
-EVAL_BATCH = FinetuneConfig().eval_batch_size  # the default, used for every other timing
+EVAL_BATCH = 512  # the automatic eval batch of these 32-pixel models, used for every timing
 FEEDBACK_EVERY = (10, 50)
 SAMPLER_DRAWS = 50  # sampler calls per round (one call is ~0.1 ms)
 FROZEN_CALLS = 500  # frozen steps per round of the frozen section
@@ -351,6 +352,12 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     base = variants[0]
+    # what `auto` (precision and layout) chooses for this model, measured here beside the
+    # fixed settings (selmix.hardware; not cached, so that this run measures it)
+    auto = resolve_hardware(
+        model, sample_shape(data.train), device, "auto", "auto", batch_size=BATCH_SIZE,
+        use_cache=False, report=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
 
     def ratio(quantity: str, variant: tuple[str, str], clock: dict[Any, list[float]]) -> float:
         pairs = zip(clock[(quantity, base)], clock[(quantity, variant)], strict=True)
@@ -365,6 +372,7 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "cpu": {key: median(values) for key, values in cpu.items()},
         "ratio": {(q, v): ratio(q, v, wall) for q in PRECISION_QUANTITIES for v in variants},
         "ratio_cpu": {(q, v): ratio(q, v, cpu) for q in PRECISION_QUANTITIES for v in variants},
+        "auto": auto,
     }
 
 
@@ -676,7 +684,7 @@ def main() -> None:
         f"Command: `python {shlex.join(sys.argv)}`",
         "",
         f"{date}; torch {torch.__version__}, {torch.get_num_threads()} torch CPU thread(s); "
-        f"CPU: {cpu_model()} ({os.cpu_count()} cores)"
+        f"CPU: {machine_description()}"
         + ("" if device_name == cpu_model() else f"; device: {device_name}")
         + f"; 1-minute load average {load:.2f} at start, {load_average():.2f} at the end; "
         f"{elapsed:.0f} s in all.",
@@ -711,6 +719,10 @@ def main() -> None:
             "the Trainer's own, with its `precision` and `channels_last` settings.",
             "",
             *precision_table(result, args),
+            "",
+            f"`auto` here (precision and channels_last both auto, {BATCH_SIZE}-image training "
+            "steps timed by selmix.hardware in this run): "
+            + result["auto"].describe(("auto", "auto")).removeprefix("selmix hardware: "),
         ]
     if frozen_results:
         lines += [

@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -57,6 +56,7 @@ from selmix import create_model
 from selmix.checkpoint import save_model
 from selmix.data import load_cifar10, long_tail_counts, long_tail_split
 from selmix.evaluate import evaluate
+from selmix.hardware import machine_description
 from selmix.precision import configure_threads
 from selmix.pretrain import PretrainConfig, pretrain
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "device": "cpu",
         "command": shlex.join(["python", "benchmarks/pretrain_cifar_mislas.py", *sys.argv[1:]]),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "machine": machine_description(),
     }
     meta = {
         "classes": list(train.classes),

@@ -33,7 +33,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -155,9 +154,11 @@ records = []
 def callback(record):
     records.append((record["step"], time.perf_counter()))
 start = time.perf_counter()
-finetune(model, train, val, steps=steps, batch_size=batch, feedback_every=max(steps // 2, 1),
-         frozen_backbone=frozen, select="last", progress=False, eval_batch_size=eval_batch,
-         augment=True, callback=callback)
+# eval_batch 0: the default (sized from the activations and the memory)
+result = finetune(model, train, val, steps=steps, batch_size=batch,
+                  feedback_every=max(steps // 2, 1), frozen_backbone=frozen, select="last",
+                  progress=False, eval_batch_size=eval_batch or None, augment=True,
+                  callback=callback)
 total = time.perf_counter() - start
 def peak_mb(pid="self"):
     # VmHWM starts afresh at exec (ru_maxrss would carry the parent's peak over)
@@ -176,6 +177,7 @@ print(json.dumps({
     "loop_s": records[-1][1] - records[-2][1], "loop_steps": records[-1][0] - records[-2][0],
     "first_s": records[0][1] - start, "train_images": len(keep),
     "maxrss_mb": own, "worker_maxrss_mb": workers,
+    "eval_batch_size": result.config.eval_batch_size,
 }))
 """
 
@@ -193,7 +195,59 @@ def child_run(tree: Path, stream: bool, limit: int, steps: int, batch: int, froz
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def memory_only(args: argparse.Namespace, began: float) -> None:
+    """The peak resident memory of the default frozen-backbone run, streamed and in memory
+    (the issue-27 configuration: the whole tree, small_cnn, 224-pixel crops)."""
+    from selmix.hardware import machine_description
+
+    runs = []
+    for eval_batch in args.memory_eval_batch:
+        for stream in (True, False):
+            result = child_run(
+                args.tree, stream, args.images, args.memory_steps, 128, True, args.images,
+                args.crop, eval_batch,
+            )  # fmt: skip
+            runs.append((stream, eval_batch, result))
+            print(f"memory stream={stream} eval_batch={eval_batch}: {result}", flush=True)
+    lines = [
+        "# Peak memory of a frozen-backbone fine-tuning run, streamed and in memory",
+        "",
+        f"Command: `PYTHONPATH=src python {' '.join(sys.argv)}`",
+        "",
+        f"Machine: {machine_description()}, shared with other jobs; 1 torch thread per "
+        f"process; total {time.perf_counter() - began:.0f} s. Tree: {args.images:,} training "
+        "JPEGs at 256 x 256 (10 classes, upscaled from CIFAR-10; 200 test images used as "
+        f"validation); `selmix.finetune` with the frozen backbone, small_cnn, "
+        f"{args.memory_steps} steps of 128 pairs, {args.crop}-pixel crops when streamed "
+        "(2 workers). Evaluation batch: the default (`eval_batch_size` unset: sized from the "
+        "activations and the memory, selmix.memory) or as given.",
+        "",
+        "| path | eval_batch_size | main process peak RSS (MB) | largest worker peak RSS "
+        "(MB) | run (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for stream, eval_batch, result in runs:
+        given = "default -> " if eval_batch == 0 else ""
+        workers = f"{result['worker_maxrss_mb']:,.0f}" if stream else "-"
+        lines.append(
+            f"| {'streamed (disk)' if stream else 'in memory'} | {given}"
+            f"{result['eval_batch_size']} | {result['maxrss_mb']:,.0f} | {workers} | "
+            f"{result['total_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Peak RSS is VmHWM of the run's process (a worker's includes the pages it shares "
+        "with the main process, forked).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
+    from selmix.hardware import machine_description
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", type=Path, default=Path("/tmp/selmix-stream-tree"))
     parser.add_argument("--images", type=int, default=20000)
@@ -205,6 +259,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--out", type=Path, default=Path("docs/results/streaming.md"))
+    parser.add_argument(
+        "--memory-only", action="store_true",
+        help="only the peak memory of a frozen-backbone run on the whole tree, streamed and "
+        "in memory, with the default evaluation batch (and --memory-eval-batch N if not 0)",
+    )  # fmt: skip
+    parser.add_argument("--memory-steps", type=int, default=20)
+    parser.add_argument("--memory-eval-batch", type=int, nargs="+", default=[0],
+                        help="evaluation batches to compare (0: the default)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     began = time.perf_counter()
@@ -212,6 +274,9 @@ def main() -> None:
     start = time.perf_counter()
     make_tree(args.tree, args.images)
     print(f"tree: {args.tree} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.memory_only:
+        memory_only(args, began)
+        return
 
     rows = []
     for workers in (0, 1, 2):
@@ -244,7 +309,7 @@ def main() -> None:
         "# Streaming image folders",
         "",
         f"Command: `PYTHONPATH=src python benchmarks/streaming.py --images {args.images} "
-        f"--tree {args.tree}` ({platform.processor() or platform.machine()}, {cores} cores "
+        f"--tree {args.tree}` ({machine_description()}, {cores} cores "
         f"shared with other jobs, torch {torch.__version__}, 1 torch thread per process; "
         f"total {time.perf_counter() - began:.0f} s).",
         "",

@@ -114,6 +114,13 @@ def test_finetune_set_overrides_flag_and_reaches_the_run(
     assert set(metrics) == {
         "before", "after", "best", "last", "select", "selected_step", "best_step", "last_step",
     }  # fmt: skip
+    # what the unset / auto hardware settings resolved to, and where the time went
+    text = (out / "config.yaml").read_text()
+    assert "# resolved on this machine: channels_last: " in text
+    assert "# resolved on this machine: eval_batch_size: " in text
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["frozen"]["steps"] == 7 and timings["frozen"]["feedbacks"] == 4
+    assert timings["hardware"]["precision"] == "fp32"
     _check_metrics(metrics["before"])
     _check_metrics(metrics["after"])
     assert metrics["select"] == "best" and metrics["last_step"] == 7
@@ -240,7 +247,7 @@ def test_finetune_settings_are_generated_from_the_config_fields() -> None:
             assert item.key not in defaults
             continue
         assert defaults[item.key] == item.shown_default, item.name
-        if item.flag and item.type is bool:
+        if item.flag and (item.type is bool or item.choices == ("auto", True, False)):
             flag = ["--no-" + item.key.replace("_", "-")] if item.default else []
             flag = flag or ["--" + item.key.replace("_", "-")]
         elif item.flag:

@@ -94,7 +94,7 @@ def test_head_and_backbone_learning_rates(demo, pretrained):
     model = copy.deepcopy(pretrained)
     result = finetune(
         model, small(demo.train, 20), demo.val, "mean_recall", steps=4, feedback_every=2,
-        lr_head=0.02, progress=False, **WHOLE_MODEL,
+        backbone_feedback_every=2, lr_head=0.02, progress=False, **WHOLE_MODEL,
     )  # fmt: skip
     first = result.history[0]
     assert first["lr_head"] == pytest.approx(0.02)
@@ -402,7 +402,8 @@ def test_head_first_phase_then_the_whole_model(demo, pretrained):
 
     result = finetune(
         model, small(demo.train, 20), demo.val, "min_recall", steps=6, head_first_steps=3,
-        feedback_every=1, frozen_backbone=False, lr_head=0.02, callback=watch,
+        feedback_every=1, backbone_feedback_every=1, frozen_backbone=False, lr_head=0.02,
+        callback=watch,
         progress=False, select="last",
     )  # fmt: skip
     history = {record["step"]: record for record in result.history}

@@ -17,7 +17,6 @@ from selmix.feedback import SelMixFeedback, feedback_step
 from selmix.finetune import FinetuneConfig, Trainer, _LinearHeadStep, finetune
 from selmix.models import create_model, split_model
 from selmix.optim import split_sgd_cosine
-from selmix.precision import resolve_precision
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 
@@ -61,7 +60,8 @@ def test_finetune_runs_in_each_precision(precision, frozen):
     seen = _conv_dtypes(model)
     result = finetune(model, data, data, frozen_backbone=frozen, precision=precision,
                       device=device, **SETTINGS)  # fmt: skip
-    resolved = resolve_precision(precision, device)
+    resolved = result.config.precision  # "auto" is measured
+    assert resolved in ("fp32", "bf16", "fp16") and precision in ("auto", resolved)
     expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolved]
     # every backbone pass (training, validation, feature extraction) ran in the precision
     assert set(seen) == {expected}
@@ -131,7 +131,8 @@ def test_bad_precision_is_a_one_line_error():
 def test_resume_is_bit_exact_in_bf16(tmp_path, frozen):
     data = tiny_set()
     settings = {**SETTINGS, "steps": 9, "precision": "bf16", "frozen_backbone": frozen,
-                "checkpoint_every": 4}  # fmt: skip
+                "checkpoint_every": 4,
+                "backbone_feedback_every": SETTINGS["feedback_every"]}  # fmt: skip
     reference = tiny_model()
     uninterrupted = finetune(reference, data, data, checkpoint_path=str(tmp_path / "a.pt"),
                              **settings)  # fmt: skip
@@ -140,7 +141,7 @@ def test_resume_is_bit_exact_in_bf16(tmp_path, frozen):
         pass
 
     def stop(record):
-        if record["step"] == 6:
+        if record["step"] > 4:  # the first feedback after the checkpoint at step 4
             raise Stop
 
     with pytest.raises(Stop):

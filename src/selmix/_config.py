@@ -44,6 +44,7 @@ __all__ = [
     "ClassIndices",
     "ConfigMixin",
     "Flag",
+    "FlagOrAuto",
     "Int",
     "Dict",
     "Optional",
@@ -94,11 +95,11 @@ class Real:
 class Choice:
     """One of ``choices`` (a sequence, or a function returning one for registries)."""
 
-    def __init__(self, choices: Sequence[str] | Callable[[], Sequence[str]]) -> None:
+    def __init__(self, choices: Sequence[Any] | Callable[[], Sequence[Any]]) -> None:
         self._choices = choices
 
     @property
-    def choices(self) -> Sequence[str]:
+    def choices(self) -> Sequence[Any]:
         return self._choices() if callable(self._choices) else self._choices
 
     def __call__(self, name: str, value: Any) -> Any:
@@ -110,6 +111,20 @@ class Flag:
 
     def __call__(self, name: str, value: Any) -> Any:
         return check_bool(name, value)
+
+
+class FlagOrAuto(Choice):
+    """True, False or ``"auto"`` (a setting that is measured unless given)."""
+
+    def __init__(self) -> None:
+        super().__init__(("auto", True, False))
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if value == "auto" and isinstance(value, str):
+            return value
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True, False or 'auto', got {value!r}")
+        return value
 
 
 class ClassIndices:

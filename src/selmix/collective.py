@@ -131,7 +131,7 @@ def evaluate_across(
     model: nn.Module,
     dataset: Any,
     device: str | torch.device,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     precision: str = "fp32",

@@ -129,7 +129,7 @@ def extract_features(
     features: nn.Module,
     dataset: Any,
     device: torch.device,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     indices: torch.Tensor | None = None,
     precision: str = "fp32",
 ) -> torch.Tensor:
@@ -139,7 +139,8 @@ def extract_features(
         features: the feature extractor.
         dataset: a selmix dataset or any map-style dataset of (x, y).
         device: where to compute.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (None: sized from the memory,
+            :func:`selmix.memory.resolve_eval_batch_size`).
         indices: LongTensor[n] of the samples to extract (default: all).
         precision: a resolved precision (:func:`selmix.precision.resolve_precision`); the
             forward passes run under its autocast, the features are returned in float32.
@@ -152,6 +153,10 @@ def extract_features(
     dataset = as_batch_dataset(dataset)
     if indices is None:
         indices = torch.arange(len(dataset.labels))
+    if batch_size is None:
+        from selmix.memory import resolve_eval_batch_size
+
+        batch_size = resolve_eval_batch_size(features, dataset, device, precision)
     chunks = []
     for start in range(0, indices.numel(), batch_size):
         images, _ = dataset.batch(indices[start : start + batch_size], device=device)
@@ -196,7 +201,7 @@ def evaluate(
     model: nn.Module,
     dataset: Any,
     device: str | torch.device = "cpu",
-    batch_size: int = 512,
+    batch_size: int | None = None,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     reduce: Any = None,
@@ -209,7 +214,8 @@ def evaluate(
             :func:`selmix.split_model` unless ``features`` and ``head`` are given).
         dataset: a selmix dataset or any map-style dataset of (x, y).
         device: where to run.
-        batch_size: evaluation batch size.
+        batch_size: evaluation batch size (None: sized from the model's activations and
+            the memory, :func:`selmix.memory.resolve_eval_batch_size`).
         features, head: an explicit split of ``model``.
         reduce: optional function applied in place to each summed tensor (used to
             all-reduce across processes).
@@ -235,6 +241,10 @@ def evaluate(
             f"outputs, got labels in [{int(labels.min())}, {int(labels.max())}]"
         )
     model.to(device)  # the model is evaluated (and left) on `device`
+    if batch_size is None:
+        from selmix.memory import resolve_eval_batch_size
+
+        batch_size = resolve_eval_batch_size(split.features, dataset, device, precision)
     was_training = model.training
     model.eval()
     try:

@@ -6,19 +6,21 @@ from), with SGD, momentum, weight decay, linear warm-up and a cosine schedule
 (:mod:`selmix.optim`).
 
 ``precision`` runs the forward passes under autocast (:mod:`selmix.precision`; bf16 ran a
-ResNet-32 pre-training step 1.7-2.0x faster than float32 in CPU time on this project's
-AVX-512-bf16 CPU, ``docs/results/finetune_speed_precision.md``). The default stays
-``"fp32"``: ``"auto"`` depends on the hardware, so a seeded run would no longer give the
-same numbers on every machine. With ``checkpoint_path`` a run writes resumable
-checkpoints; ``pretrain(..., resume=path)`` continues one bit-identically on the same
-device, precision and thread count.
+ResNet-32 pre-training step 1.7-2.0x faster than float32 in CPU time on an AMD EPYC with
+AVX-512-bf16, ``docs/results/finetune_speed_precision.md``, and 1.09x on an Intel Xeon with
+it, issue 27). The default stays ``"fp32"``: ``"auto"`` is measured on the machine
+(:mod:`selmix.hardware`), so a seeded run would no longer give the same numbers on every
+machine. ``channels_last`` defaults to ``"auto"`` (measured the same way; the layout changes
+only the float rounding); the config of the result holds the resolved values. With
+``checkpoint_path`` a run writes resumable checkpoints; ``pretrain(..., resume=path)``
+continues one bit-identically on the same device, precision, layout and thread count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
+from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
 from selmix._progress import progress_bar
 from selmix.checkpoint import (
     capture_rng_state,
@@ -37,6 +39,8 @@ from selmix.checkpoint import (
     save_model,
 )
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
+from selmix.hardware import resolve_for_run
+from selmix.memory import resolve_eval_batch_size
 from selmix.models.split import output_tensor
 from selmix.optim import sgd_cosine
 from selmix.precision import (
@@ -46,7 +50,6 @@ from selmix.precision import (
     evaluation_mode,
     grad_scaler,
     precision_setting,
-    resolve_precision,
     threads_setting,
     to_channels_last,
 )
@@ -99,7 +102,11 @@ class PretrainConfig(ConfigMixin):
         "cpu", help=f"where to run: {DEVICE_HELP}", cli_default="auto", flag=True,
         metavar="DEVICE",
     )  # fmt: skip
-    eval_batch_size: int = setting(512, help="batch size of the per-epoch validation", check=Int(1))
+    eval_batch_size: int | None = setting(
+        None, check=Optional(Int(1)), metavar="N",
+        help="batch size of the per-epoch validation; unset: sized from the input size, the "
+        "model's activations and the memory available (selmix.memory; at most 512)",
+    )  # fmt: skip
     progress: bool = setting(
         True, check=Flag(), flag=True,
         help="show progress (a bar on a terminal, a plain line every tenth of the run "
@@ -113,7 +120,7 @@ class PretrainConfig(ConfigMixin):
     )
     precision: str = precision_setting(run=True, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(run=True, flag=True)
+    channels_last: bool | str = channels_last_setting(run=True, flag=True)
 
     def __post_init__(self) -> None:
         if self.warmup_epochs > self.epochs:
@@ -129,6 +136,8 @@ class PretrainResult:
     model: nn.Module
     config: PretrainConfig
     history: list[dict[str, Any]]
+    #: what ``auto`` precision and layout resolved to (:class:`selmix.hardware.HardwareChoice`)
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Saves the model (rebuildable with :func:`selmix.load_model`)."""
@@ -179,12 +188,24 @@ def pretrain(
     """
     config = PretrainConfig.resolve(config, overrides)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     configure_threads(config.threads)
     model.to(device)
+    train = as_batch_dataset(train, "train")
+    # "auto" precision and layout are measured (selmix.hardware) and recorded resolved
+    hardware = resolve_for_run(
+        model, train, device, config.precision, config.channels_last,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    config = config.replace(precision=hardware.precision, channels_last=hardware.channels_last)
+    precision = hardware.precision
     if config.channels_last:
         to_channels_last(model)
-    train = as_batch_dataset(train, "train")
+    # fails early, in one line naming the setting, when a batch cannot fit in the memory
+    config = config.replace(
+        eval_batch_size=resolve_eval_batch_size(
+            model, train, device, precision, config.eval_batch_size, config.batch_size
+        )
+    )
     labels = torch.as_tensor(train.labels).long()
     num_classes = _num_outputs(model, train)
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -292,7 +313,7 @@ def pretrain(
             save(done)
     bar.close()
     model.eval()
-    return PretrainResult(model, config, history)
+    return PretrainResult(model, config, history, hardware.to_dict())
 
 
 # settings that may change between a run and its resumption: they do not change the

@@ -390,7 +390,7 @@ class FixMatchConfig(ConfigMixin):
     )
     precision: str = precision_setting(run=True)
     threads: int | None = threads_setting()
-    channels_last: bool = channels_last_setting(run=True)
+    channels_last: bool = channels_last_setting(False, run=True)
 
     def __post_init__(self) -> None:
         if self.warmup_steps > self.steps:

@@ -50,7 +50,7 @@ def logit_adjusted_finetune(
     augment: bool = _DEFAULTS.augment,
     seed: int | torch.Generator = 0,
     device: str | torch.device = "cpu",
-    eval_batch_size: int = _DEFAULTS.eval_batch_size,
+    eval_batch_size: int = 512,
     features: nn.Module | None = None,
     head: nn.Linear | None = None,
     progress: bool = False,

@@ -269,7 +269,7 @@ class BaselineConfig(ConfigMixin):
         check=Flag(), extra=_LA,
     )  # fmt: skip
     eval_batch_size: int = setting(
-        _DEFAULTS.eval_batch_size, help="batch size of feature extraction and evaluation",
+        512, help="batch size of feature extraction and evaluation",
         check=Int(1),
     )  # fmt: skip
     head_classes: list[int] | None = setting(
@@ -286,7 +286,7 @@ class BaselineConfig(ConfigMixin):
     )  # fmt: skip
     precision: str = precision_setting(_DEFAULTS.precision, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(flag=True, extra=_TRAINED)
+    channels_last: bool = channels_last_setting(False, flag=True, extra=_TRAINED)
     progress: bool = setting(
         True, help="show progress bars (crt, mislas_stage2 and la_finetune; plain lines when "
         "not a terminal)",

@@ -16,10 +16,10 @@ the data, the starting model and, with ``--resume``, that the checkpoint continu
 very run); a command that fails there leaves ``--out`` as it was, byte for byte. Only then
 does a fresh run of ``pretrain``, ``finetune`` or ``baseline`` remove the previous run's
 files from ``--out`` (``model.pt``, ``metrics.json``, ``config.yaml``, ``log.jsonl``,
-``finetune_state.pt``, ``details.json``) and write its ``config.yaml``, so a run that fails
-later leaves its own files only (a resumable ``finetune_state.pt`` and ``log.jsonl``),
-never a mix of two runs. ``model.pt`` and ``metrics.json`` are written at the end; every
-file is written atomically (:mod:`selmix._io`).
+``finetune_state.pt``, ``details.json``, ``timings.json``) and write its ``config.yaml``,
+so a run that fails later leaves its own files only (a resumable ``finetune_state.pt``
+and ``log.jsonl``), never a mix of two runs. ``model.pt`` and ``metrics.json`` are written
+at the end; every file is written atomically (:mod:`selmix._io`).
 
 One module per command (:mod:`~selmix.cli.pretrain`, :mod:`~selmix.cli.finetune`,
 :mod:`~selmix.cli.baseline`, :mod:`~selmix.cli.evaluate`, :mod:`~selmix.cli.demo`), each

@@ -24,6 +24,7 @@ from selmix.cli.run import (
     _load_data,
     _load_start_model,
     _model_meta,
+    _note_resolved,
     _num_classes,
     _out_dir,
     _start_run,
@@ -181,7 +182,10 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             save_model(out / "model.pt", result.model, meta)
             exported = export_model(result.model, out, export, source) if export else []
             _write_json(out / "metrics.json", metrics)
+            # wall time of training and feedback per phase, and what `auto` resolved to
+            _write_json(out / "timings.json", {**result.timings, "hardware": result.hardware})
             _write_yaml(out / "config.yaml", settings)
+            _note_resolved(out / "config.yaml", result.config)
         # all ranks leave together: gloo aborts a process whose peer hung up first
         collective.barrier()
     finally:

@@ -102,7 +102,8 @@ def _build_parser(show_defaults: bool) -> _Parser:
                 kwargs["default"] = argparse.SUPPRESS
             else:
                 kwargs["default"] = option.default
-            if isinstance(option.default, bool):
+            # a flag, or a flag that is measured unless given ("auto": channels_last)
+            if isinstance(option.default, bool) or option.choices == ("auto", True, False):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = option.type

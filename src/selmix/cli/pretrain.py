@@ -14,6 +14,7 @@ from selmix.cli.run import (
     _Interrupted,
     _load_data,
     _model_meta,
+    _note_resolved,
     _num_classes,
     _out_dir,
     _start_run,
@@ -90,6 +91,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     }  # fmt: skip
     save_model(out / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
     _write_json(out / "metrics.json", metrics)
+    _note_resolved(out / "config.yaml", result.config)
     print(format_metrics_table({"val": metrics["val"], "test": metrics["test"]}, change=False))
     print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'config.yaml'}")
     return 0

@@ -126,10 +126,21 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
     write_yaml(path, data)
 
 
+def _note_resolved(path: Path, config: Any) -> None:
+    """Appends to a run's config.yaml, as comments, what its unset or ``auto`` hardware
+    settings resolved to (comments: the file stays a valid ``--config`` for another
+    machine, where ``auto`` measures again)."""
+    from selmix._io import atomic_write_text
+
+    lines = [f"# resolved on this machine: {key}: {getattr(config, key)!r}"
+             for key in ("precision", "channels_last", "eval_batch_size")]  # fmt: skip
+    atomic_write_text(path, path.read_text() + "\n".join(lines) + "\n")
+
+
 #: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
-    "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
+    "timings.json", "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
 )  # fmt: skip
 
 

@@ -62,6 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 2000,
         "batch_size": 128,
         "feedback_every": 50,
+        "backbone_feedback_every": 50,
         "gain_scale": 10.0,
         "normalize_gain": False,
         "confusion_smoothing": 0.0,
@@ -158,6 +159,15 @@ class FinetuneConfig(ConfigMixin):
         10, help="steps between feedback (validation) steps (the paper: 50)", check=Int(1),
         run=True, flag=True,
     )  # fmt: skip
+    # the whole-model phase evaluates less often: at feedback_every it spent most of its
+    # time on the validation set (docs/results/feedback_share.md)
+    backbone_feedback_every: int | None = setting(
+        None, check=Optional(Int(1)), run=True, metavar="STEPS",
+        help="steps between feedback steps while the whole model trains; unset: the "
+        "smallest multiple of feedback_every that keeps feedback near 15% of the phase's "
+        "time (selmix.timing.backbone_feedback_every, from the validation size and "
+        "batch_size; the paper: 50)",
+    )  # fmt: skip
     lam_min: float = setting(
         0.6, help="mixing weights lam ~ U[lam_min, 1]", check=Real(high=1.0), run=True
     )
@@ -212,9 +222,11 @@ class FinetuneConfig(ConfigMixin):
         help="stop after this many feedback steps without a better validation score; "
         "unset: never stop early",
     )  # fmt: skip
-    eval_batch_size: int = setting(
-        512, help="batch size of evaluation and feature extraction", check=Int(1)
-    )
+    eval_batch_size: int | None = setting(
+        None, check=Optional(Int(1)), metavar="N",
+        help="batch size of evaluation and feature extraction; unset: sized from the input "
+        "size, the model's activations and the memory available (selmix.memory; at most 512)",
+    )  # fmt: skip
     seed: int = setting(
         0, help="random seed (model initialisation, data split, sampling)", check=Seed(),
         run=True, flag=True,
@@ -225,7 +237,7 @@ class FinetuneConfig(ConfigMixin):
     )  # fmt: skip
     precision: str = precision_setting(PRECISION_DEFAULT, run=True, flag=True)
     threads: int | None = threads_setting(flag=True)
-    channels_last: bool = channels_last_setting(flag=True)
+    channels_last: bool | str = channels_last_setting(flag=True)
     compile: bool = setting(
         False, check=Flag(), flag=True,
         help="torch.compile the feature extractor (pays back its compile time only in "

@@ -41,6 +41,10 @@ class FinetuneResult:
         head_init: the head the run started from and the validation scores of the
             candidates (:func:`selmix.finetune.head_init.initialise_head`); None when the
             model's own head was kept without a comparison.
+        timings: wall time of training and feedback per phase
+            (:class:`selmix.timing.PhaseTimings`).
+        hardware: what ``auto`` precision and layout resolved to
+            (:class:`selmix.hardware.HardwareChoice`).
     """
 
     model: nn.Module
@@ -55,6 +59,8 @@ class FinetuneResult:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     last_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     head_init: dict[str, Any] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     def model_at(self, which: str) -> nn.Module:
         """A copy of the model with the ``"best"`` or the ``"last"`` weights."""

@@ -84,8 +84,14 @@ def check_resume(
             f"`resume` checkpoint was written by {state.get('world_size', 1)} process(es) "
             f"but this run has {world_size} (world size): resume on as many processes"
         )
-    # checkpoints written before the precision setting existed ran in float32
-    changed = config.resume_changes({"precision": "fp32", "mixup": FEATURE, **state["config"]})
+    # checkpoints written before the precision setting existed ran in float32, those before
+    # backbone_feedback_every fed back every feedback_every steps in both phases
+    saved_config = state["config"]
+    older = {
+        "precision": "fp32", "mixup": FEATURE,
+        "backbone_feedback_every": saved_config.get("feedback_every"),
+    }  # fmt: skip
+    changed = config.resume_changes({**older, **saved_config})
     # compared when both sides name one (checkpoints of selmix <= 0.1 carry none; an API
     # caller that passes none claims nothing)
     saved_identity = state.get("identity")

@@ -38,6 +38,8 @@ from selmix.finetune.monitor import (
 )
 from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
+from selmix.hardware import resolve_for_run
+from selmix.memory import resolve_eval_batch_size
 from selmix.metrics import all_metrics
 from selmix.mixing import get_mixup, mixed_cross_entropy, second_labels
 from selmix.objectives import (
@@ -48,11 +50,11 @@ from selmix.policy import effective_pairs, policy_entropy
 from selmix.precision import (
     configure_threads,
     grad_scaler,
-    resolve_precision,
     to_channels_last,
 )
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score
+from selmix.timing import PhaseTimings, backbone_feedback_every
 from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
@@ -134,11 +136,31 @@ class Trainer:
             )
             warn_if_small_validation(val_counts, self.objective, config.shrinkage)
         self.device = self.collective.process_device(config.device)
-        # the resolved precision is recorded: "auto" resumes only where it resolves alike
-        self.precision = resolve_precision(config.precision, self.device)
-        self.config = config = config.replace(device=str(self.device), precision=self.precision)
         configure_threads(config.threads)
         self.model = model.to(self.device)
+        # "auto" precision and layout are measured here (selmix.hardware); the resolved
+        # values are recorded: "auto" resumes only where it resolves alike
+        self.hardware = resolve_for_run(
+            self.model, self.train, self.device, config.precision, config.channels_last,
+            batch_size=self.collective.local_batch_size(config.batch_size),
+            train=not config.frozen_backbone, processes=self.collective.world_size,
+            is_main=self.collective.is_main,
+        )  # fmt: skip
+        self.precision = self.hardware.precision
+        self.config = config = config.replace(
+            device=str(self.device), precision=self.precision,
+            channels_last=self.hardware.channels_last,
+        )  # fmt: skip
+        # the evaluation batch sized from the memory unless set; batches that cannot fit
+        # fail here, in one line naming the setting, not in the kernel's OOM killer
+        self.eval_batch_size = resolve_eval_batch_size(
+            self.split.features, self.train, self.device, self.precision,
+            config.eval_batch_size,
+            None if config.frozen_backbone else self.collective.local_batch_size(
+                config.batch_size
+            ),
+        )  # fmt: skip
+        self.config = config = config.replace(eval_batch_size=self.eval_batch_size)
         if config.channels_last:
             to_channels_last(self.model)
         if config.compile:
@@ -163,6 +185,10 @@ class Trainer:
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
+        self.timings = PhaseTimings()
+        self.backbone_feedback_every = config.backbone_feedback_every or backbone_feedback_every(
+            config.feedback_every, len(self.val), config.batch_size
+        )
         # the head SelMix starts from (head_init); a resumed run has it in its weights
         self._head_init: dict[str, Any] | None = None
         if initialise_head_weights and config.head_init != "none":
@@ -186,7 +212,7 @@ class Trainer:
         frozen = config.frozen_backbone or head_phase
         self.head_phase = head_phase
         self.view = make_view(
-            frozen, self.split, self.device, self.collective, config.eval_batch_size,
+            frozen, self.split, self.device, self.collective, self.eval_batch_size,
             PairPools(self.train, self.unlabelled), config.augment, precision=self.precision,
         )  # fmt: skip
         steps, lr_head = _phase_schedule(config, head_phase)
@@ -200,6 +226,21 @@ class Trainer:
         self._head_step = _closed_form_head_step(self.view, self.collective)
 
     # -- feedback -----------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """``"frozen"``, ``"head"`` (the head-first phase) or ``"backbone"``."""
+        if self.config.frozen_backbone:
+            return "frozen"
+        return "head" if self.head_phase else "backbone"
+
+    def feedback_due(self) -> bool:
+        """Whether the current step is a feedback step: every ``feedback_every`` steps on
+        cached features, every :attr:`backbone_feedback_every` steps from the start of the
+        whole-model phase."""
+        if self.config.frozen_backbone or self.step <= self.config.head_first:
+            return self.step % self.config.feedback_every == 0
+        return (self.step - self.config.head_first) % self.backbone_feedback_every == 0
+
     def _evaluate_val(self) -> Evaluation:
         return self.view.evaluate(self.val, soft=self.config.soft_confusion)
 
@@ -325,25 +366,31 @@ class Trainer:
         try:
             while self.step < config.steps and not self.best.exhausted(config.patience):
                 done = bool(self.history) and self.history[-1]["step"] == self.step
-                if self.step % config.feedback_every == 0 and not done:
+                if self.feedback_due() and not done:
+                    started = time.perf_counter()
                     progress.set_postfix(objective=f"{self.feedback()['objective']:.4f}")
+                    self.timings.record(self.phase, "feedback", time.perf_counter() - started)
                     if self.best.exhausted(config.patience):
                         break
                 if self.head_phase and self.step >= config.head_first:
                     self._start_phase(head_phase=False)
                     first_step = True  # the backbone's first step is where memory runs out
+                started = time.perf_counter()
                 if first_step:
                     self._first_train_step()
                     first_step = False
                 else:
                     self.train_step()
+                self.timings.record(self.phase, "train", time.perf_counter() - started)
                 self.step += 1
                 progress.update(1)
                 every = config.checkpoint_every
                 if every and self.step % every == 0 and self.step < config.steps:
                     self.save_checkpoint()
             if not self.history or self.history[-1]["step"] != self.step:
+                started = time.perf_counter()
                 self.feedback()
+                self.timings.record(self.phase, "feedback", time.perf_counter() - started)
         finally:
             progress.close()
         self.save_checkpoint()
@@ -362,6 +409,7 @@ class Trainer:
             self.gains, selected_step=selected, best_step=best.step, last_step=self.step,
             best_state=best.weights, last_state=last,
             head_init=self.history[0].get("head_init") if self.history else None,
+            timings=self.timings.to_dict(), hardware=self.hardware.to_dict(),
         )  # fmt: skip
 
     def _first_train_step(self) -> None:
