@@ -38,7 +38,7 @@ def test_update_computes_the_gain_and_policy_of_the_validation_confusion():
 
     evaluation = evaluate(model, data)
     objective = get_objective("min_recall", rate=20.0)
-    estimate = smoothed_confusion(evaluation.counts, 1.0)
+    estimate = smoothed_confusion(evaluation.counts, 1.0, pool=True)  # shrinkage="auto"
     objective.update(estimate)
     expected_gain = gain_matrix(objective, estimate, evaluation.prototypes, model.head, 0.75)
     torch.testing.assert_close(record["gain"], expected_gain)
@@ -72,7 +72,8 @@ def test_a_plain_loop_with_selmix_feedback_reproduces_the_trainer_exactly():
     """The Trainer's frozen-backbone run is this loop: it could be built on SelMixFeedback."""
     data = tiny_data()
     settings = {"steps": 20, "feedback_every": 5, "batch_size": 16, "lr_head": 0.05,
-                "gain_scale": 10.0, "confusion_smoothing": 1.0, "seed": 4}  # fmt: skip
+                "gain_scale": 10.0, "confusion_smoothing": 1.0, "seed": 4,
+                "head_init": "none"}  # fmt: skip
     # select="last": the loop below returns its last weights, not the best step's
     trained = finetune(tiny_model(), data, data, "min_recall", frozen_backbone=True,
                        progress=False, select="last", **settings).model  # fmt: skip

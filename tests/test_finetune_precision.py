@@ -59,7 +59,7 @@ def test_finetune_runs_in_each_precision(precision, frozen):
     model = tiny_model()
     seen = _conv_dtypes(model)
     result = finetune(model, data, data, frozen_backbone=frozen, precision=precision,
-                      device=device, **SETTINGS)  # fmt: skip
+                      head_init="none", device=device, **SETTINGS)  # fmt: skip
     resolved = result.config.precision  # "auto" is measured
     assert resolved in ("fp32", "bf16", "fp16") and precision in ("auto", resolved)
     expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolved]
@@ -274,7 +274,8 @@ def test_trainer_and_selmix_feedback_share_feedback_step(monkeypatch):
 
     monkeypatch.setattr(finetune_module, "feedback_step", spy)
     monkeypatch.setattr(feedback_module, "feedback_step", spy)
-    trainer = Trainer(tiny_model(), data, data, None, FinetuneConfig(confusion_smoothing=1.0))
+    config = FinetuneConfig(confusion_smoothing=1.0, head_init="none")
+    trainer = Trainer(tiny_model(), data, data, None, config)
     trainer.feedback()
     helper = SelMixFeedback("min_recall", data.labels, confusion_smoothing=1.0)
     helper.update(tiny_model(), data)

@@ -192,6 +192,7 @@ class Recording:
 SETTINGS = dict(
     steps=6, feedback_every=3, batch_size=8, eval_batch_size=16, frozen_backbone=False,
     select="last", progress=False, objective="mean_recall", lr_head=0.05, seed=4,
+    head_init="none",  # the kill counts optimiser steps; head_init="auto" takes some
 )  # fmt: skip
 
 
