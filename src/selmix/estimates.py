@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from selmix._validation import check_confusion
+from selmix.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
 
 __all__ = [
     "SHRINKAGE",
@@ -49,8 +50,6 @@ def per_class_objective(objective: Any) -> bool:
     """Whether an objective turns on each class's own recall (min recall, H-mean, G-mean,
     H-mean s.t. per-class coverage), rather than on sums over many classes (mean recall,
     coverage with mean recall, head/tail groups, a user's function)."""
-    from selmix.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
-
     if isinstance(objective, CoverageConstrained):
         return objective.metric == "h_mean" and not objective.head_tail
     if isinstance(objective, MinHeadTailRecall):

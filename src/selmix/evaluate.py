@@ -15,7 +15,9 @@ __all__ = [
     "Evaluation",
     "as_batch_dataset",
     "evaluate",
+    "class_sums",
     "extract_features",
+    "prediction_sums",
     "resolve_device",
     "summarize",
 ]
@@ -165,6 +167,34 @@ def extract_features(
     return torch.cat(chunks)
 
 
+def class_sums(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(feature sums float64 Tensor[K, d], class counts LongTensor[K])`` of a batch: the
+    part of :func:`summarize` that depends on the features only, not on the head."""
+    labels = labels.to(features.device).long()
+    feature_sums = torch.zeros(
+        num_classes, features.shape[1], device=features.device, dtype=torch.float64
+    )
+    feature_sums.index_add_(0, labels, features.double())
+    return feature_sums, torch.bincount(labels, minlength=num_classes)
+
+
+def prediction_sums(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, soft: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(counts LongTensor[K, K], soft counts float64 Tensor[K, K] or None)`` of a batch:
+    the part of :func:`summarize` that depends on the head; ``soft=False`` leaves the soft
+    counts (a softmax over every logit, the cost that grows fastest with K) out."""
+    labels = labels.to(logits.device).long()
+    counts = confusion_counts(labels, logits.argmax(dim=1), num_classes)
+    if not soft:
+        return counts, None
+    soft_counts = torch.zeros(num_classes, num_classes, device=logits.device, dtype=torch.float64)
+    soft_counts.index_add_(0, labels, torch.softmax(logits.double(), dim=1))
+    return counts, soft_counts
+
+
 def summarize(
     features: torch.Tensor,
     logits: torch.Tensor,
@@ -184,16 +214,10 @@ def summarize(
         LongTensor[K], soft counts float64 Tensor[K, K])``, on the logits' device; sums
         of batches (or of ranks) add up to the sums of their union.
     """
-    labels = labels.to(logits.device).long()
-    counts = confusion_counts(labels, logits.argmax(dim=1), num_classes)
-    feature_sums = torch.zeros(
-        num_classes, features.shape[1], device=features.device, dtype=torch.float64
-    )
-    feature_sums.index_add_(0, labels.to(features.device), features.double())
-    class_counts = torch.bincount(labels, minlength=num_classes)
-    soft_counts = torch.zeros(num_classes, num_classes, device=logits.device, dtype=torch.float64)
-    soft_counts.index_add_(0, labels, torch.softmax(logits.double(), dim=1))
-    return counts, feature_sums, class_counts, soft_counts
+    feature_sums, class_counts = class_sums(features, labels, num_classes)
+    counts, soft_counts = prediction_sums(logits, labels, num_classes)
+    assert soft_counts is not None  # soft=True
+    return counts, feature_sums, class_counts.to(logits.device), soft_counts
 
 
 @torch.no_grad()

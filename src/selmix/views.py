@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from selmix.collective import Collective, SingleProcess, evaluate_across
-from selmix.evaluate import Evaluation, extract_features
-from selmix.metrics import confusion_counts
+from selmix.evaluate import Evaluation, class_sums, extract_features, prediction_sums
 from selmix.precision import autocast, evaluation_mode
 
 if TYPE_CHECKING:
@@ -300,22 +299,9 @@ class FrozenFeatures(_PairMixing):
         labels = torch.as_tensor(dataset.labels).long()
         key = id(dataset)
         if key not in self._class_sums:
-            feature_sums = torch.zeros(
-                num_classes, features.shape[1], device=features.device, dtype=torch.float64
-            )
-            feature_sums.index_add_(0, labels.to(features.device), features.double())
-            class_counts = torch.bincount(labels, minlength=num_classes)
-            self._class_sums[key] = (dataset, feature_sums, class_counts)
+            self._class_sums[key] = (dataset, *class_sums(features, labels, num_classes))
         _, feature_sums, class_counts = self._class_sums[key]
-        logits = self.logits(dataset)
-        labels = labels.to(logits.device)
-        counts = confusion_counts(labels, logits.argmax(dim=1), num_classes)
-        soft_counts = None
-        if soft:
-            soft_counts = torch.zeros(
-                num_classes, num_classes, device=logits.device, dtype=torch.float64
-            )
-            soft_counts.index_add_(0, labels, torch.softmax(logits.double(), dim=1))
+        counts, soft_counts = prediction_sums(self.logits(dataset), labels, num_classes, soft)
         return Evaluation.from_sums((counts, feature_sums, class_counts.cpu(), soft_counts))
 
     def predict(self, dataset: Any) -> torch.Tensor:

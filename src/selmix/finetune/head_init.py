@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from selmix.evaluate import evaluate
 from selmix.finetune.config import HEAD_INIT
-from selmix.models import ModelSplit
+from selmix.models import ModelSplit, split_model
 from selmix.objectives import Objective
 from selmix.selection import objective_score
+from selmix.views import FrozenFeatures
 
 __all__ = ["HEAD_INIT", "initialise_head"]
 
@@ -51,20 +51,18 @@ def _candidate_heads(
             model, prior, val, objective, batch_size=config.eval_batch_size,
             precision=config.precision, **options,
         )  # fmt: skip
-        heads["posthoc_la"] = (_head_of(adjusted.model, split), {"tau": adjusted.tau})
+        heads["posthoc_la"] = (_head_of(adjusted.model), {"tau": adjusted.tau})
     if method in ("crt", "auto"):
         retrained = classifier_retraining(
             model, train, None, seed=config.seed, eval_batch_size=config.eval_batch_size,
             precision=config.precision, **options,
         )  # fmt: skip
-        heads["crt"] = (_head_of(retrained, split), {})
+        heads["crt"] = (_head_of(retrained), {})
     return heads
 
 
-def _head_of(copy_of_model: nn.Module, split: ModelSplit) -> nn.Linear:
-    """The linear head of a copy of the model that ``split`` was made from."""
-    from selmix.models import split_model
-
+def _head_of(copy_of_model: nn.Module) -> nn.Linear:
+    """The linear head of a copy of the run's model."""
     return split_model(copy_of_model).head
 
 
@@ -96,13 +94,23 @@ def initialise_head(
     if method == "none":
         return {"head_init": "model"}
     candidates = _candidate_heads(method, model, split, train, val, objective, config)
+    # every candidate is a head on the same features: one pass of the backbone over val,
+    # the heads swapped into split.head and scored as the run's first feedback sees them
+    view = FrozenFeatures(
+        split, torch.device(config.device), batch_size=config.eval_batch_size,
+        precision=config.precision,
+    )  # fmt: skip
+
+    def score_of_current_head() -> Any:
+        return objective_score(objective, view.evaluate(val, soft=False).counts)
+
     scores = {}
     if method == "auto":
-        scores["model"] = objective_score(objective, evaluate(model, val, config.device).counts)
+        scores["model"] = score_of_current_head()
     original = {k: v.detach().clone() for k, v in split.head.state_dict().items()}
     for name, (head, _) in candidates.items():
         split.head.load_state_dict(head.state_dict())
-        scores[name] = objective_score(objective, evaluate(model, val, config.device).counts)
+        scores[name] = score_of_current_head()
     # the first of the best wins: the model's own head on a tie
     chosen = max(scores, key=lambda name: scores[name].key) if method == "auto" else method
     if chosen == "model":
