@@ -1,6 +1,6 @@
-"""SGD with a cosine learning-rate schedule and an optional linear warm-up, by steps.
+"""SGD with a cosine (or step) learning-rate schedule and an optional linear warm-up, by steps.
 
-Shared by pre-training, FixMatch, SelMix fine-tuning and the baselines. The schedule
+Shared by pre-training, FixMatch, SelMix fine-tuning and the baselines. The cosine schedule
 multiplies each parameter group's base learning rate by
 
     (s + 1) / W                                          for s < W   (warm-up)
@@ -9,6 +9,10 @@ multiplies each parameter group's base learning rate by
 at step s (the number of ``scheduler.step()`` calls so far), for T total steps and W
 warm-up steps. Without warm-up this is ``0.5 * (1 + cos(pi * min(s, T) / T))``, the
 schedule fine-tuning has always used, computed with the same floating-point operations.
+
+The step schedule (:class:`WarmupStep`, pre-training's ``lr_schedule="step"``) keeps the same
+warm-up and then multiplies by ``gamma ** m`` after the m-th milestone: the schedule of
+LDAM-DRW's and MiSLAS's CIFAR recipes (x0.1 at epoch 160, x0.01 at epoch 180 of 200).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import torch
 
 from selmix._validation import check_in_range, check_int, check_positive
 
-__all__ = ["WarmupCosine", "sgd", "sgd_cosine", "split_sgd_cosine", "warmup_cosine"]
+__all__ = [
+    "WarmupCosine",
+    "WarmupStep",
+    "sgd",
+    "sgd_cosine",
+    "sgd_step",
+    "split_sgd_cosine",
+    "warmup_cosine",
+]
 
 
 class WarmupCosine:
@@ -48,6 +60,37 @@ class WarmupCosine:
             return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
         decay = max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+
+class WarmupStep:
+    """Linear warm-up, then a constant rate cut by ``gamma`` at each milestone (picklable).
+
+    Args:
+        warmup_steps: W, linear warm-up steps (factor ``(s + 1) / W`` for s < W).
+        milestones: steps at which the factor is multiplied by ``gamma``; increasing, each
+            >= W.
+        gamma: the cut, in (0, 1].
+    """
+
+    def __init__(
+        self, warmup_steps: int = 0, milestones: Iterable[int] = (), gamma: float = 0.1
+    ) -> None:
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        self.milestones = [check_int("milestones", m, minimum=0) for m in milestones]
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"`milestones` must be increasing, got {self.milestones}")
+        if self.milestones and self.milestones[0] < warmup_steps:
+            raise ValueError(
+                f"`milestones` must be >= `warmup_steps` = {warmup_steps}, got {self.milestones}"
+            )
+        self.gamma = check_positive("gamma", gamma)
+        if self.gamma > 1:
+            raise ValueError(f"`gamma` must be in (0, 1], got {gamma}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.gamma ** sum(step >= m for m in self.milestones)
 
 
 def sgd(
@@ -94,6 +137,22 @@ def sgd_cosine(
     """:func:`sgd` and its :func:`warmup_cosine` schedule. Returns ``(optimizer, scheduler)``."""
     optimizer = sgd(params, lr, momentum, weight_decay, nesterov)
     return optimizer, warmup_cosine(optimizer, total_steps, warmup_steps)
+
+
+def sgd_step(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    milestones: Iterable[int],
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    gamma: float = 0.1,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """:func:`sgd` and a :class:`WarmupStep` schedule. Returns ``(optimizer, scheduler)``."""
+    optimizer = sgd(params, lr, momentum, weight_decay, nesterov)
+    schedule = WarmupStep(warmup_steps, milestones, gamma)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def split_sgd_cosine(
