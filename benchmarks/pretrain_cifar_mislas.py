@@ -78,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=2e-4)
     parser.add_argument("--warmup-epochs", type=int, default=5)
+    parser.add_argument(
+        "--lr-schedule", default="cosine", choices=("cosine", "step"),
+        help="cosine, or MiSLAS's step schedule (x0.1 at 80%%, x0.01 at 90%% of the epochs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--head-val-per-class", type=int, default=None,
+        help="validation images of class 0 (default: --val-per-class). Smaller values "
+        "leave class 0 more of its 5000 images (50: 4950 for training)",
+    )  # fmt: skip
     parser.add_argument("--mixup", type=float, default=1.0)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--threads", type=int, default=1)
@@ -90,16 +99,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def mislas_split(
     source: str, seed: int, max_per_class: int, imbalance: float, val_per_class: int,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, head_val_per_class: int | None = None,
 ) -> tuple[Any, Any, Any, list[int]]:  # fmt: skip
-    """``(train, val, test, train_counts)``: N_1 counts first, then the validation split."""
+    """``(train, val, test, train_counts)``: N_1 counts first, then the validation split.
+
+    ``head_val_per_class`` (default ``val_per_class``): validation images of class 0, the
+    only class whose validation images come out of its long-tail count (the rarer classes
+    take theirs from the images the profile leaves unused). The default keeps the split
+    every committed CIFAR start was trained on.
+    """
     full = load_cifar10(source, train=True, cache_dir=cache_dir)
     test = load_cifar10(source, train=False, cache_dir=cache_dir)
-    available = (full.class_counts() - val_per_class).tolist()
     wanted = long_tail_counts(max_per_class, full.num_classes, imbalance)
-    counts = [min(w, a) for w, a in zip(wanted, available, strict=True)]
     generator = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = long_tail_split(full.labels, counts, val_per_class, generator)
+    if head_val_per_class is None or head_val_per_class == val_per_class:
+        available = (full.class_counts() - val_per_class).tolist()
+        counts = [min(w, a) for w, a in zip(wanted, available, strict=True)]
+        train_idx, val_idx = long_tail_split(full.labels, counts, val_per_class, generator)
+        return full.subset(train_idx), full.subset(val_idx), test, counts
+    per_class_val = [head_val_per_class] + [val_per_class] * (full.num_classes - 1)
+    available = [
+        int(n) - v for n, v in zip(full.class_counts().tolist(), per_class_val, strict=True)
+    ]
+    counts = [min(w, a) for w, a in zip(wanted, available, strict=True)]
+    train_parts, val_parts = [], []
+    labels = torch.as_tensor(full.labels)
+    for k, (count, val_count) in enumerate(zip(counts, per_class_val, strict=True)):
+        members = torch.nonzero(labels == k).flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        val_parts.append(members[:val_count])
+        train_parts.append(members[val_count : val_count + count])
+    train_idx = torch.cat(train_parts).sort().values
+    val_idx = torch.cat(val_parts).sort().values
     return full.subset(train_idx), full.subset(val_idx), test, counts
 
 
@@ -107,7 +138,8 @@ def config_of(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, loss="ce", mixup_alpha=args.mixup, augment=True,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, device="cpu", progress=False,
+        warmup_epochs=args.warmup_epochs, lr_schedule=args.lr_schedule, seed=args.seed,
+        device="cpu", progress=False,
         precision=args.precision, threads=args.threads, channels_last=args.channels_last,
         eval_batch_size=500,
     )  # fmt: skip
@@ -155,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads)
     train, val, test, counts = mislas_split(
         args.data, args.seed, args.max_per_class, args.imbalance, args.val_per_class,
-        args.cache_dir,
+        args.cache_dir, args.head_val_per_class,
     )  # fmt: skip
     if args.measure_steps:
         measure(args, train)
@@ -228,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         "momentum": args.momentum,
         "weight_decay": args.weight_decay,
         "warmup_epochs": args.warmup_epochs,
-        "schedule": "linear warm-up then cosine, per step",
+        "lr_schedule": args.lr_schedule,
+        "schedule": "linear warm-up (per step), then "
+        + ("cosine, per step" if args.lr_schedule == "cosine" else "x0.1 / x0.01 at 80% / 90%"),
+        "head_val_per_class": args.head_val_per_class,
         "augment": True,
         "eval_batch_size": 500,
         "head_classes": HEAD_CLASSES,

@@ -1,0 +1,240 @@
+"""Why our CIFAR-10-LT start differs from the paper's: the reference code side by side, and
+each factor alone (issue 23).
+
+Every run pre-trains ResNet-32 on the same CIFAR-10-LT split of the CIFAR-10 JPEG copy
+(``benchmarks/pretrain_cifar_mislas.py::mislas_split``: rho = 100 with N_1 = 5000 before a
+500-per-class validation split, class 0 at 4500, seed 0) for a shortened schedule, with one
+change per run against a base. The runs are the commands of :data:`RUNS` (``--commands``
+prints them); each writes its model folder, and ``--collect NAME FOLDER`` condenses a
+finished run into ``docs/results/runs/start/NAME.json``. ``--render OUT`` writes the
+tables from those records.
+
+The reference run (``ref-*``) is MiSLAS's own ``train_stage1.py`` (github.com/dvlab-research/
+MiSLAS, unmodified) driven by a data adapter that is not part of this repository (the issue
+asks to keep it and the reference code out); :data:`REFERENCE_STEPS` says exactly what the
+adapter does, so the run can be repeated.
+
+    python benchmarks/start_factors.py --commands
+    python benchmarks/start_factors.py --collect ours-fp32-cos /work/ckpt/s23/ours-fp32-cos
+    python benchmarks/start_factors.py --render docs/results/start_factors.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "results" / "runs" / "start"
+EPOCHS = 25
+REFERENCE_COMMIT = "0fc381e333d8a11170851b7af2058c59840969e0"  # dvlab-research/MiSLAS
+TAIL = (7, 8, 9)  # the three rarest classes (232, 139, 83 ... 50 images)
+
+_BASE = (
+    f"OMP_NUM_THREADS=1 python benchmarks/pretrain_cifar_mislas.py --epochs {EPOCHS} "
+    "--warmup-epochs 0 --channels-last --cache-dir CACHE --ckpt-dir DIR --out DIR/model"
+)
+
+#: name -> (what it is, the command; DIR is the run's folder, CACHE a decode cache)
+RUNS: dict[str, tuple[str, str]] = {
+    "ref-fp32-cos": (
+        "MiSLAS train_stage1.py (reference), fp32, cosine",
+        f"OMP_NUM_THREADS=1 python run_reference.py --epochs {EPOCHS} --out DIR "
+        "(the adapter of REFERENCE_STEPS)",
+    ),
+    "ours-fp32-cos": ("selmix pretrain, fp32, cosine", f"{_BASE} --precision fp32"),
+    "ours-bf16-cos": ("selmix pretrain, bf16, cosine", f"{_BASE} --precision bf16"),
+    "ours-fp32-step": (
+        "selmix pretrain, fp32, MiSLAS's step schedule (5 warm-up epochs, x0.1 / x0.01 at "
+        "80% / 90%)",
+        _BASE.replace("--warmup-epochs 0", "--warmup-epochs 5")
+        + " --precision fp32 --lr-schedule step",
+    ),
+    "ours-fp32-cos-head4950": (
+        "selmix pretrain, fp32, cosine, class 0 at 4950 (50 validation images)",
+        f"{_BASE} --precision fp32 --head-val-per-class 50",
+    ),
+}
+
+#: the comparisons of the factor table: (factor, base run, changed run)
+FACTORS: list[tuple[str, str, str]] = [
+    ("pipeline: selmix instead of the reference code (fp32, cosine)", "ref-fp32-cos",
+     "ours-fp32-cos"),
+    ("precision: bf16 autocast instead of fp32", "ours-fp32-cos", "ours-bf16-cos"),
+    ("schedule: MiSLAS's warm-up + step instead of cosine", "ours-fp32-cos", "ours-fp32-step"),
+    ("data: class 0 at 4950 training images instead of 4500", "ours-fp32-cos",
+     "ours-fp32-cos-head4950"),
+]  # fmt: skip
+
+REFERENCE_STEPS = """\
+1. Fetch github.com/dvlab-research/MiSLAS (commit `reference_commit` of the record) and
+   install `yacs`. Nothing in it is edited.
+2. The adapter script (outside this repository) puts the MiSLAS folder on `sys.path`,
+   builds selmix's split with `mislas_split("../shared/data", 0, 5000, 100.0, 500)`, and
+   replaces `train_stage1.CIFAR10_LT` with a class whose `train_instance` loader yields the
+   selmix training images (uint8 -> PIL) through MiSLAS's own transforms
+   (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`, `ToTensor()`, `Normalize((0.4914,
+   0.4822, 0.4465), (0.2023, 0.1994, 0.2010))`; batch 128, shuffled, `num_workers=0`) and
+   whose `eval` loader is the official test split (ToTensor + Normalize), as MiSLAS's.
+3. CPU shims, no change to the computation: `Tensor.cuda` and `Module.cuda` return `self`;
+   `np.float, np.int = float, int` (numpy 2 removed them; MiSLAS's `calibration` uses them);
+   `train_stage1.accuracy` is MiSLAS's `accuracy` with `.reshape` for `.view` (torch >= 1.13
+   refuses `.view` on the transposed top-k tensor). `torch.set_num_threads(1)`.
+4. It runs `train_stage1.main()` with `--cfg config/cifar10/cifar10_imb001_stage1_mixup.yaml
+   num_epochs 25 workers 0 deterministic True cos True` (the cosine of MiSLAS: per epoch,
+   from lr 0.1 to 0 over the epochs, no warm-up; `cos False` is its step schedule with 5
+   warm-up epochs and cuts at 160 and 180, which a 25-epoch run never reaches).
+5. It loads the last epoch's `current.pth.tar` (not `model_best`, which MiSLAS picks by test
+   accuracy) and evaluates it with selmix's metrics on the test split and on the validation
+   split, through MiSLAS's evaluation transform.
+"""
+
+
+def _per_class_tail(recall: list[float]) -> float:
+    return statistics.fmean(recall[k] for k in TAIL)
+
+
+def _condense(metrics: dict[str, Any]) -> dict[str, Any]:
+    recall = [float(r) for r in metrics["per_class_recall"]]
+    return {
+        "mean_recall": float(metrics["mean_recall"]),
+        "min_recall": float(metrics["min_recall"]),
+        "tail3_recall": _per_class_tail(recall),
+        "per_class_recall": recall,
+    }
+
+
+def collect(name: str, folder: Path) -> Path:
+    """Condenses a finished run folder into ``RECORDS/NAME.json``."""
+    if name not in RUNS:
+        raise SystemExit(f"unknown run {name!r}; expected one of {sorted(RUNS)}")
+    record: dict[str, Any] = {"name": name, "what": RUNS[name][0], "command": RUNS[name][1]}
+    if name.startswith("ref-"):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        logs = sorted(folder.glob("saved/*/logs/*.txt"))
+        curve = []
+        for line in logs[-1].read_text().splitlines() if logs else []:
+            match = re.search(r"\* Acc@1 ([\d.]+)%", line)
+            if match:
+                curve.append(float(match.group(1)) / 100)
+        record.update(
+            epochs=metrics["epochs"], precision="fp32", wall_s=metrics["wall_s"],
+            test=_condense(metrics["test"]), val=_condense(metrics["val"]),
+            test_accuracy_per_epoch=curve,
+            best_epoch_test_accuracy=max(curve) if curve else None,
+            train_counts=metrics["train_counts"], reference_steps=REFERENCE_STEPS,
+            reference_commit=REFERENCE_COMMIT,
+        )  # fmt: skip
+    else:
+        model = folder / "model"
+        metrics = json.loads((model / "metrics.json").read_text())
+        config = yaml.safe_load((model / "config.yaml").read_text())
+        time_text = (model / "time.txt").read_text()
+        curve = []
+        for line in (folder / "log.txt").read_text().splitlines():
+            match = re.search(r"epoch (\d+) .*val_mean_recall ([\d.]+)", line)
+            if match:
+                curve.append(float(match.group(2)))
+        record.update(
+            epochs=config["epochs"], precision=config["precision"],
+            wall_s=float(time_text.split()[0]), test=_condense(metrics["test"]),
+            val=_condense(metrics["val"]), val_mean_recall_per_epoch=curve,
+            train_counts=config["train_counts"], lr_schedule=config.get("lr_schedule"),
+            warmup_epochs=config["warmup_epochs"], machine=config.get("machine"),
+        )  # fmt: skip
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    path = RECORDS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def _load() -> dict[str, dict[str, Any]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(RECORDS.glob("*.json"))}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _delta(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def render(out: Path) -> str:
+    records = _load()
+    lines = [
+        "# Why our start differs from the paper's: measured factors",
+        "",
+        f"ResNet-32, CIFAR-10-LT (JPEG copy, rho = 100, seed 0, 500 validation images per "
+        f"class), {EPOCHS} epochs, input mixup alpha = 1, SGD 0.1, batch 128, weight decay "
+        "2e-4, one CPU thread per run. Test = the official 10,000 images; tail-3 = mean recall "
+        "of the three rarest classes. Records: `docs/results/runs/start/*.json`; commands: "
+        "`python benchmarks/start_factors.py --commands`.",
+        "",
+        "| run | test mean recall | test min recall | test tail-3 | val mean recall | "
+        "train counts (class 0) | wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (what, _) in RUNS.items():
+        record = records.get(name)
+        if record is None:
+            lines.append(f"| {name}: {what} | not run | | | | | |")
+            continue
+        test, val = record["test"], record["val"]
+        extra = ""
+        if record.get("best_epoch_test_accuracy") is not None:
+            extra = f" (best epoch's test accuracy {_pct(record['best_epoch_test_accuracy'])})"
+        lines.append(
+            f"| {name}: {what} | {_pct(test['mean_recall'])}{extra} | "
+            f"{_pct(test['min_recall'])} | {_pct(test['tail3_recall'])} | "
+            f"{_pct(val['mean_recall'])} | {record['train_counts'][0]} | "
+            f"{record['wall_s'] / 60:.0f} min |"
+        )
+    lines += [
+        "",
+        "| factor (each alone) | base -> changed | test mean recall | test min recall | "
+        "test tail-3 |",
+        "|---|---|---|---|---|",
+    ]
+    for factor, base, changed in FACTORS:
+        if base not in records or changed not in records:
+            lines.append(f"| {factor} | {base} -> {changed} | not run | | |")
+            continue
+        a, b = records[base]["test"], records[changed]["test"]
+        lines.append(
+            f"| {factor} | {base} -> {changed} | {_delta(b['mean_recall'] - a['mean_recall'])} "
+            f"| {_delta(b['min_recall'] - a['min_recall'])} | "
+            f"{_delta(b['tail3_recall'] - a['tail3_recall'])} |"
+        )
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", action="store_true", help="print each run's command")
+    parser.add_argument("--collect", nargs=2, metavar=("NAME", "FOLDER"))
+    parser.add_argument("--render", type=Path, metavar="OUT")
+    args = parser.parse_args(argv)
+    if args.commands:
+        for name, (what, command) in RUNS.items():
+            print(f"# {name}: {what}\n{command}\n")
+        print("# the reference adapter\n" + REFERENCE_STEPS)
+    if args.collect:
+        print(f"wrote {collect(args.collect[0], Path(args.collect[1]))}")
+    if args.render:
+        print(render(args.render))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
