@@ -202,7 +202,8 @@ def render(out: Path) -> str:
         test, val = record["test"], record["val"]
         extra = ""
         if record.get("best_epoch_val_accuracy") is not None:
-            extra = f" (last epoch; MiSLAS's best-epoch pick: val {_pct(record['best_epoch_val_accuracy'])})"
+            best = _pct(record["best_epoch_val_accuracy"])
+            extra = f" (last epoch; MiSLAS's best-epoch pick: val {best})"
         lines.append(
             f"| {name}: {what} | {_pct(test['mean_recall'])}{extra} | "
             f"{_pct(test['min_recall'])} | {_pct(test['tail3_recall'])} | "
