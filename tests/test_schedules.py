@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_precision import SETTINGS, tiny_model, tiny_set
+
+# _one_thread is test_precision's autouse fixture (one torch thread); importing it applies it here
+from tests.test_precision import SETTINGS, _one_thread, tiny_model, tiny_set  # noqa: F401
 
 from selmix.optim import WarmupStep, sgd_step
 from selmix.pretrain import PretrainConfig, pretrain, step_milestones
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_step_factor_warms_up_then_cuts_at_each_milestone():
