@@ -112,25 +112,13 @@ def mislas_split(
     test = load_cifar10(source, train=False, cache_dir=cache_dir)
     wanted = long_tail_counts(max_per_class, full.num_classes, imbalance)
     generator = torch.Generator().manual_seed(seed)
-    if head_val_per_class is None or head_val_per_class == val_per_class:
-        available = (full.class_counts() - val_per_class).tolist()
-        counts = [min(w, a) for w, a in zip(wanted, available, strict=True)]
-        train_idx, val_idx = long_tail_split(full.labels, counts, val_per_class, generator)
-        return full.subset(train_idx), full.subset(val_idx), test, counts
-    per_class_val = [head_val_per_class] + [val_per_class] * (full.num_classes - 1)
+    head_val = val_per_class if head_val_per_class is None else head_val_per_class
+    per_class_val = [head_val] + [val_per_class] * (full.num_classes - 1)
     available = [
         int(n) - v for n, v in zip(full.class_counts().tolist(), per_class_val, strict=True)
     ]
     counts = [min(w, a) for w, a in zip(wanted, available, strict=True)]
-    train_parts, val_parts = [], []
-    labels = torch.as_tensor(full.labels)
-    for k, (count, val_count) in enumerate(zip(counts, per_class_val, strict=True)):
-        members = torch.nonzero(labels == k).flatten()
-        members = members[torch.randperm(members.numel(), generator=generator)]
-        val_parts.append(members[:val_count])
-        train_parts.append(members[val_count : val_count + count])
-    train_idx = torch.cat(train_parts).sort().values
-    val_idx = torch.cat(val_parts).sort().values
+    train_idx, val_idx = long_tail_split(full.labels, counts, per_class_val, generator)
     return full.subset(train_idx), full.subset(val_idx), test, counts
 
 

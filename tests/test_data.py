@@ -136,6 +136,27 @@ def test_long_tail_split_names_the_class_with_too_few_samples():
         long_tail_split(labels, [1, 1, 1], val_per_class=-1, seed=0)
 
 
+def test_long_tail_split_takes_one_validation_count_per_class():
+    labels = shuffled_labels(60, 4)
+    counts = [55, 30, 10, 5]
+    train, val = long_tail_split(labels, counts, val_per_class=[5, 10, 10, 10], seed=4)
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert torch.bincount(labels[train], minlength=4).tolist() == counts
+    assert torch.bincount(labels[val], minlength=4).tolist() == [5, 10, 10, 10]
+    # Equal per-class counts draw exactly what the single int draws.
+    as_int = long_tail_split(labels, [50, 30, 10, 5], val_per_class=10, seed=4)
+    as_list = long_tail_split(labels, [50, 30, 10, 5], val_per_class=[10] * 4, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(as_int, as_list, strict=True))
+    # The shuffle of each class does not depend on its own validation count, so class 0's
+    # training images are a superset when its validation set shrinks.
+    first_train = set(as_int[0][labels[as_int[0]] == 0].tolist())
+    assert first_train < set(train[labels[train] == 0].tolist())
+    with pytest.raises(ValueError, match=r"`val_per_class` must be an int >= 0 or 4 ints"):
+        long_tail_split(labels, counts, val_per_class=[5, 10, 10], seed=0)
+    with pytest.raises(ValueError, match=r"class 0 has 60 samples.*6 \+ 55 = 61"):
+        long_tail_split(labels, counts, val_per_class=[6, 0, 0, 0], seed=0)
+
+
 # --------------------------------------------------------------------------------------------
 # ImageTensorDataset and augmentation
 

@@ -47,18 +47,21 @@ def long_tail_counts(max_per_class: int, num_classes: int, imbalance: float) -> 
 def long_tail_split(
     labels: Tensor | Sequence[int],
     counts: Sequence[int],
-    val_per_class: int = 0,
+    val_per_class: int | Sequence[int] = 0,
     seed: int | torch.Generator = 0,
 ) -> tuple[Tensor, Tensor]:
     """Draws a long-tailed training set and a balanced validation set, disjoint.
 
     For each class k in turn, the indices of its samples are shuffled with one generator;
-    the first ``val_per_class`` go to validation and the next ``counts[k]`` to training.
+    the first ``val_per_class`` (or ``val_per_class[k]``) go to validation and the next
+    ``counts[k]`` to training.
 
     Args:
         labels: integer Tensor[N] with values in [0, K), K = ``len(counts)``.
         counts: training samples to keep per class (e.g. from :func:`long_tail_counts`).
-        val_per_class: validation samples per class (0 for none).
+        val_per_class: validation samples per class (0 for none), or one count per class
+            (a sequence of ``len(counts)`` ints), e.g. a smaller validation set for a head
+            class whose training count would otherwise be cut.
         seed: an int seed or a ``torch.Generator`` (which is advanced).
 
     Returns:
@@ -76,7 +79,16 @@ def long_tail_split(
         raise ValueError("`counts` must have one entry per class, got an empty sequence")
     if any(c < 0 for c in counts):
         raise ValueError(f"`counts` must be >= 0, got {counts}")
-    check_int("val_per_class", val_per_class, minimum=0)
+    if isinstance(val_per_class, (Sequence, Tensor)) and not isinstance(val_per_class, str):
+        val_counts = [int(v) for v in val_per_class]
+        if len(val_counts) != num_classes or any(v < 0 for v in val_counts):
+            raise ValueError(
+                f"`val_per_class` must be an int >= 0 or {num_classes} ints >= 0 (one per "
+                f"class of `counts`), got {val_counts}"
+            )
+    else:
+        check_int("val_per_class", val_per_class, minimum=0)
+        val_counts = [int(val_per_class)] * num_classes
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"`labels` must lie in [0, {num_classes}) for {num_classes} `counts`, got labels "
@@ -90,15 +102,16 @@ def long_tail_split(
     for k, size in enumerate(sizes):
         members = order[start : start + size]
         start += size
-        needed = val_per_class + counts[k]
+        val_count = val_counts[k]
+        needed = val_count + counts[k]
         if size < needed:
             raise ValueError(
                 f"class {k} has {size} samples, but `val_per_class` + `counts[{k}]` = "
-                f"{val_per_class} + {counts[k]} = {needed} are needed"
+                f"{val_count} + {counts[k]} = {needed} are needed"
             )
         shuffled = members[torch.randperm(size, generator=generator)]
-        val_parts.append(shuffled[:val_per_class])
-        train_parts.append(shuffled[val_per_class:needed])
+        val_parts.append(shuffled[:val_count])
+        train_parts.append(shuffled[val_count:needed])
     train = torch.cat(train_parts).sort().values
     val = torch.cat(val_parts).sort().values
     return train, val
