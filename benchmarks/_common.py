@@ -70,6 +70,7 @@ def load_start(
         train, val, test, counts = mislas_split(
             source.removeprefix("cifar10:"), config.get("seed", 0), config["max_per_class"],
             config["imbalance"], config["val_per_class"], cache_dir or config.get("cache_dir"),
+            config.get("head_val_per_class"),
         )  # fmt: skip
         if counts != list(config["train_counts"]):
             raise ValueError(f"{directory}: split counts {counts} != {config['train_counts']}")

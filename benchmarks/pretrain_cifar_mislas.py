@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "val_per_class": args.val_per_class,
         "train_counts": counts,
         "split": "long_tail_counts(max_per_class) capped at the images left after "
-        "val_per_class are held out (class 0: 4500); benchmarks/pretrain_cifar_mislas.py"
-        "::mislas_split",
+        f"val_per_class (class 0: head_val_per_class) are held out (class 0: {counts[0]}); "
+        "benchmarks/pretrain_cifar_mislas.py::mislas_split",
         "cache_dir": args.cache_dir,
         "model": "resnet32",
         "out": str(out),
