@@ -127,3 +127,73 @@ def test_table3_render_shares_objective_independent_runs_and_writes_the_summary(
     assert "| 70.0 | 70.0 |" in rows["| SelMix"]
     assert "| 79.2 | 83.3 |" in rows["| paper: SelMix (backbone fine-tuned)"]
     assert "<!-- summary -->" not in out.read_text()
+
+
+# -- benchmarks/start_factors.py: the JPEG cost and the gap to the paper's start ------------
+
+
+def test_start_factors_jpeg_cost_pairs_seeds_and_skips_an_unpaired_one(tmp_path, monkeypatch):
+    import json
+
+    import start_factors
+
+    def write(seed, jpeg, mean, low, tail):
+        record = {"seed": seed, "jpeg": jpeg, "mean_recall": mean, "min_recall": low,
+                  "tail3_recall": tail}  # fmt: skip
+        (tmp_path / f"s{seed}_{jpeg}.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(start_factors, "JPEG_RECORDS", tmp_path)
+    assert start_factors.jpeg_cost() is None
+    write(0, False, 0.70, 0.10, 0.50)
+    write(0, True, 0.68, 0.06, 0.47)
+    write(1, False, 0.72, 0.12, 0.52)
+    write(1, True, 0.71, 0.12, 0.50)
+    write(2, True, 0.10, 0.00, 0.00)  # its original run is missing: not a pair
+    cost = start_factors.jpeg_cost()
+    assert cost["seeds"] == 2
+    assert cost["mean_recall"] == pytest.approx(-0.015)
+    assert cost["min_recall"] == pytest.approx(-0.02)
+    assert cost["tail3_recall"] == pytest.approx(-0.025)
+
+
+def test_start_factors_gap_table_subtracts_the_measured_cost_from_the_best_start():
+    import start_factors
+
+    def run(name, mean, low):
+        return {"name": name, "test": {"mean_recall": mean, "min_recall": low}}
+
+    records = {
+        "ours200-bf16-cos": run("ours200-bf16-cos", 0.655, 0.328),
+        "ours200-bf16-step-head4950": run("ours200-bf16-step-head4950", 0.700, 0.400),
+    }
+    cost = {"mean_recall": -0.005, "min_recall": -0.008, "tail3_recall": 0.0, "seeds": 3}
+    lines = start_factors.gap_table(records, cost)
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    assert rows["| gap: paper minus ours200-bf16-step-head4950"].endswith("| +2.7 | +5.6 |")
+    assert rows["| of it measured: JPEG quality 75 (the Fashion-MNIST lower bound)"].endswith(
+        "| +0.5 | +0.8 |"
+    )
+    assert rows["| not accounted for by a measured factor"].endswith("| +2.2 | +4.8 |")
+    # without the best start the gap is the first start's
+    del records["ours200-bf16-step-head4950"]
+    lines = start_factors.gap_table(records, None)
+    assert any(
+        line.startswith("| gap: paper minus ours200-bf16-cos | +7.2 | +12.8 |") for line in lines
+    )
+
+
+def test_table3_describes_the_start_split_from_its_config(tmp_path):
+    import yaml
+
+    import cifar_table3
+
+    config = {"imbalance": 100.0, "max_per_class": 5000, "val_per_class": 500,
+              "head_val_per_class": 50, "train_counts": [4950, 2997, 50], "epochs": 200,
+              "lr_schedule": "step", "precision": "bf16"}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    text = cifar_table3.describe_split(str(tmp_path))
+    assert "50 validation images of class 0 and 500 of each other class" in text
+    assert "training 4950 ... 50 images per class" in text and "200 epochs with the step" in text
+    config["head_val_per_class"] = None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "before 500 validation images per class" in cifar_table3.describe_split(str(tmp_path))
