@@ -171,15 +171,19 @@ def collect(name: str, folder: Path) -> Path:
         metrics = json.loads((model / "metrics.json").read_text())
         config = yaml.safe_load((model / "config.yaml").read_text())
         time_text = (model / "time.txt").read_text()
-        curve = []
+        curve, min_curve = [], []
         for line in (folder / "log.txt").read_text().splitlines():
-            match = re.search(r"epoch (\d+) .*val_mean_recall ([\d.]+)", line)
+            match = re.search(
+                r"epoch (\d+) .*val_mean_recall ([\d.]+) val_min_recall ([\d.]+)", line
+            )
             if match:
                 curve.append(float(match.group(2)))
+                min_curve.append(float(match.group(3)))
         record.update(
             epochs=config["epochs"], precision=config["precision"],
             wall_s=float(time_text.split()[0]), test=_condense(metrics["test"]),
             val=_condense(metrics["val"]), val_mean_recall_per_epoch=curve,
+            val_min_recall_per_epoch=min_curve,
             train_counts=config["train_counts"], lr_schedule=config.get("lr_schedule"),
             warmup_epochs=config["warmup_epochs"], machine=config.get("machine"),
         )  # fmt: skip
@@ -308,18 +312,44 @@ def gap_table(records: dict[str, dict[str, Any]], cost: dict[str, float] | None)
         f"| gap: paper minus {best['name']} | {_delta(gap['mean_recall'])} | "
         f"{_delta(gap['min_recall'])} |"
     )
+    explained = {key: 0.0 for key in PAPER_START}
     if cost is not None:
-        explained = {key: -cost[key] for key in PAPER_START}
         lines.append(
             "| of it measured: JPEG quality 75 (the Fashion-MNIST lower bound) | "
-            f"{_delta(explained['mean_recall'])} | {_delta(explained['min_recall'])} |"
+            f"{_delta(-cost['mean_recall'])} | {_delta(-cost['min_recall'])} |"
         )
+        explained = {key: explained[key] - cost[key] for key in PAPER_START}
+    pick = best_epoch_gain(best)
+    if pick is not None:
+        lines.append(
+            f"| of it measured: keeping the best epoch ({pick['epoch']}, by validation mean "
+            "recall) instead of the last, as MiSLAS's code keeps its best epoch (by test "
+            "accuracy); gain on validation | "
+            f"{_delta(pick['mean_recall'])} | {_delta(pick['min_recall'])} |"
+        )
+        explained = {key: explained[key] + pick[key] for key in PAPER_START}
+    if cost is not None or pick is not None:
         lines.append(
             "| not accounted for by a measured factor | "
             f"{_delta(gap['mean_recall'] - explained['mean_recall'])} | "
             f"{_delta(gap['min_recall'] - explained['min_recall'])} |"
         )
     return lines
+
+
+def best_epoch_gain(record: dict[str, Any]) -> dict[str, Any] | None:
+    """Validation mean / min recall at the epoch of best validation mean recall, minus the
+    last epoch's; ``None`` without per-epoch curves."""
+    means = record.get("val_mean_recall_per_epoch") or []
+    mins = record.get("val_min_recall_per_epoch") or []
+    if not means or len(mins) != len(means):
+        return None
+    best = max(range(len(means)), key=means.__getitem__)
+    return {
+        "epoch": best + 1,
+        "mean_recall": means[best] - means[-1],
+        "min_recall": mins[best] - mins[-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
