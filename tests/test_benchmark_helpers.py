@@ -156,30 +156,32 @@ def test_start_factors_jpeg_cost_pairs_seeds_and_skips_an_unpaired_one(tmp_path,
     assert cost["tail3_recall"] == pytest.approx(-0.025)
 
 
-def test_start_factors_gap_table_subtracts_the_measured_cost_from_the_best_start():
+def test_start_factors_gap_table_subtracts_the_measured_parts_from_each_start():
     import start_factors
 
-    def run(name, mean, low):
-        return {"name": name, "test": {"mean_recall": mean, "min_recall": low}}
-
+    curves = {
+        "val_mean_recall_per_epoch": [0.50, 0.70, 0.60, 0.65],
+        "val_min_recall_per_epoch": [0.10, 0.30, 0.40, 0.20],
+    }
     records = {
-        "ours200-bf16-cos": run("ours200-bf16-cos", 0.655, 0.328),
-        "ours200-bf16-step-head4950": run("ours200-bf16-step-head4950", 0.700, 0.400),
+        "ours200-bf16-cos": {"test": {"mean_recall": 0.655, "min_recall": 0.328}, **curves},
+        "ours200-bf16-step-head4950": {"test": {"mean_recall": 0.700, "min_recall": 0.400}},
     }
     cost = {"mean_recall": -0.005, "min_recall": -0.008, "tail3_recall": 0.0, "seeds": 3}
     lines = start_factors.gap_table(records, cost)
-    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
-    assert rows["| gap: paper minus ours200-bf16-step-head4950"].endswith("| +2.7 | +5.6 |")
-    assert rows["| of it measured: JPEG quality 75 (the Fashion-MNIST lower bound)"].endswith(
-        "| +0.5 | +0.8 |"
-    )
-    assert rows["| not accounted for by a measured factor"].endswith("| +2.2 | +4.8 |")
-    # without the best start the gap is the first start's
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    # gap 7.2 / 12.8; best epoch 2: +5.0 / +10.0; JPEG +0.5 / +0.8; left 1.7 / 2.0
+    assert rows["| ours200-bf16-cos"] == [
+        "65.5 / 32.8", "+7.2 / +12.8", "+5.0 / +10.0 (epoch 2)", "+0.5 / +0.8",
+        "+1.7 / +2.0 |",
+    ]  # fmt: skip
+    # no per-epoch curves: only the JPEG part is subtracted
+    assert rows["| ours200-bf16-step-head4950"] == [
+        "70.0 / 40.0", "+2.7 / +5.6", "–", "+0.5 / +0.8", "+2.2 / +4.8 |",
+    ]  # fmt: skip
     del records["ours200-bf16-step-head4950"]
     lines = start_factors.gap_table(records, None)
-    assert any(
-        line.startswith("| gap: paper minus ours200-bf16-cos | +7.2 | +12.8 |") for line in lines
-    )
+    assert "| ours200-bf16-step-head4950 | not run | | | | |" in lines
 
 
 def test_table3_describes_the_start_split_from_its_config(tmp_path):
@@ -211,7 +213,3 @@ def test_start_factors_best_epoch_gain_is_measured_at_the_best_mean_recall_epoch
     assert gain["mean_recall"] == pytest.approx(0.05)
     assert gain["min_recall"] == pytest.approx(0.10)  # at epoch 2, not the min curve's best
     assert start_factors.best_epoch_gain({"val_mean_recall_per_epoch": [0.5]}) is None
-    lines = start_factors.gap_table({"ours200-bf16-cos": {"name": "ours200-bf16-cos",
-        "test": {"mean_recall": 0.655, "min_recall": 0.328}, **record}}, None)  # fmt: skip
-    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
-    assert rows["| not accounted for by a measured factor"].endswith("| +2.2 | +2.8 |")
