@@ -173,15 +173,19 @@ def test_start_factors_gap_table_subtracts_the_measured_parts_from_each_start():
     # gap 7.2 / 12.8; best epoch 2: +5.0 / +10.0; JPEG +0.5 / +0.8; left 1.7 / 2.0
     assert rows["| ours200-bf16-cos"] == [
         "65.5 / 32.8", "+7.2 / +12.8", "+5.0 / +10.0 (epoch 2)", "+0.5 / +0.8",
-        "+1.7 / +2.0 |",
+        "+1.7 / +2.0", "– |",
     ]  # fmt: skip
     # no per-epoch curves: only the JPEG part is subtracted
     assert rows["| ours200-bf16-step-head4950"] == [
-        "70.0 / 40.0", "+2.7 / +5.6", "–", "+0.5 / +0.8", "+2.2 / +4.8 |",
+        "70.0 / 40.0", "+2.7 / +5.6", "–", "+0.5 / +0.8", "+2.2 / +4.8", "– |",
     ]  # fmt: skip
     del records["ours200-bf16-step-head4950"]
     lines = start_factors.gap_table(records, None)
-    assert "| ours200-bf16-step-head4950 | not run | | | | |" in lines
+    assert "| ours200-bf16-step-head4950 | not run | | | | | |" in lines
+    # the range over the last 20 epochs
+    record = {"val_mean_recall_per_epoch": [0.1] * 5 + [0.60, 0.64] * 10,
+              "val_min_recall_per_epoch": [0.0] * 5 + [0.20, 0.35] * 10}  # fmt: skip
+    assert start_factors.last_epochs_range(record) == "4.0 / 15.0"
 
 
 def test_table3_describes_the_start_split_from_its_config(tmp_path):
