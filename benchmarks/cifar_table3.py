@@ -442,15 +442,21 @@ def render(args: argparse.Namespace) -> None:
         lines.append(
             f"| {row} | {backbone} | {seed_text} | " + " | ".join(cells) + f" | {seconds:.0f} |"
         )
+    steps_text = ", ".join(map(str, full_steps))
+    fine_tuned_text = (
+        f"fine-tuned SelMix (defaults) rows run 2000 head-first steps then {steps_text} "
+        f"whole-model steps, the paper preset and LA fine-tuning {steps_text} steps, in "
+        f"{', '.join(precisions)}"
+        if full
+        else "no fine-tuned-backbone row has run yet"
+    )
     lines += [
         "",
         f"CIFAR-10 (JPEG copy), {describe_split(args.start)}; "
         f"start `{Path(args.start).name}`; test set. Rows are the library's defaults unless "
-        "named otherwise; frozen rows run on features computed once; fine-tuned SelMix "
-        f"(defaults) rows run 2000 head-first steps then {', '.join(map(str, full_steps))} "
-        f"whole-model steps, the paper preset and LA fine-tuning {', '.join(map(str, full_steps))} "
-        f'steps, in {", ".join(precisions)}. seeds "1/3": 1 seed on some objectives, 3 on the '
-        "others. The paper's rows are MATH.md section 8 (mean of 3 seeds, their start).",
+        f"named otherwise; frozen rows run on features computed once; {fine_tuned_text}. "
+        'seeds "1/3": 1 seed on some objectives, 3 on the others. The paper\'s rows are '
+        "MATH.md section 8 (mean of 3 seeds, their start).",
         "",
         SUMMARY_MARK,
         "",
