@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,6 +64,7 @@ from _common import (  # noqa: E402
     machine_line,
     percent_cell,
 )
+from _paper import PAPER_TABLE3  # noqa: E402
 from selmix import finetune  # noqa: E402
 from selmix._io import _process_is_alive, atomic_write_text  # noqa: E402
 from selmix.baselines import run_baseline  # noqa: E402
@@ -105,15 +107,6 @@ ROWS: dict[tuple[str, str], bool] = {
 }
 # Rows run for the first objective only unless --rows names them.
 FIRST_OBJECTIVE_ONLY = ("SelMix (defaults, backbone lr 3e-4)",)
-# The paper's supervised CIFAR-10-LT rows (MATH.md section 8), test %, mean of 3 seeds.
-PAPER = {
-    "MiSLAS stage 1 (start)": {"mean_recall": 72.7, "min_recall": 45.6, "h_mean": 70.3,
-                               "g_mean": 72.5, "coverage": (72.7, 0.045)},
-    "MiSLAS stage 2": {"mean_recall": 81.9, "min_recall": 72.5, "h_mean": 81.3,
-                       "g_mean": 81.6, "coverage": (81.9, 0.077)},
-    "SelMix (backbone fine-tuned)": {"mean_recall": 83.3, "min_recall": 79.2, "h_mean": 82.6,
-                                     "g_mean": 82.8, "coverage": (82.8, 0.095)},
-}  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -361,8 +354,6 @@ def cell(runs: list[dict[str, Any]], objective: str) -> str:
 
 def describe_split(start: str) -> str:
     """The start's data split and schedule in words, from its ``config.yaml``."""
-    import yaml
-
     config = yaml.safe_load((Path(start) / "config.yaml").read_text())
     val = config.get("val_per_class")
     head_val = config.get("head_val_per_class")
@@ -418,7 +409,7 @@ def render(args: argparse.Namespace) -> None:
     ]
     header = "| method | backbone | seeds | " + " | ".join(OBJECTIVES[o] for o in objectives)
     lines += [header + " | s/run |", "|---|---|---|" + "---|" * (len(objectives) + 1)]
-    for name, values in PAPER.items():
+    for name, values in PAPER_TABLE3.items():
         cells = []
         for objective in objectives:
             if objective == "mean_recall_min_coverage":
