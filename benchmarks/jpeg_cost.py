@@ -9,6 +9,12 @@ every image (train and test) re-encoded as JPEG at quality 75 with PIL, for each
 It reports test mean recall, min recall and the mean recall of the three rarest classes.
 
     PYTHONPATH=src python benchmarks/jpeg_cost.py --seeds 0 1 2 --out docs/results/jpeg_cost.md
+
+``--describe-copy OUT`` instead reads the CIFAR-10 copy's own JPEG headers (chroma
+subsampling, quantisation tables and the quality whose standard tables they match) for every
+image of the archive (or its first ``--describe-files``), and writes a short table:
+
+    python benchmarks/jpeg_cost.py --describe-copy docs/results/cifar_jpeg_copy.md
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import io
 import json
 import statistics
 import sys
+import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,6 +43,9 @@ from selmix.evaluate import evaluate  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
 RUNS = Path("docs/results/runs/jpeg_cost")
+CIFAR_ARCHIVE = DATA.parent / "cifar10-jpeg.tar.gz"
+#: Pillow's name for each value of ``JpegImagePlugin.get_sampling``
+SAMPLING = {0: "4:4:4 (none)", 1: "4:2:2", 2: "4:2:0 (chroma at half width and height)"}
 
 
 def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
@@ -75,11 +86,75 @@ def run(seed: int, encoded: bool) -> dict:
     }
 
 
+def _table_means(image: Image.Image) -> tuple[float, float]:
+    """Mean quantisation step of the luma table and of the chroma table(s)."""
+    tables = image.quantization
+    chroma = [statistics.fmean(tables[k]) for k in sorted(tables) if k > 0]
+    return statistics.fmean(tables[0]), statistics.fmean(chroma) if chroma else float("nan")
+
+
+def _standard_quality(image: Image.Image) -> int | None:
+    """The quality whose standard (IJG) tables, as Pillow writes them, equal the image's."""
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="JPEG", quality=quality)
+        if Image.open(buffer).quantization == image.quantization:
+            return quality
+    return None
+
+
+def describe_copy(out: Path, limit: int | None = None) -> str:
+    """A markdown table of the JPEG encoding of the CIFAR-10 copy's images (all, or the
+    first ``limit`` in archive order)."""
+    sampling: Counter[str] = Counter()
+    tables: Counter[tuple] = Counter()
+    luma, chroma, example = [], [], None
+    with tarfile.open(CIFAR_ARCHIVE) as archive:
+        for member in archive:
+            if not member.name.endswith(".jpg"):
+                continue
+            image = Image.open(io.BytesIO(archive.extractfile(member).read()))
+            sampling[SAMPLING.get(JpegImagePlugin.get_sampling(image), "other")] += 1
+            tables[tuple(tuple(t) for _, t in sorted(image.quantization.items()))] += 1
+            step = _table_means(image)
+            luma.append(step[0])
+            chroma.append(step[1])
+            example = example or image
+            if limit is not None and sum(sampling.values()) >= limit:
+                break
+    files = sum(sampling.values())
+    quality = _standard_quality(example) if len(tables) == 1 else None
+    which = f"the first {files} images, in archive order," if limit else f"all {files} images"
+    option = f" --describe-files {limit}" if limit else ""
+    lines = [
+        f"Command: `python benchmarks/jpeg_cost.py --describe-copy {out}{option}`: {which} of "
+        "`../shared/data/cifar10-jpeg.tar.gz` (train and test).",
+        "",
+        "| what | value |",
+        "|---|---|",
+        "| chroma subsampling | "
+        + "; ".join(f"{name}: {count} files" for name, count in sampling.most_common())
+        + " |",
+        f"| distinct quantisation table sets | {len(tables)} |",
+        f"| quality whose standard tables they equal | {quality or 'none (or several sets)'} |",
+        f"| mean luma quantisation step | {statistics.fmean(luma):.1f} |",
+        f"| mean chroma quantisation step | {statistics.fmean(chroma):.1f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--describe-copy", type=Path, default=None, metavar="OUT")
+    parser.add_argument("--describe-files", type=int, default=None)
     args = parser.parse_args()
+    if args.describe_copy is not None:
+        text = describe_copy(args.describe_copy, args.describe_files)
+        print(text)
+        args.describe_copy.write_text(text)
+        return
     torch.set_num_threads(1)
     RUNS.mkdir(parents=True, exist_ok=True)
     rows = []
