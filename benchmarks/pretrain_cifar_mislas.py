@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "leave class 0 more of its 5000 images (50: 4950 for training)",
     )  # fmt: skip
     parser.add_argument("--mixup", type=float, default=1.0)
+    parser.add_argument(
+        "--jpeg-second-dose",
+        action="store_true",
+        help="degrade every image once more: JPEG quality 50 and chroma at a quarter size",
+    )
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
@@ -100,16 +105,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def mislas_split(
     source: str, seed: int, max_per_class: int, imbalance: float, val_per_class: int,
     cache_dir: str | None = None, head_val_per_class: int | None = None,
+    jpeg_second_dose: bool = False,
 ) -> tuple[Any, Any, Any, list[int]]:  # fmt: skip
     """``(train, val, test, train_counts)``: N_1 counts first, then the validation split.
 
     ``head_val_per_class`` (default ``val_per_class``): validation images of class 0, the
     only class whose validation images come out of its long-tail count (the rarer classes
     take theirs from the images the profile leaves unused). The default keeps the split
-    every committed CIFAR start was trained on.
+    every committed CIFAR start was trained on. ``jpeg_second_dose`` degrades every image
+    (training, validation and test) once more with ``jpeg_cost.second_jpeg_dose``: twice
+    the copy's own JPEG loss, to bound what that loss costs (issue 23).
     """
     full = load_cifar10(source, train=True, cache_dir=cache_dir)
     test = load_cifar10(source, train=False, cache_dir=cache_dir)
+    if jpeg_second_dose:
+        from jpeg_cost import second_jpeg_dose
+
+        full.images, test.images = second_jpeg_dose(full.images), second_jpeg_dose(test.images)
     wanted = long_tail_counts(max_per_class, full.num_classes, imbalance)
     generator = torch.Generator().manual_seed(seed)
     head_val = val_per_class if head_val_per_class is None else head_val_per_class
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads)
     train, val, test, counts = mislas_split(
         args.data, args.seed, args.max_per_class, args.imbalance, args.val_per_class,
-        args.cache_dir, args.head_val_per_class,
+        args.cache_dir, args.head_val_per_class, args.jpeg_second_dose,
     )  # fmt: skip
     if args.measure_steps:
         measure(args, train)
@@ -252,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": "linear warm-up (per step), then "
         + ("cosine, per step" if args.lr_schedule == "cosine" else "x0.1 / x0.01 at 80% / 90%"),
         "head_val_per_class": args.head_val_per_class,
+        "jpeg_second_dose": args.jpeg_second_dose,
         "augment": True,
         "eval_batch_size": 500,
         "head_classes": HEAD_CLASSES,
