@@ -114,7 +114,7 @@ def mislas_split(
     take theirs from the images the profile leaves unused). The default keeps the split
     every committed CIFAR start was trained on. ``jpeg_second_dose`` degrades every image
     (training, validation and test) once more with ``jpeg_cost.second_jpeg_dose``: twice
-    the copy's own JPEG loss, to bound what that loss costs (issue 23).
+    the copy's own JPEG loss, to estimate what that loss costs (issue 23).
     """
     full = load_cifar10(source, train=True, cache_dir=cache_dir)
     test = load_cifar10(source, train=False, cache_dir=cache_dir)

@@ -231,11 +231,11 @@ def test_start_factors_gap_table_subtracts_the_measured_parts_from_each_start():
     assert rows["| ours200-bf16-step-head4950"] == [
         "70.0 / 40.0", "+2.7 / +5.6", "–", "+0.5 / +0.8", "–", "+2.2 / +4.8", "–", "– |",
     ]  # fmt: skip
-    # the CIFAR second dose costs 2.0 / 3.0: the upper bound, subtracted in its own column
+    # the CIFAR second dose costs 2.0 / 3.0: the estimate, subtracted in its own column
     records[start_factors.JPEG_SECOND_DOSE_RUN] = {
         "test": {"mean_recall": 0.680, "min_recall": 0.370}
     }
-    assert start_factors.jpeg_upper_bound(records) == {
+    assert start_factors.jpeg_second_dose_cost(records) == {
         "mean_recall": pytest.approx(-0.02),
         "min_recall": pytest.approx(-0.03),
     }
@@ -246,7 +246,7 @@ def test_start_factors_gap_table_subtracts_the_measured_parts_from_each_start():
         "+2.0 / +3.0", "+2.2 / +4.8", "+0.7 / +2.6",
     ]  # fmt: skip
     del records["ours200-bf16-step-head4950"]
-    assert start_factors.jpeg_upper_bound(records) is None
+    assert start_factors.jpeg_second_dose_cost(records) is None
     lines = start_factors.gap_table(records, None)
     assert "| ours200-bf16-step-head4950 | not run | | | | | | | |" in lines
     # the range over the last 20 epochs
