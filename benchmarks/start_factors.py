@@ -324,7 +324,7 @@ def render(out: Path) -> str:
     fashion_doses = (
         (cost, "JPEG quality 75 instead of lossless images", "original -> JPEG 75",
          "; a lower bound for CIFAR-10's colour images"),
-        (jpeg_cost(2), "the second JPEG dose on top of quality 75 (quality 50)",
+        (jpeg_cost(2), "the second JPEG dose, at quality 50, on top of quality 75",
          "JPEG 75 -> second dose", "; the calibration of the CIFAR-10 second dose"),
     )  # fmt: skip
     for measured, what, pair_name, note in fashion_doses:
@@ -387,7 +387,7 @@ def gap_table(records: dict[str, dict[str, Any]], cost: dict[str, float] | None)
     def pair(values: dict[str, float]) -> str:
         return f"{_delta(values['mean_recall'])} / {_delta(values['min_recall'])}"
 
-    seeds = [records[name] for name in SEED_RUNS if name in records]
+    seeds = [records[name] for name in seed_runs_present(records)]
     rows: list[tuple[str, list[dict[str, Any]]]] = [
         (name, [records[name]] if name in records else [])
         for name in ("ours200-bf16-cos", "ours200-bf16-step-head4950")
@@ -426,10 +426,15 @@ def gap_table(records: dict[str, dict[str, Any]], cost: dict[str, float] | None)
     return lines + seed_table(records)
 
 
+def seed_runs_present(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The names of :data:`SEED_RUNS` that have a record, in seed order."""
+    return [name for name in SEED_RUNS if name in records]
+
+
 def seed_table(records: dict[str, dict[str, Any]]) -> list[str]:
     """The best start's recipe at each pre-training seed of :data:`SEED_RUNS`: how far one
     run's test figures move with the seed alone (split, initialisation, batches, mixup)."""
-    present = [name for name in SEED_RUNS if name in records]
+    present = seed_runs_present(records)
     if len(present) < 2:
         return []
     lines = [
