@@ -34,6 +34,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _paper import PAPER_TABLE3  # noqa: E402
+from jpeg_cost import dose_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "runs" / "start"
@@ -251,8 +252,7 @@ def jpeg_cost(dose: int = 1) -> dict[str, float] | None:
     by_seed: dict[int, dict[int, dict[str, Any]]] = {}
     for path in sorted(JPEG_RECORDS.glob("*.json")):
         record = json.loads(path.read_text())
-        doses = int(record.get("dose", int(bool(record["jpeg"]))))
-        by_seed.setdefault(record["seed"], {})[doses] = record
+        by_seed.setdefault(record["seed"], {})[dose_of(record)] = record
     pairs = [runs for runs in by_seed.values() if dose in runs and dose - 1 in runs]
     if not pairs:
         return None
