@@ -225,6 +225,25 @@ def dose_of(record: dict) -> int:
     return int(record.get("dose", int(bool(record["jpeg"]))))
 
 
+def dose_cost(records: list[dict], dose: int) -> dict[str, float] | None:
+    """Mean over seeds of a record's test recall after ``dose`` JPEG doses minus that after
+    ``dose - 1`` (``mean_recall``, ``min_recall``, ``tail3_recall``, and ``seeds``: how many
+    seeds have both); per seed, so that the split's own spread cancels. ``None`` when no
+    seed has both."""
+    by_seed: dict[int, dict[int, dict]] = {}
+    for record in records:
+        by_seed.setdefault(record["seed"], {})[dose_of(record)] = record
+    pairs = [runs for runs in by_seed.values() if dose in runs and dose - 1 in runs]
+    if not pairs:
+        return None
+    cost: dict[str, float] = {
+        key: statistics.fmean(runs[dose][key] - runs[dose - 1][key] for runs in pairs)
+        for key in ("mean_recall", "min_recall", "tail3_recall")
+    }
+    cost["seeds"] = len(pairs)
+    return cost
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -248,19 +267,10 @@ def main() -> None:
             rows.append(json.loads(path.read_text()))
             print(seed, variant, rows[-1]["mean_recall"], flush=True)
 
-    def values(dose: int, key: str) -> list[float]:
-        return [100 * r[key] for r in rows if dose_of(r) == dose]
-
     def cell(dose: int, key: str) -> str:
-        found = values(dose, key)
+        found = [100 * r[key] for r in rows if dose_of(r) == dose]
         spread = statistics.pstdev(found) if len(found) > 1 else 0.0
         return f"{statistics.fmean(found):.1f} ± {spread:.1f}"
-
-    def step(dose: int, key: str) -> str:
-        # per seed, so that the split's own spread cancels
-        by_seed = {(r["seed"], dose_of(r)): 100 * r[key] for r in rows}
-        changes = [by_seed[(seed, dose)] - by_seed[(seed, dose - 1)] for seed in args.seeds]
-        return f"{statistics.fmean(changes):+.1f}"
 
     images = load_fashion_mnist(DATA, train=False).images
     steps = [degraded(images, dose) for dose in range(3)]
@@ -287,9 +297,11 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for dose, name in ((1, "first: original -> JPEG 75"), (2, "second: JPEG 75 -> second dose")):
+        cost = dose_cost(rows, dose)
+        assert cost is not None  # every seed ran every dose above
         lines.append(
-            f"| {name} | {step(dose, 'mean_recall')} | {step(dose, 'min_recall')} | "
-            f"{step(dose, 'tail3_recall')} |"
+            f"| {name} | {100 * cost['mean_recall']:+.1f} | {100 * cost['min_recall']:+.1f} | "
+            f"{100 * cost['tail3_recall']:+.1f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -34,7 +34,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _paper import PAPER_TABLE3  # noqa: E402
-from jpeg_cost import dose_of  # noqa: E402
+from jpeg_cost import dose_cost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "runs" / "start"
@@ -249,19 +249,8 @@ def jpeg_cost(dose: int = 1) -> dict[str, float] | None:
     ``dose - 1``, from ``benchmarks/jpeg_cost.py``'s Fashion-MNIST-LT records (dose 1:
     original -> quality 75; dose 2: quality 75 -> its second dose); ``None`` when they are
     missing."""
-    by_seed: dict[int, dict[int, dict[str, Any]]] = {}
-    for path in sorted(JPEG_RECORDS.glob("*.json")):
-        record = json.loads(path.read_text())
-        by_seed.setdefault(record["seed"], {})[dose_of(record)] = record
-    pairs = [runs for runs in by_seed.values() if dose in runs and dose - 1 in runs]
-    if not pairs:
-        return None
-    cost = {
-        key: statistics.fmean(runs[dose][key] - runs[dose - 1][key] for runs in pairs)
-        for key in ("mean_recall", "min_recall", "tail3_recall")
-    }
-    cost["seeds"] = len(pairs)
-    return cost
+    records = [json.loads(path.read_text()) for path in sorted(JPEG_RECORDS.glob("*.json"))]
+    return dose_cost(records, dose)
 
 
 def _pct(value: float) -> str:
@@ -409,6 +398,8 @@ def gap_table(records: dict[str, dict[str, Any]], cost: dict[str, float] | None)
             pick_text = f"{pair(pick)} (epoch {epochs})"
             remainder = {key: remainder[key] - pick[key] for key in PAPER_START}
         jpeg_text, estimate_text, estimate_remainder = "–", "–", "–"
+        # each JPEG column is an alternative: the estimate's remainder is taken before the
+        # lower bound is subtracted
         if second_dose is not None:
             estimate_text = pair({key: -second_dose[key] for key in PAPER_START})
             estimate_remainder = pair(

@@ -181,7 +181,7 @@ def test_start_factors_jpeg_cost_of_the_second_dose_pairs_doses_one_and_two(tmp_
     assert second["min_recall"] == pytest.approx((-0.04 - 0.03) / 2)
 
 
-def test_second_jpeg_dose_loses_more_than_the_first_and_keeps_shape():
+def test_second_jpeg_dose_changes_pixels_blurs_chroma_and_keeps_shape():
     import torch
 
     import jpeg_cost
@@ -198,8 +198,7 @@ def test_second_jpeg_dose_loses_more_than_the_first_and_keeps_shape():
         assert twice.shape == once.shape and twice.dtype == torch.uint8
         assert jpeg_cost.rms_difference(once, twice) > 0.5
     # the colour dose blurs chroma: the red-green difference loses contrast
-    dosed = jpeg_cost.second_jpeg_dose(colour).double()
-    before, after = colour.double(), dosed
+    before, after = colour.double(), jpeg_cost.second_jpeg_dose(colour).double()
     assert (after[:, 0] - after[:, 1]).std() < 0.95 * (before[:, 0] - before[:, 1]).std()
     with pytest.raises(ValueError, match="`images` must be uint8"):
         jpeg_cost.second_jpeg_dose(colour.float())
