@@ -11,7 +11,7 @@ Compared in docs/RESULTS.md with the frozen backbone's test min recall (64.6, 3 
 (from a folder where the start's data path, ``../shared/data`` in its config.yaml, resolves,
 e.g. the main checkout, with absolute ``--start`` and ``--out``).
 
-Writes ``docs/results/runs/cifar_head_first_s<seed>.json`` (test metrics of the selected
+Writes ``benchmarks/records/cifar_head_first_s<seed>.json`` (test metrics of the selected
 and last models, the selected step) and ``..._s<seed>.jsonl`` (the validation trajectory:
 one record per feedback step).
 """
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--backbone-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="docs/results/runs")
+    parser.add_argument("--out", default="benchmarks/records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = load_start(args.start)

@@ -72,7 +72,7 @@ from selmix.evaluate import evaluate  # noqa: E402
 from selmix.finetune import HEAD_FIRST_STEPS  # noqa: E402
 
 START = "benchmarks/models/cifar10_lt_resnet32_mislas_s0"
-RECORDS = "docs/results/runs/table3"
+RECORDS = "benchmarks/records/table3"
 SUMMARY_MARK = "<!-- summary -->"
 OBJECTIVES = {
     "min_recall": "min recall",

@@ -46,7 +46,7 @@ from selmix.data.sources import load_fashion_mnist  # noqa: E402
 from selmix.evaluate import evaluate  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
-RUNS = Path("docs/results/runs/jpeg_cost")
+RUNS = Path("benchmarks/records/jpeg_cost")
 CIFAR_ARCHIVE = DATA.parent / "cifar10-jpeg.tar.gz"
 #: Pillow's name for each value of ``JpegImagePlugin.get_sampling``
 SAMPLING = {0: "4:4:4 (none)", 1: "4:2:2", 2: "4:2:0 (chroma at half width and height)"}

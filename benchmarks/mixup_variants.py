@@ -15,11 +15,11 @@ Why no head-first phase by default: with the library's default schedule (a phase
 cached features, which mixes features whatever ``mixup`` says, then the whole model) the
 best validation step of a short run fell in the head phase for every input-space mix with
 label i (a pilot on seed 0, ``--steps 400 --head-first-steps 200``, kept in
-``docs/results/runs/mixup_variants_pilot_head_first.json``), so the returned models did
+``benchmarks/records/mixup_variants_pilot_head_first.json``), so the returned models did
 not depend on the mix at all.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/mixup_variants.py \\
-        --json docs/results/runs/mixup_variants.json --out docs/results/mixup_variants.md
+        --json benchmarks/records/mixup_variants.json --out docs/results/mixup_variants.md
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--feedback-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default="docs/results/runs/mixup_variants.json")
+    parser.add_argument("--json", default="benchmarks/records/mixup_variants.json")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--table-only", action="store_true", help="only print the table")
     return parser.parse_args()
@@ -166,7 +166,7 @@ def table(args: argparse.Namespace) -> str:
         "",
         "Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/mixup_variants.py "
         "--out docs/results/mixup_variants.md` (runs in "
-        "`docs/results/runs/mixup_variants.json`).",
+        "`benchmarks/records/mixup_variants.json`).",
         "",
         "| policy | mixup | loss | seeds | test mean recall | test min recall | best steps | "
         "wall s / run | CPU s / run |",

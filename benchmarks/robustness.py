@@ -18,7 +18,7 @@ library preset and keyword overrides only; the fine-tuned cases run their backbo
     PYTHONPATH=src python benchmarks/robustness.py --preset defaults
     PYTHONPATH=src python benchmarks/robustness.py --preset paper --cases c10,tuned
 
-Writes ``docs/results/runs/robustness_<preset>.json`` and prints a markdown table;
+Writes ``benchmarks/records/robustness_<preset>.json`` and prints a markdown table;
 ``--compare A.json B.json`` prints two saved presets side by side.
 """
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="defaults", choices=sorted(PRESETS))
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="JSON output (default: docs/results/runs/)")
+    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/records/)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--compare", nargs=2, metavar="JSON", default=None,
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     if out is None:
         suffix = "" if not wanted else "_" + "_".join(wanted).replace("/", "-")
-        out = f"docs/results/runs/robustness_{args.preset}{suffix}.json"
+        out = f"benchmarks/records/robustness_{args.preset}{suffix}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {"preset": args.preset, "presets": PRESETS[args.preset], "command": command}

@@ -6,7 +6,7 @@ Every run pre-trains ResNet-32 on the same CIFAR-10-LT split of the CIFAR-10 JPE
 500-per-class validation split, class 0 at 4500, seed 0) for a shortened schedule, with one
 change per run against a base. The runs are the commands of :data:`RUNS` (``--commands``
 prints them); each writes its model folder, and ``--collect NAME FOLDER`` condenses a
-finished run into ``docs/results/runs/start/NAME.json``. ``--render OUT`` writes the
+finished run into ``benchmarks/records/start/NAME.json``. ``--render OUT`` writes the
 tables from those records.
 
 The reference run (``ref-*``) is MiSLAS's own ``train_stage1.py`` (github.com/dvlab-research/
@@ -37,12 +37,12 @@ from _paper import PAPER_TABLE3  # noqa: E402
 from jpeg_cost import dose_cost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ROOT / "docs" / "results" / "runs" / "start"
+RECORDS = ROOT / "benchmarks" / "records" / "start"
 EPOCHS = 40
 REFERENCE_COMMIT = "0fc381e333d8a11170851b7af2058c59840969e0"  # dvlab-research/MiSLAS
 TAIL = (7, 8, 9)  # the three rarest classes (232, 139, 83 ... 50 images)
 BEST_START = "benchmarks/models/cifar10_lt_resnet32_mislas_step_s0"
-JPEG_RECORDS = ROOT / "docs" / "results" / "runs" / "jpeg_cost"
+JPEG_RECORDS = ROOT / "benchmarks" / "records" / "jpeg_cost"
 #: the paper's MiSLAS stage-1 start, as fractions like our records
 PAPER_START = {
     key: float(PAPER_TABLE3["MiSLAS stage 1 (start)"][key]) / 100
@@ -270,7 +270,7 @@ def render(out: Path) -> str:
         f"class unless the run says otherwise), {EPOCHS} epochs unless the run says 200, input "
         "mixup alpha = 1, SGD 0.1, batch 128, weight decay 2e-4, one CPU thread per run unless "
         "its command says two. Test = the official 10,000 images; tail-3 = mean recall of the "
-        "three rarest classes. Records: `docs/results/runs/start/*.json`; commands: `python "
+        "three rarest classes. Records: `benchmarks/records/start/*.json`; commands: `python "
         "benchmarks/start_factors.py --commands`.",
         "",
         "| run | epochs | test mean recall | test min recall | test tail-3 | val mean recall | "

@@ -18,7 +18,7 @@ Cases (``--suite``):
 * ``robust``: the 14 cases of ``benchmarks/robustness.py`` (K = 10).
 * ``all``: both.
 
-Each run is one JSON record under ``docs/results/runs/versus/`` (case, method, variant,
+Each run is one JSON record under ``benchmarks/records/versus/`` (case, method, variant,
 seed); records that exist are reused, so the suite resumes after a kill and a second
 variant reruns only SelMix. Frozen-backbone methods share one feature extraction per
 start.
@@ -52,7 +52,7 @@ from selmix.baselines import run_baseline  # noqa: E402
 from selmix.evaluate import evaluate  # noqa: E402
 from selmix.metrics import all_metrics  # noqa: E402
 
-RUNS = Path("docs/results/runs/versus")
+RUNS = Path("benchmarks/records/versus")
 ALPHA = 0.95
 TUNED_BACKBONE_STEPS = 300  # as benchmarks/robustness.py
 TUNED_BATCH = 64
