@@ -29,6 +29,10 @@ from selmix import load_model, split_model
 from selmix.data import DataSplits, load_data
 from selmix.views import FrozenFeatures
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pretrain_cifar_mislas import mislas_split  # noqa: E402
+
 METRIC_COLUMNS = ("mean_recall", "min_recall", "g_mean", "h_mean", "min_coverage")
 METRIC_NAMES = {
     "mean_recall": "mean rec",
@@ -64,8 +68,6 @@ def load_start(
     if config.get("train_counts"):
         # the MiSLAS start: N_1 counted before the validation split, capped at the images
         # left (benchmarks/pretrain_cifar_mislas.py), which load_data refuses on purpose
-        from pretrain_cifar_mislas import mislas_split
-
         source = data or config["data"]
         train, val, test, counts = mislas_split(
             source.removeprefix("cifar10:"), config.get("seed", 0), config["max_per_class"],

@@ -1,6 +1,6 @@
-"""The paper's supervised CIFAR-10-LT rows (Table 3; MATH.md section 8), test %, mean of 3
-seeds: one copy for every benchmark that prints them beside ours. No torch import, so the
-light scripts (``start_factors.py``) can read them."""
+"""The paper's supervised CIFAR-10-LT rows (Table 3; docs/maths.md), test %, mean of 3
+seeds: one copy for every benchmark that prints them beside ours. No torch import, so a
+light script can read them."""
 
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ Usage (from the project root)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -49,8 +50,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 from selmix import create_model
 from selmix.checkpoint import save_model
@@ -102,6 +105,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: the second dose's JPEG quality: IJG tables scale as 200 - 2 * quality, so quality 50's
+#: quantisation steps are twice quality 75's
+SECOND_DOSE_QUALITY = 50
+
+
+def second_jpeg_dose(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W], C = 1 or 3 -> the images after a second, larger dose of the
+    copy's JPEG loss.
+
+    The CIFAR-10 copy was encoded at quality 75 with 4:2:0 chroma subsampling (colour at
+    half the width and height). The second dose doubles both losses: quantisation at quality
+    :data:`SECOND_DOSE_QUALITY` (twice the steps) and, for colour images, chroma at a
+    quarter of the width and height (box-filtered, then bilinearly enlarged before a 4:2:0
+    encoding). Grey images only get the quantisation.
+    """
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.dtype != torch.uint8:
+        raise ValueError(
+            f"`images` must be uint8 [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}"
+        )
+    out = torch.empty_like(images)
+    height, width = images.shape[2:]
+    for n, image in enumerate(images):
+        if image.shape[0] == 1:
+            picture = Image.fromarray(image[0].numpy(), mode="L")
+        else:
+            luma, blue, red = (
+                Image.fromarray(image.permute(1, 2, 0).numpy(), mode="RGB").convert("YCbCr").split()
+            )
+            small = (max(width // 4, 1), max(height // 4, 1))
+            blue, red = (
+                channel.resize(small, Image.BOX).resize((width, height), Image.BILINEAR)
+                for channel in (blue, red)
+            )
+            picture = Image.merge("YCbCr", (luma, blue, red)).convert("RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=SECOND_DOSE_QUALITY, subsampling=2)
+        buffer.seek(0)
+        decoded = np.asarray(Image.open(buffer).convert(picture.mode))
+        out[n] = torch.from_numpy(
+            decoded[None].copy() if decoded.ndim == 2 else decoded.transpose(2, 0, 1).copy()
+        )
+    return out
+
+
 def mislas_split(
     source: str, seed: int, max_per_class: int, imbalance: float, val_per_class: int,
     cache_dir: str | None = None, head_val_per_class: int | None = None,
@@ -113,14 +160,12 @@ def mislas_split(
     only class whose validation images come out of its long-tail count (the rarer classes
     take theirs from the images the profile leaves unused). The default keeps the split
     every committed CIFAR start was trained on. ``jpeg_second_dose`` degrades every image
-    (training, validation and test) once more with ``jpeg_cost.second_jpeg_dose``: twice
+    (training, validation and test) once more with :func:`second_jpeg_dose`: twice
     the copy's own JPEG loss, to estimate what that loss costs (issue 23).
     """
     full = load_cifar10(source, train=True, cache_dir=cache_dir)
     test = load_cifar10(source, train=False, cache_dir=cache_dir)
     if jpeg_second_dose:
-        from jpeg_cost import second_jpeg_dose
-
         full.images, test.images = second_jpeg_dose(full.images), second_jpeg_dose(test.images)
     wanted = long_tail_counts(max_per_class, full.num_classes, imbalance)
     generator = torch.Generator().manual_seed(seed)

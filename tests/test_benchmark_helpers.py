@@ -129,131 +129,6 @@ def test_table3_render_shares_objective_independent_runs_and_writes_the_summary(
     assert "<!-- summary -->" not in out.read_text()
 
 
-# -- benchmarks/start_factors.py: the JPEG cost and the gap to the paper's start ------------
-
-
-def test_start_factors_jpeg_cost_pairs_seeds_and_skips_an_unpaired_one(tmp_path, monkeypatch):
-    import json
-
-    import start_factors
-
-    def write(seed, jpeg, mean, low, tail):
-        record = {"seed": seed, "jpeg": jpeg, "mean_recall": mean, "min_recall": low,
-                  "tail3_recall": tail}  # fmt: skip
-        (tmp_path / f"s{seed}_{jpeg}.json").write_text(json.dumps(record))
-
-    monkeypatch.setattr(start_factors, "JPEG_RECORDS", tmp_path)
-    assert start_factors.jpeg_cost() is None
-    write(0, False, 0.70, 0.10, 0.50)
-    write(0, True, 0.68, 0.06, 0.47)
-    write(1, False, 0.72, 0.12, 0.52)
-    write(1, True, 0.71, 0.12, 0.50)
-    write(2, True, 0.10, 0.00, 0.00)  # its original run is missing: not a pair
-    cost = start_factors.jpeg_cost()
-    assert cost["seeds"] == 2
-    assert cost["mean_recall"] == pytest.approx(-0.015)
-    assert cost["min_recall"] == pytest.approx(-0.02)
-    assert cost["tail3_recall"] == pytest.approx(-0.025)
-
-
-def test_start_factors_jpeg_cost_of_the_second_dose_pairs_doses_one_and_two(tmp_path, monkeypatch):
-    import json
-
-    import start_factors
-
-    def write(seed, dose, mean):
-        record = {"seed": seed, "jpeg": dose > 0, "mean_recall": mean, "min_recall": mean / 2,
-                  "tail3_recall": mean / 4}  # fmt: skip
-        if dose == 2:  # records from before the second dose carry only `jpeg`
-            record["dose"] = 2
-        (tmp_path / f"s{seed}_{dose}.json").write_text(json.dumps(record))
-
-    monkeypatch.setattr(start_factors, "JPEG_RECORDS", tmp_path)
-    for seed, means in ((0, (0.70, 0.68, 0.60)), (1, (0.72, 0.71, 0.65))):
-        for dose, mean in enumerate(means):
-            write(seed, dose, mean)
-    write(2, 1, 0.5)  # no dose-2 record: counts for the first dose only
-    write(2, 0, 0.5)
-    first, second = start_factors.jpeg_cost(1), start_factors.jpeg_cost(2)
-    assert first["seeds"] == 3 and second["seeds"] == 2
-    assert first["mean_recall"] == pytest.approx((-0.02 - 0.01 + 0.0) / 3)
-    assert second["mean_recall"] == pytest.approx((-0.08 - 0.06) / 2)
-    assert second["min_recall"] == pytest.approx((-0.04 - 0.03) / 2)
-
-
-def test_second_jpeg_dose_changes_pixels_blurs_chroma_and_keeps_shape():
-    import torch
-
-    import jpeg_cost
-
-    generator = torch.Generator().manual_seed(0)
-    # smooth images (JPEG's case), grey and colour
-    base = torch.rand(6, 3, 4, 4, generator=generator)
-    smooth = torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear")
-    colour = (smooth * 255).round().to(torch.uint8)
-    grey = colour[:, :1].contiguous()
-    for images in (grey, colour):
-        once = jpeg_cost.jpeg(images) if images.shape[1] == 1 else images
-        twice = jpeg_cost.second_jpeg_dose(once)
-        assert twice.shape == once.shape and twice.dtype == torch.uint8
-        assert jpeg_cost.rms_difference(once, twice) > 0.5
-    # the colour dose blurs chroma: the red-green difference loses contrast
-    before, after = colour.double(), jpeg_cost.second_jpeg_dose(colour).double()
-    assert (after[:, 0] - after[:, 1]).std() < 0.95 * (before[:, 0] - before[:, 1]).std()
-    with pytest.raises(ValueError, match="`images` must be uint8"):
-        jpeg_cost.second_jpeg_dose(colour.float())
-    assert jpeg_cost.dose_of({"jpeg": True}) == 1
-    assert jpeg_cost.dose_of({"jpeg": False}) == 0
-    assert jpeg_cost.dose_of({"jpeg": True, "dose": 2}) == 2
-
-
-def test_start_factors_gap_table_subtracts_the_measured_parts_from_each_start():
-    import start_factors
-
-    curves = {
-        "val_mean_recall_per_epoch": [0.50, 0.70, 0.60, 0.65],
-        "val_min_recall_per_epoch": [0.10, 0.30, 0.40, 0.20],
-    }
-    records = {
-        "ours200-bf16-cos": {"test": {"mean_recall": 0.655, "min_recall": 0.328}, **curves},
-        "ours200-bf16-step-head4950": {"test": {"mean_recall": 0.700, "min_recall": 0.400}},
-    }
-    cost = {"mean_recall": -0.005, "min_recall": -0.008, "tail3_recall": 0.0, "seeds": 3}
-    lines = start_factors.gap_table(records, cost)
-    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in lines if line.startswith("| ")}
-    # gap 7.2 / 12.8; best epoch 2: +5.0 / +10.0; JPEG +0.5 / +0.8; left 1.7 / 2.0
-    assert rows["| ours200-bf16-cos"] == [
-        "65.5 / 32.8", "+7.2 / +12.8", "+5.0 / +10.0 (epoch 2)", "+0.5 / +0.8", "–",
-        "+1.7 / +2.0", "–", "– |",
-    ]  # fmt: skip
-    # no per-epoch curves: only the JPEG part is subtracted
-    assert rows["| ours200-bf16-step-head4950"] == [
-        "70.0 / 40.0", "+2.7 / +5.6", "–", "+0.5 / +0.8", "–", "+2.2 / +4.8", "–", "– |",
-    ]  # fmt: skip
-    # the CIFAR second dose costs 2.0 / 3.0: the estimate, subtracted in its own column
-    records[start_factors.JPEG_SECOND_DOSE_RUN] = {
-        "test": {"mean_recall": 0.680, "min_recall": 0.370}
-    }
-    assert start_factors.jpeg_second_dose_cost(records) == {
-        "mean_recall": pytest.approx(-0.02),
-        "min_recall": pytest.approx(-0.03),
-    }
-    lines = start_factors.gap_table(records, cost)
-    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in lines if line.startswith("| ")}
-    assert rows["| ours200-bf16-cos"][4:7] == ["+2.0 / +3.0", "+1.7 / +2.0", "+0.2 / -0.2"]
-    assert rows["| ours200-bf16-step-head4950"][4:7] == [
-        "+2.0 / +3.0", "+2.2 / +4.8", "+0.7 / +2.6",
-    ]  # fmt: skip
-    del records["ours200-bf16-step-head4950"]
-    assert start_factors.jpeg_second_dose_cost(records) is None
-    lines = start_factors.gap_table(records, None)
-    assert "| ours200-bf16-step-head4950 | not run | | | | | | | |" in lines
-    # the range over the last 20 epochs
-    record = {"val_mean_recall_per_epoch": [0.1] * 5 + [0.60, 0.64] * 10,
-              "val_min_recall_per_epoch": [0.0] * 5 + [0.20, 0.35] * 10}  # fmt: skip
-    assert start_factors.last_epochs_range(record) == "4.0 / 15.0"
-
-
 def test_table3_describes_the_start_split_from_its_config(tmp_path):
     import yaml
 
@@ -271,65 +146,27 @@ def test_table3_describes_the_start_split_from_its_config(tmp_path):
     assert "before 500 validation images per class" in cifar_table3.describe_split(str(tmp_path))
 
 
-def test_start_factors_best_epoch_gain_is_measured_at_the_best_mean_recall_epoch():
-    import start_factors
-
-    record = {
-        "val_mean_recall_per_epoch": [0.50, 0.70, 0.60, 0.65],
-        "val_min_recall_per_epoch": [0.10, 0.30, 0.40, 0.20],
-    }
-    gain = start_factors.best_epoch_gain(record)
-    assert gain["epoch"] == 2
-    assert gain["mean_recall"] == pytest.approx(0.05)
-    assert gain["min_recall"] == pytest.approx(0.10)  # at epoch 2, not the min curve's best
-    assert start_factors.best_epoch_gain({"val_mean_recall_per_epoch": [0.5]}) is None
+# -- benchmarks/pretrain_cifar_mislas.py: the second JPEG dose ------------------------------
 
 
-def test_start_factors_seed_mean_row_and_seed_table_average_the_seeds():
-    import start_factors
+def test_second_jpeg_dose_changes_pixels_blurs_chroma_and_keeps_shape():
+    import torch
 
-    def record(mean: float, minimum: float, seed: int) -> dict:
-        recall = [0.9] * 7 + [minimum, 0.5, 0.6]
-        return {
-            "seed": seed,
-            "test": {"mean_recall": mean, "min_recall": minimum, "tail3_recall": 0.5,
-                     "per_class_recall": recall},
-            "val": {"mean_recall": mean, "min_recall": minimum},
-            "val_mean_recall_per_epoch": [mean - 0.01, mean],
-            "val_min_recall_per_epoch": [minimum + 0.02, minimum],
-        }  # fmt: skip
+    from pretrain_cifar_mislas import second_jpeg_dose
 
-    seeds = (record(0.66, 0.30, 0), record(0.68, 0.36, 1), record(0.64, 0.33, 2))
-    records = dict(zip(start_factors.SEED_RUNS, seeds, strict=True))
-    lines = start_factors.gap_table(records, None)
-    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in lines if line.startswith("| ")}
-    # mean of the seeds 66.0 / 33.0 against the paper's 72.7 / 45.6; each seed's last epoch
-    # is its best by mean recall, so the pick gains nothing
-    assert rows["| step, class 0 at 4950: mean of 3 seeds"][:4] == [
-        "66.0 / 33.0", "+6.7 / +12.6", "+0.0 / +0.0 (epoch 2, 2, 2)", "–",
-    ]  # fmt: skip
-    assert "| ours200-bf16-cos | not run | | | | | | | |" in lines
-    seed_rows = [line for line in lines if line.startswith("| ours200-bf16-step-head4950-s")]
-    assert [row.split(" | ")[1] for row in seed_rows] == ["1", "2"]
-    assert "| 7 |" in seed_rows[0]  # the worst class is the one at min recall
-    assert "| mean ± sd over seeds | | 66.0 ± 2.0 | 33.0 ± 3.0 | 50.0 ± 0.0 | | | |" in lines
-    # one seed alone: no mean row and no seed table
-    one = {start_factors.SEED_RUNS[0]: records[start_factors.SEED_RUNS[0]]}
-    assert not any(line.startswith(("| step, class 0", "| mean ± sd"))
-                   for line in start_factors.gap_table(one, None))  # fmt: skip
-
-
-def test_jpeg_cost_names_the_quality_of_standard_tables():
-    import io
-
-    from PIL import Image
-
-    import jpeg_cost
-
-    for quality in (60, 75):
-        buffer = io.BytesIO()
-        Image.new("RGB", (32, 32), (200, 40, 90)).save(buffer, format="JPEG", quality=quality)
-        image = Image.open(buffer)
-        assert jpeg_cost._standard_quality(image) == quality
-        luma, chroma = jpeg_cost._table_means(image)
-        assert chroma > luma  # the standard chroma table is coarser
+    generator = torch.Generator().manual_seed(0)
+    # smooth images (JPEG's case), grey and colour
+    base = torch.rand(6, 3, 4, 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear")
+    colour = (smooth * 255).round().to(torch.uint8)
+    grey = colour[:, :1].contiguous()
+    for images in (grey, colour):
+        twice = second_jpeg_dose(images)
+        assert twice.shape == images.shape and twice.dtype == torch.uint8
+        rms = (twice.double() - images.double()).pow(2).mean().sqrt()
+        assert rms > 0.5
+    # the colour dose blurs chroma: the red-green difference loses contrast
+    before, after = colour.double(), second_jpeg_dose(colour).double()
+    assert (after[:, 0] - after[:, 1]).std() < 0.95 * (before[:, 0] - before[:, 1]).std()
+    with pytest.raises(ValueError, match="`images` must be uint8"):
+        second_jpeg_dose(colour.float())
