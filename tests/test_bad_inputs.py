@@ -46,6 +46,16 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file under ``folder`` (subfolders included), by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The data, a pre-trained model, a good finetune run and the bad files the cases use."""
@@ -126,8 +136,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # name -> (arguments after `finetune <data> --checkpoint <model> --out {out}`, or a full
 #          argv starting with a command; the text the error line must contain)
 # {tree} {model} {files} {out} are filled in.
+# --overwrite: each case runs into a folder holding a run, which it may replace at its end
 FT = ["finetune", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--device", "cpu",
-      "--checkpoint", "{model}", "--out", "{out}", "--steps", "4", "--batch-size", "8"]  # fmt: skip
+      "--checkpoint", "{model}", "--out", "{out}", "--steps", "4", "--batch-size", "8",
+      "--overwrite"]  # fmt: skip
 # a resume of the good run, which differs from FT in feedback_every
 RESUME = [*FT, "--resume", "{out}/finetune_state.pt", "--set", "feedback_every=2"]
 CASES: dict[str, tuple[list[str], str]] = {
@@ -251,7 +263,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
 ) -> None:
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
-    before = _snapshot(out)
+    before = _tree_digest(out)
     argv, expected = CASES[case]
     capsys.readouterr()
     quiet = [] if any(item.startswith("progress=") for item in argv) else QUIET
@@ -264,7 +276,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     assert len(lines) == 1, captured.err
     assert "error" in lines[0] and expected in lines[0], lines[0]
     assert "weights_only" not in lines[0] and "allow_pickle" not in lines[0]
-    assert _snapshot(out) == before, "the failed run changed the previous run's files"
+    assert _tree_digest(out) == before, "the failed run changed the previous run's files"
 
 
 def test_there_are_at_least_30_cases() -> None:
@@ -359,10 +371,15 @@ def test_a_real_interrupted_run_resumes_with_the_log_of_one_run(
 
     monkeypatch.setattr(Trainer, "feedback", killed_after_step_4)
     assert main(_finetune_argv(world, out, *args)) == 130
-    assert _log_steps(out / "log.jsonl") == [0, 2, 4]
-    assert load_checkpoint(out / "finetune_state.pt")["step"] == 3
+    # the interrupted run lives in the staging folder until it ends
+    staging = tmp_path / "run.partial"
+    assert not out.exists()
+    assert _log_steps(staging / "log.jsonl") == [0, 2, 4]
+    assert load_checkpoint(staging / "finetune_state.pt")["step"] == 3
     monkeypatch.setattr(Trainer, "feedback", original)
-    assert main(_finetune_argv(world, out, *args, "--resume", str(out / "finetune_state.pt"))) == 0
+    resume = ["--resume", str(staging / "finetune_state.pt")]
+    assert main(_finetune_argv(world, out, *args, *resume)) == 0
+    assert not staging.exists()
     assert _log_steps(out / "log.jsonl") == [0, 2, 4]
 
     def untimed(path: Path) -> list[dict]:
@@ -389,12 +406,14 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(
     monkeypatch.setattr(finetune_module, "finetune", interrupted_after_a_checkpoint)
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
+    before = _tree_digest(out)
     status = main(_finetune_argv(world, out, "--set", "checkpoint_every=2"))
     err = capsys.readouterr().err
     assert status == 130
+    assert _tree_digest(out) == before, "the interrupted run changed the earlier run"
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    state = str(out / "finetune_state.pt")
+    state = str(tmp_path / "run.partial" / "finetune_state.pt")
     assert f"the checkpoint is '{state}'" in lines[0]
     assert "to continue: selmix finetune " in lines[0] and lines[0].endswith(f"--resume {state}")
 
@@ -405,7 +424,8 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The previous run's checkpoint in --out is not this run's: it is never named."""
+    """The previous run's checkpoint in --out is not this run's: it is never named, and
+    the earlier run stays as it was (no staging folder is left: nothing to resume)."""
     finetune_module = importlib.import_module("selmix.finetune")
 
     def interrupted(*args: object, **kwargs: object) -> None:
@@ -414,11 +434,13 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     monkeypatch.setattr(finetune_module, "finetune", interrupted)
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
+    before = _tree_digest(out)
     assert main(_finetune_argv(world, out, "--set", "checkpoint_every=2")) == 130
     err = capsys.readouterr().err
     assert "nothing to resume from" in err and "every 2 steps" in err, err
-    assert not (out / "finetune_state.pt").exists()  # the previous run's files are gone
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert str(out / "finetune_state.pt") not in err
+    assert _tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize("tty", [False, True])
@@ -672,21 +694,26 @@ def test_a_batch_size_beyond_memory_is_one_line_naming_batch_size(
 def test_a_run_failing_mid_training_leaves_its_own_files_only(
     world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """The previous run's model and metrics are gone before the new run trains, so the
-    folder never mixes two runs; a named checkpoint is this run's, with finite weights."""
+    """The previous run stays in --out as it was; the failed run's files (its config and
+    a named checkpoint, with finite weights) are in the staging folder beside it."""
     import re
 
     import yaml
 
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
+    before = _tree_digest(out)
     argv = _finetune_argv(world, out, "--lr-head", "1e30", "--set", "lr_backbone=1e30",
                           "--checkpoint-every", "1", "--steps", "20")  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err
-    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
-    assert yaml.safe_load((out / "config.yaml").read_text())["lr_head"] == 1e30
+    assert _tree_digest(out) == before
+    staging = tmp_path / "run.partial"
+    if (staging / "finetune_state.pt").is_file():
+        assert yaml.safe_load((staging / "config.yaml").read_text())["lr_head"] == 1e30
+    else:
+        assert not staging.exists()
     named = re.search(r"checkpoint with finite weights is '([^']+)' \(step (\d+)\)", err)
     if named:
         state = load_checkpoint(named.group(1))

@@ -17,25 +17,26 @@ from selmix.cli.options import (
     _data_options,
     _start_model_options,
 )
+from selmix.cli.outcome import _note_preprocessing
 from selmix.cli.run import (
     _ARGV,
-    _check_out,
+    _flag,
     _Interrupted,
     _load_data,
     _load_start_model,
     _model_meta,
     _note_resolved,
     _num_classes,
-    _out_dir,
-    _start_run,
     _write_json,
     _write_yaml,
 )
+from selmix.cli.staging import Staging, check_out
 
 
 def _finetune_options() -> list[Option]:
     from selmix.export import EXPORT_FORMATS
     from selmix.finetune import FinetuneConfig
+    from selmix.preprocessing import PREPROCESSING_CHOICES
 
     return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model to start from: model.pt of `selmix pretrain`, a "
@@ -48,7 +49,16 @@ def _finetune_options() -> list[Option]:
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
-               "the same settings, data and starting checkpoint", metavar="FILE"),
+               "the same settings, data and starting checkpoint (an interrupted run's is in "
+               "OUT.partial/)", metavar="FILE"),
+        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
+               "until then the earlier run stays as it was)"),
+        Option("preprocessing", "auto", "input size and normalisation: 'model' (the starting "
+               "model's: a timm config.json with pretrained_cfg beside the weights, a Hugging "
+               "Face preprocessor_config.json, torchvision weights by their download name, "
+               "else timm's or torchvision's defaults for --model), 'data' (the training "
+               "images' mean and std), 'auto' (the model's when its files record it, else "
+               "the data's)", choices=PREPROCESSING_CHOICES, metavar="auto|model|data"),
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
@@ -98,7 +108,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     from selmix.checkpoint import load_checkpoint, save_model
     from selmix.collective import SingleProcess, evaluate_across
     from selmix.distributed import init_from_env
-    from selmix.export import check_export_formats, export_model
+    from selmix.export import check_export_formats
     from selmix.finetune import (
         FinetuneConfig,
         check_resume,
@@ -107,6 +117,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         resolve_objective,
     )
     from selmix.objectives import get_objective
+    from selmix.preprocessing import resolve_preprocessing
     from selmix.report import format_metrics_table
 
     # fail fast, before any data is read: every setting, the objective, the files
@@ -117,9 +128,17 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     export = check_export_formats(settings["export"], start_kind)
     if settings["resume"] is not None and not Path(settings["resume"]).is_file():
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
-    _check_out(settings)
+    # every file of the run goes to a staging folder, moved into --out when it ends
+    check_out(settings["out"], overwrite=_flag(settings, "overwrite"),
+              resume=settings["resume"], keep=[settings["checkpoint"]])  # fmt: skip
 
-    splits = _load_data(settings)
+    preprocessing = resolve_preprocessing(
+        settings["preprocessing"], settings["checkpoint"], settings.get("model"),
+        settings.get("image_size"),
+    )  # fmt: skip
+    splits = _load_data(settings, preprocessing)
+    if os.environ.get("RANK", "0") == "0":
+        print(preprocessing.describe())
     # checked here, before --out is touched, as the library will check them again
     check_labels("train", splits.train.labels, _num_classes(splits))
     check_labels("val", splits.val.labels, _num_classes(splits), every_class=True)
@@ -128,6 +147,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
     identity = _run_identity(settings, splits)
+    if preprocessing.from_model:  # a resumed run must normalise as the run it continues
+        identity["preprocessing"] = preprocessing.to_dict()
     unlabelled = getattr(splits, "unlabelled", None)
     resume_state = None
     if settings["resume"] is not None:
@@ -138,15 +159,20 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             data=data_fingerprint(splits.train, splits.val, unlabelled), identity=identity,
             path=settings["resume"],
         )  # fmt: skip
-        out = _out_dir(settings)
-    else:
-        out = _start_run(settings, keep=[settings["checkpoint"]])
-    state_path = out / "finetune_state.pt"
-    config = config.replace(log_path=str(out / "log.jsonl"), checkpoint_path=str(state_path))
+    staging = Staging(settings["out"], keep=[settings["checkpoint"]],
+                      write=os.environ.get("RANK", "0") == "0")  # fmt: skip
+    # a resumed run extends the log of the run it continues
+    work = staging.open(settings["resume"], carry=["log.jsonl"])
+    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    if settings["resume"] is None and staging.write:
+        _write_yaml(work / "config.yaml", saved_settings)
+    state_path = work / "finetune_state.pt"
+    config = config.replace(log_path=str(work / "log.jsonl"), checkpoint_path=str(state_path))
 
     # under torchrun every process runs this; rank 0 alone writes files and prints
     context = init_from_env(settings["device"])
     collective = context or SingleProcess()
+    export_failure = None
     try:
         collective.local_batch_size(config.batch_size)  # fail fast on an uneven split
         device = collective.process_device(config.device)
@@ -164,7 +190,9 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
                 resume=settings["resume"], distributed=context, identity=identity,
             )  # fmt: skip
         except KeyboardInterrupt:
-            raise _Interrupted(_resume_hint(settings, state_path)) from None
+            hint = _resume_hint(settings, state_path)
+            staging.abandon(state_path.name)
+            raise _Interrupted(hint) from None
         after = test_metrics(result.model)
         metrics = {
             "before": before,
@@ -179,15 +207,23 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             metrics[which] = after if same else test_metrics(result.model_at(which))
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
-            save_model(out / "model.pt", result.model, meta)
-            exported = export_model(result.model, out, export, source) if export else []
-            _write_json(out / "metrics.json", metrics)
+            meta["preprocessing"] = preprocessing.to_dict()
+            save_model(work / "model.pt", result.model, meta)
+            _write_json(work / "metrics.json", metrics)
             # wall time of training and feedback per phase, and what `auto` resolved to
-            _write_json(out / "timings.json", {**result.timings, "hardware": result.hardware})
-            _write_yaml(out / "config.yaml", settings)
-            _note_resolved(out / "config.yaml", result.config)
+            _write_json(work / "timings.json", {**result.timings, "hardware": result.hardware})
+            _write_yaml(work / "config.yaml", saved_settings)
+            _note_resolved(work / "config.yaml", result.config)
+            _note_preprocessing(work / "config.yaml", preprocessing)
+            exported, export_failure = _export(result.model, work, export, source, staging)
+            out = staging.commit()
+            exported = [out / path.name for path in exported]
         # all ranks leave together: gloo aborts a process whose peer hung up first
         collective.barrier()
+    except BaseException:
+        # keeps an interrupted or failed run's checkpoint (to resume from), else nothing
+        staging.abandon(state_path.name)
+        raise
     finally:
         if context is not None:
             context.destroy()
@@ -203,7 +239,31 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     print(f"wrote {written}, {out / 'config.yaml'}")
     if exported:
         print("exported " + ", ".join(str(path) for path in exported))
+    if export_failure is not None:
+        # exit 2: the run is complete, the export is what the user must fix and redo
+        raise UsageError(
+            f"the run finished and is in {str(out)!r} (model.pt, metrics.json), but "
+            f"`export` failed, so none was written: {export_failure}"
+        )
     return 0
+
+
+def _export(
+    model: Any, work: Path, formats: list[str], source: Any, staging: Staging
+) -> tuple[list[Path], str | None]:
+    """Exports ``model`` into the staging folder; a failed export is dropped (the finished
+    run is kept without it) and returned as one line."""
+    from selmix.cli.app import _one_line
+    from selmix.export import EXPORT_FILES, export_model
+
+    if not formats:
+        return [], None
+    try:
+        return export_model(model, work, formats, source), None
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as error:
+        names = [EXPORT_FILES[name] for name in formats]
+        staging.drop([*names, *(name + ".partial" for name in names)])
+        return [], f"{', '.join(formats)}: {_one_line(error)}"
 
 
 def _resume_hint(settings: dict[str, Any], state_path: Path) -> str:
