@@ -398,3 +398,26 @@ def test_finetune_under_torchrun_two_processes(
     _check_metrics(metrics["before"])
     _check_metrics(metrics["after"])
     assert _log_steps(out / "log.jsonl") == [0, 3, 6]
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet10t"])
+def test_pretrain_takes_the_model_names_finetune_takes(
+    name: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip(name.split(":")[0])
+    argv = ["pretrain", "--data", f"imagefolder:{tree}", "--val-per-class", "4", "--model",
+            name, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "16", *QUIET]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_pretrain_refuses_an_unknown_model_naming_every_kind(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["pretrain", "--data", f"imagefolder:{tree}", "--model", "resnet9000", "--out",
+            str(tmp_path / "run"), *QUIET]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet9000" in err[0]
+    assert "'timm:NAME'" in err[0] and "'torchvision:NAME'" in err[0]
+    assert not (tmp_path / "run").exists()

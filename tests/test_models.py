@@ -489,3 +489,21 @@ def test_external_models_without_their_package_name_the_extra(monkeypatch, name,
     monkeypatch.setitem(sys.modules, package, None)
     with pytest.raises(ImportError, match=rf"pip install 'selmix\[{package}\]'"):
         create_model(name, 3)
+
+
+@pytest.mark.parametrize(
+    "name, parts",
+    [("resnet32", (None, None)), ("timm:resnet18", ("resnet18", None)),
+     ("torchvision:resnet50", (None, "resnet50"))],
+)  # fmt: skip
+def test_check_model_name_splits_the_prefixes_without_building(name, parts):
+    assert registry_module.check_model_name(name) == parts
+
+
+@pytest.mark.parametrize("name", ["resnet9000", "timm:", "torchvision:"])
+def test_check_model_name_refuses_what_create_model_refuses(name):
+    with pytest.raises(ValueError) as checked:
+        registry_module.check_model_name(name)
+    with pytest.raises(ValueError) as created:
+        create_model(name, 10)
+    assert str(checked.value) == str(created.value)

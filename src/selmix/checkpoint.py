@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from selmix._io import atomic_write_bytes, atomic_write_text, write_json, write_yaml
+from selmix.devices import to_host
 
 __all__ = [
     "atomic_write_bytes",
@@ -155,7 +156,7 @@ def save_model(
     state = {
         "format": "selmix-model-v1",
         "spec": dict(spec) if spec else None,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": to_host(model.state_dict()),
         "meta": dict(meta or {}),
     }
     return save_checkpoint(path, state)

@@ -122,13 +122,13 @@ def shrinkage_prior(counts: torch.Tensor) -> torch.Tensor:
     recall = rates.diagonal().mean()
     errors = rates - torch.diag(rates.diagonal())
     absorbed = errors.sum(0)  # Tensor[K]: error mass that lands on each predicted class
-    off_diagonal = 1.0 - torch.eye(k, dtype=torch.float64)
+    off_diagonal = 1.0 - torch.eye(k, dtype=torch.float64, device=counts.device)
     others = absorbed[None, :] * off_diagonal  # row k: the classes other than k
     totals_others = others.sum(1, keepdim=True)
     uniform = off_diagonal / (k - 1)
     share = torch.where(totals_others > 0, others / totals_others.clamp(min=1e-300), uniform)
     prior = (1 - recall) * (0.5 * share + 0.5 * uniform)
-    prior += torch.diag(torch.full((k,), float(recall), dtype=torch.float64))
+    prior += torch.diag(torch.full((k,), float(recall), dtype=torch.float64, device=counts.device))
     return prior
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix.devices import to_host
 from selmix.metrics import all_metrics, confusion_counts
 from selmix.precision import autocast, evaluation_mode
 
@@ -110,11 +111,13 @@ class Evaluation:
     ) -> Evaluation:
         """The evaluation of the totals :func:`summarize` returns (summed over batches and,
         under ``torch.distributed``, over ranks); the soft counts may be None (a
-        frozen-features evaluation without them)."""
-        counts, feature_sums, class_counts, soft_counts = sums
+        frozen-features evaluation without them). The sums may lie on any device (each
+        on its own); the evaluation is on the CPU (:mod:`selmix.devices`)."""
+        # the result boundary (selmix.devices): the totals leave the device together,
+        # whichever device each sum was made on, and the class means are taken on the host
+        counts, feature_sums, class_counts, soft_counts = to_host(tuple(sums))
         prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
-        soft_counts = None if soft_counts is None else soft_counts.cpu()
-        return cls(counts.cpu(), prototypes.float().cpu(), class_counts.cpu(), soft_counts)
+        return cls(counts, prototypes.float(), class_counts, soft_counts)
 
     @property
     def confusion(self) -> torch.Tensor:

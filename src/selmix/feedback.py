@@ -42,6 +42,7 @@ from selmix._validation import (
     check_int,
     check_positive,
 )
+from selmix.devices import to_host
 from selmix.estimates import SHRINKAGE, pools_classes, shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.gain import gain_matrix
@@ -113,13 +114,13 @@ def feedback_step(
         value = float(objective(estimate))
     prototypes = evaluation.prototypes.to(head.weight.device)
     soft = evaluation.soft_counts if settings.soft_confusion else None
-    gain = gain_matrix(
-        objective, estimate, prototypes, head, settings.mix, soft_confusion=soft
-    ).cpu()
+    gain = gain_matrix(objective, estimate, prototypes, head, settings.mix, soft_confusion=soft)
     distribution = mixup_distribution(
         gain, settings.gain_scale, settings.policy, settings.normalize_gain,
         uniform_mix=settings.uniform_mix,
-    ).cpu()  # fmt: skip
+    )  # fmt: skip
+    # the host-side pair sampler and the logs take them (selmix.devices)
+    gain, distribution = to_host((gain, distribution))
     return FeedbackResult(estimate, pool, value, gain, distribution)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from selmix.devices import to_host
+
 __all__ = ["TensorBoardLogger", "gain_image"]
 
 # Record fields logged as they are, under the same name.
@@ -47,7 +49,7 @@ def gain_image(gain: torch.Tensor) -> torch.Tensor:
     Returns:
         float32 Tensor[3, K s, K s] in [0, 1].
     """
-    gain = torch.as_tensor(gain).detach().double().cpu()
+    gain = to_host(torch.as_tensor(gain)).double()
     if gain.dim() != 2 or gain.shape[0] != gain.shape[1]:
         raise ValueError(f"`gain` must be a square Tensor[K, K], got shape {tuple(gain.shape)}")
     scale = gain.abs().max()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from selmix._validation import check_all_classes_present, check_confusion, check_int
+from selmix.devices import to_host
 
 __all__ = [
     "accuracy",
@@ -279,7 +280,7 @@ class MetricTracker:
         """Adds a batch of predictions (Tensor[N]) and labels (Tensor[N])."""
         # confusion_matrix validates the batch, then counts with confusion_counts
         self.counts += confusion_matrix(
-            labels.detach().cpu(), preds.detach().cpu(), self.num_classes, normalize=False
+            to_host(labels), to_host(preds), self.num_classes, normalize=False
         )
 
     def reset(self) -> None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selmix._validation import check_choice
+from selmix.devices import to_host
 
 __all__ = [
     "FEATURE",
@@ -160,7 +161,7 @@ def cutmix_boxes(
         rows ``top <= r < bottom``) on the CPU, and float32 Tensor[B] on the CPU, the
         share of x1's pixels outside the box.
     """
-    lam = lam.detach().float().cpu()
+    lam = to_host(lam).float()  # the boxes are drawn on the host (CPU generator)
     centres = torch.rand(lam.shape[0], 2, generator=generator)
     cut = torch.sqrt((1 - lam).clamp(min=0.0))
     sides = torch.stack([(height * cut).floor(), (width * cut).floor()], 1).long()

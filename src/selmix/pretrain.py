@@ -38,6 +38,7 @@ from selmix.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from selmix.devices import to_host
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.hardware import resolve_for_run
 from selmix.memory import resolve_eval_batch_size
@@ -372,7 +373,7 @@ def _save_training_checkpoint(
             "format": "selmix-model-v1",
             "spec": dict(spec) if spec else None,
             # contiguous copies: a channels-last model saves and reloads in either layout
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            "state_dict": {k: v.contiguous() for k, v in to_host(model.state_dict()).items()},
             "meta": {"pretrain_config": state["config"], "epoch": epoch},
             "pretrain_state": state,
         },

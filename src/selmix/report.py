@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selmix._io import atomic_write_text
+from selmix.devices import to_host
 
 __all__ = ["METRIC_LABELS", "format_metrics_table", "format_per_class_table", "write_report"]
 
@@ -191,13 +192,13 @@ def _as_list(values: Any) -> list[float]:
     if values is None:
         return []
     if hasattr(values, "detach"):
-        values = values.detach().cpu().flatten().tolist()
+        values = to_host(values).flatten().tolist()
     return [float(v) for v in values]
 
 
 def _as_matrix(values: Any) -> list[list[float]]:
     if hasattr(values, "detach"):
-        values = values.detach().cpu().double().tolist()
+        values = to_host(values).double().tolist()
     return [[float(v) for v in row] for row in values]
 
 

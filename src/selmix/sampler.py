@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from selmix._validation import check_int
+from selmix.devices import to_host
 
 __all__ = ["ClassPools", "PairSampler"]
 
@@ -121,7 +122,7 @@ class PairSampler:
             raise ValueError(
                 f"`distribution` must be Tensor[{k}, {k}], got shape {tuple(distribution.shape)}"
             )
-        flat = distribution.detach().flatten().double().cpu()
+        flat = to_host(distribution).flatten().double()
         if not torch.isfinite(flat).all() or (flat < 0).any() or flat.sum() <= 0:
             raise ValueError("`distribution` must be finite and non-negative with a positive sum")
         self._probabilities = flat

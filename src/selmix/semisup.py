@@ -58,6 +58,7 @@ from selmix._progress import progress_bar
 from selmix._validation import check_in_range, check_int, check_positive
 from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
+from selmix.devices import to_host
 from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.optim import sgd_cosine
 from selmix.precision import (
@@ -535,7 +536,8 @@ def fixmatch_pretrain(
         if unlabelled_count:
             u_index = unlabelled_stream.take(unlabelled_count)
             weak, _ = unlabelled.batch(u_index, augment=True, generator=generator, device=device)
-            raw = unlabelled.images[u_index.to(unlabelled.images.device)].cpu()
+            # the strong augmentation runs on the host, from the run's CPU generator
+            raw = to_host(unlabelled.images[u_index.to(unlabelled.images.device)])
             strong = strong_augment(
                 raw, generator, padding=unlabelled.padding, flip=unlabelled.flip,
                 num_ops=config.randaugment_ops,
@@ -645,7 +647,7 @@ def predict_pseudo_labels(
     if adjustment is not None:
         logits = logits + _checked_adjustment(adjustment, logits.shape[1]).to(logits.device)
     confidence, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
-    return labels.cpu(), confidence.cpu()
+    return to_host((labels, confidence))
 
 
 def pseudo_label_report(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from selmix.collective import Collective, SingleProcess, evaluate_across
+from selmix.devices import to_host
 from selmix.evaluate import Evaluation, class_sums, extract_features, prediction_sums
 from selmix.precision import autocast, evaluation_mode
 
@@ -302,10 +303,10 @@ class FrozenFeatures(_PairMixing):
             self._class_sums[key] = (dataset, *class_sums(features, labels, num_classes))
         _, feature_sums, class_counts = self._class_sums[key]
         counts, soft_counts = prediction_sums(self.logits(dataset), labels, num_classes, soft)
-        return Evaluation.from_sums((counts, feature_sums, class_counts.cpu(), soft_counts))
+        return Evaluation.from_sums((counts, feature_sums, class_counts, soft_counts))
 
     def predict(self, dataset: Any) -> torch.Tensor:
-        return self.logits(dataset).argmax(dim=1).cpu()
+        return to_host(self.logits(dataset).argmax(dim=1))
 
     def _rows(self, dataset: Any, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.features(dataset)[index.to(self.device)]
@@ -403,12 +404,13 @@ class FullBackbone(_PairMixing):
         )  # fmt: skip
 
     def predict(self, dataset: Any) -> torch.Tensor:
-        return self.collective.gather(
+        labels = self.collective.gather(
             lambda part: predict_logits(
                 self.split, part, self.device, self.batch_size, self.precision
             ).argmax(1),
             dataset,
-        ).cpu()
+        )
+        return to_host(labels)
 
     def _rows(self, dataset: Any, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         images, _ = dataset.batch(

@@ -16,6 +16,7 @@ from selmix._validation import (
     check_positive,
 )
 from selmix.baselines._common import ObjectiveLike, _copied_split
+from selmix.devices import to_host
 from selmix.evaluate import as_batch_dataset, resolve_device
 from selmix.metrics import all_metrics, confusion_matrix
 from selmix.objectives import as_objective
@@ -150,7 +151,7 @@ def posthoc_logit_adjustment(
     labels = check_labels("val", val.labels, num_classes, every_class=True)
     precision = resolve_precision(precision, device)
     view = FrozenFeatures(split, device, batch_size=batch_size, precision=precision)
-    logits = view.logits(val).double().cpu()
+    logits = to_host(view.logits(val)).double()
     head_classes = getattr(objective, "head_classes", None)
     scores, metrics = [], []
     for tau in grid:

@@ -26,8 +26,9 @@ def _pretrain_options() -> list[Option]:
     from selmix.pretrain import PretrainConfig
 
     return _data_options() + [
-        Option("model", None, "registry model name (see the list below) or timm:NAME for any "
-               "timm architecture (extra selmix[timm])", metavar="NAME", required=True),
+        Option("model", None, "registry model name (see the list below), timm:NAME for any "
+               "timm architecture (extra selmix[timm]) or torchvision:NAME for a "
+               "torchvision.models classifier", metavar="NAME", required=True),
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml, "
                "pretrain_state.pt)", metavar="DIR", required=True),
         Option("resume", None, "resume from a pretrain_state.pt of an interrupted run with "
@@ -43,17 +44,15 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
 
     from selmix.checkpoint import save_model
     from selmix.evaluate import evaluate
-    from selmix.models import create_model, list_models
-    from selmix.models.external import TIMM_PREFIX
+    from selmix.models import create_model
+    from selmix.models.registry import check_model_name
     from selmix.pretrain import PretrainConfig, pretrain
     from selmix.report import format_metrics_table
 
-    name = settings["model"]
-    if not isinstance(name, str) or (
-        name not in list_models() and not (name.startswith(TIMM_PREFIX) and len(name) > 5)
-    ):
-        known = ", ".join(list_models())
-        raise UsageError(f"unknown `model` {name!r}; expected one of {known} or timm:NAME")
+    try:  # the names `selmix finetune --model` takes, checked before the data loads
+        check_model_name(settings["model"])
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"`model`: {error}") from None
     config = _config_from(PretrainConfig, settings, _pretrain_options())
     if not isinstance(settings["model_kwargs"], dict):
         raise UsageError("`model_kwargs` must be a mapping, e.g. --set model_kwargs='{width: 2}'")

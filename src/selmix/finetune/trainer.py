@@ -21,6 +21,7 @@ from selmix.checkpoint import (
     save_checkpoint,
 )
 from selmix.collective import Collective, SingleProcess
+from selmix.devices import state_to_host, to_host
 from selmix.estimates import warn_if_small_validation
 from selmix.evaluate import Evaluation, as_batch_dataset
 from selmix.feedback import feedback_step
@@ -53,7 +54,7 @@ from selmix.precision import (
     to_channels_last,
 )
 from selmix.sampler import PairSampler
-from selmix.selection import ObjectiveScore, objective_score
+from selmix.selection import ObjectiveScore, objective_score, selection_tolerance
 from selmix.timing import PhaseTimings, backbone_feedback_every
 from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
@@ -129,11 +130,12 @@ class Trainer:
         self.unlabelled = None if unlabelled is None else as_batch_dataset(unlabelled, "unlabelled")
         _check_datasets(self.train, self.val, self.num_classes)
         labels = torch.as_tensor(self.train.labels).long().cpu()
-        config, self.objective = resolve_objective(config, objective, labels, self.num_classes)
+        val_labels = torch.as_tensor(self.val.labels).long().cpu()
+        config, self.objective = resolve_objective(
+            config, objective, labels, self.num_classes, val_labels
+        )
+        val_counts = torch.bincount(val_labels, minlength=self.num_classes)
         if self.collective.is_main:
-            val_counts = torch.bincount(
-                torch.as_tensor(self.val.labels).long().cpu(), minlength=self.num_classes
-            )
             warn_if_small_validation(val_counts, self.objective, config.shrinkage)
         self.device = self.collective.process_device(config.device)
         configure_threads(config.threads)
@@ -179,7 +181,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.gains: list[tuple[int, torch.Tensor]] = []
-        self.best = _BestSoFar()
+        # steps tied on the metric within its noise: the one with the highest mean recall
+        self.best = _BestSoFar(
+            selection_tolerance(self.objective, val_counts, config.select_tolerance)
+        )
         self.losses = _LossMonitor(self.num_classes, self.collective.is_main)
         self.identity = None if identity is None else _plain(dict(identity))
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
@@ -399,7 +404,7 @@ class Trainer:
     def _select(self) -> FinetuneResult:
         """The finished run's result, with the weights of the step ``config.select`` picks
         (the best by validation score, or the last) loaded into the model."""
-        last = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        last = state_to_host(self.model)
         best = self.best
         selected = best.step if self.config.select == "best" else self.step
         if self.config.select == "best":
@@ -436,7 +441,7 @@ class Trainer:
             "step": self.step,
             "head_phase": self.head_phase,
             "config": self.config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": to_host(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),

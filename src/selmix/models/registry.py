@@ -73,6 +73,32 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_name(name: Any) -> tuple[str | None, str | None]:
+    """Checks a name :func:`create_model` builds, without building it.
+
+    Returns:
+        ``(timm architecture, torchvision architecture)``: the part after ``timm:`` or
+        ``torchvision:`` (None for a name without that prefix).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: an unknown name (the message lists the known ones), or a prefix
+            without an architecture.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a str, got {type(name).__name__}")
+    timm_name = name[len("timm:") :] if name.startswith("timm:") else None
+    torchvision_name = name[len("torchvision:") :] if name.startswith("torchvision:") else None
+    if timm_name is None and torchvision_name is None and name not in _MODELS:
+        known = ", ".join(repr(n) for n in list_models())
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {known}, 'timm:NAME' or 'torchvision:NAME'"
+        )
+    if timm_name == "" or torchvision_name == "":
+        raise ValueError(f"`name` {name!r} needs an architecture, e.g. '{name}resnet18'")
+    return timm_name, torchvision_name
+
+
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Builds a registered model by name.
 
@@ -92,17 +118,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: An
     Raises:
         ValueError: for an unknown name (the message lists the known ones) or bad sizes.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"`name` must be a str, got {type(name).__name__}")
-    timm_name = name[len("timm:") :] if name.startswith("timm:") else None
-    torchvision_name = name[len("torchvision:") :] if name.startswith("torchvision:") else None
-    if timm_name is None and torchvision_name is None and name not in _MODELS:
-        known = ", ".join(repr(n) for n in list_models())
-        raise ValueError(
-            f"unknown model {name!r}; expected one of {known}, 'timm:NAME' or 'torchvision:NAME'"
-        )
-    if timm_name == "" or torchvision_name == "":
-        raise ValueError(f"`name` {name!r} needs an architecture, e.g. '{name}resnet18'")
+    timm_name, torchvision_name = check_model_name(name)
     check_int("num_classes", num_classes, minimum=2)
     check_int("in_channels", in_channels, minimum=1)
     model: nn.Module
