@@ -17,6 +17,8 @@ from selmix.cli.run import (
 
 
 def _evaluate_options() -> list[Option]:
+    from selmix.preprocessing import PREPROCESSING_CHOICES
+
     return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model to evaluate: a selmix model file, a state dict, "
                ".safetensors or Lightning .ckpt with --model, or hf:DIR", metavar="FILE",
@@ -25,17 +27,28 @@ def _evaluate_options() -> list[Option]:
         Option("batch_size", 512, "evaluation batch size", type=int),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
+        Option("preprocessing", "auto", "input size and normalisation, as for finetune: "
+               "'model' (the model's own), 'data' (the training images' statistics) or "
+               "'auto' (the model's when its files record it, as a model.pt of finetune "
+               "does, else the data's)", choices=PREPROCESSING_CHOICES,
+               metavar="auto|model|data"),
     ] + _common_options()  # fmt: skip
 
 
 def _cmd_evaluate(settings: dict[str, Any]) -> int:
     from selmix.evaluate import evaluate
+    from selmix.preprocessing import resolve_preprocessing
     from selmix.report import format_metrics_table, format_per_class_table
 
     _check_early(settings)
     if settings["out"] is not None:
         _check_out(settings)
-    splits = _load_data(settings)
+    preprocessing = resolve_preprocessing(
+        settings["preprocessing"], settings["checkpoint"], settings.get("model"),
+        settings.get("image_size"),
+    )  # fmt: skip
+    splits = _load_data(settings, preprocessing)
+    print(preprocessing.describe())
     model = _load_start_model(settings, splits).model
     head_classes = _head_classes(settings, splits)
     settings["head_classes"] = head_classes

@@ -19,6 +19,7 @@ imports this module.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -303,6 +304,8 @@ def load_data(
     unlabelled_imbalance: float | None = None,
     stream: bool | None = None,
     num_workers: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> DataSplits:
     """Loads a data source and splits it into long-tailed train, balanced val and test.
 
@@ -342,6 +345,11 @@ def load_data(
             (a quarter of the available memory) and streams it from disk otherwise; True or
             False forces either (see :func:`load_image_folder`).
         num_workers: processes decoding a streamed tree (None: ``min(4, cores - 1)``).
+        image_size: ``"imagefolder:DIR"`` only: resize every image to this side (an int) or
+            ``(H, W)``, so trees of mixed sizes load; None keeps the images' own size.
+        normalization: ``(mean, std)``, per channel in [0, 1] units, that every split is
+            normalised with instead of the training images' statistics (a pretrained
+            model's own, see :mod:`selmix.preprocessing`); None: the data's.
 
     Returns:
         DataSplits(train, val, test, unlabelled, classes).
@@ -370,11 +378,17 @@ def load_data(
             raise ValueError("`unlabelled_imbalance` needs `unlabelled_max_per_class` (M_1)")
     if stream is not None and not isinstance(stream, bool):
         raise TypeError(f"`stream` must be None, True or False, got {stream!r}")
+    prefix, _, location = spec.partition(":")
+    if image_size is not None and prefix != "imagefolder":
+        raise ValueError(
+            f"`image_size` applies to imagefolder:DIR data only, got {image_size!r} with "
+            f"data {spec!r}"
+        )
     if spec == "demo":
-        return _subsample_demo(
+        demo = _subsample_demo(
             imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
         )
-    prefix, _, location = spec.partition(":")
+        return _normalised(demo, normalization)
     if (prefix not in _SPEC_PREFIXES and prefix not in FORMATS) or not location:
         known = ", ".join(f"'{p}:PATH'" for p in (*_SPEC_PREFIXES, *FORMATS)) + ", 'demo'"
         raise ValueError(f"unknown data `spec` {spec!r}; expected one of {known}")
@@ -393,7 +407,7 @@ def load_data(
         test = load_cifar10(location, train=False, cache_dir=cache_dir)
     else:
         folder = load_image_folder(
-            location, cache_dir=cache_dir, stream=stream, num_workers=num_workers
+            location, image_size, cache_dir=cache_dir, stream=stream, num_workers=num_workers
         )
         if "test" not in folder:
             raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
@@ -437,13 +451,44 @@ def load_data(
         pool_idx, _ = long_tail_split(full_train.labels[rest], counts_u, 0, generator)
         unlabelled = UnlabelledDataset.from_dataset(full_train, rest[pool_idx])
     val = official_val if official_val is not None else full_train.subset(val_idx)
-    return DataSplits(
+    splits = DataSplits(
         train=full_train.subset(train_idx),
         val=val,
         test=test,
         unlabelled=unlabelled,
         classes=list(full_train.classes),
     )
+    return _normalised(splits, normalization)
+
+
+def _normalised(
+    splits: DataSplits, normalization: tuple[Sequence[float], Sequence[float]] | None
+) -> DataSplits:
+    """``splits`` with every image split normalised with ``(mean, std)``; a single value
+    serves every channel. Splits without images (embeddings) are left as they are."""
+    if normalization is None:
+        return splits
+    if not (isinstance(normalization, (tuple, list)) and len(normalization) == 2):
+        raise ValueError(f"`normalization` must be (mean, std), got {normalization!r}")
+    for dataset in (splits.train, splits.val, splits.test, splits.unlabelled):
+        if dataset is None or not isinstance(getattr(dataset, "mean", None), Tensor):
+            continue
+        channels = dataset.mean.numel()
+        pair = []
+        for name, values in zip(("mean", "std"), normalization, strict=True):
+            tensor = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+            if tensor.numel() == 1:
+                tensor = tensor.expand(channels).clone()
+            if tensor.numel() != channels or not torch.isfinite(tensor).all():
+                raise ValueError(
+                    f"`normalization` {name} must be {channels} finite value(s), one per "
+                    f"channel of the images, got {list(values)!r}"
+                )
+            pair.append(tensor)
+        if (pair[1] <= 0).any():
+            raise ValueError(f"`normalization` std must be > 0, got {pair[1].tolist()}")
+        dataset.mean, dataset.std = pair
+    return splits
 
 
 def _train_counts(

@@ -1,0 +1,225 @@
+"""A starting model's own preprocessing (#37): its input size and normalisation are used,
+recorded in config.yaml and model.pt and named on the console; `--image-size` resizes
+trees of mixed sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selmix.checkpoint import load_checkpoint
+from selmix.cli import main
+from selmix.data import load_data
+from selmix.preprocessing import (
+    hf_preprocessing,
+    model_preprocessing,
+    resolve_preprocessing,
+    torchvision_preprocessing,
+)
+
+torch.set_num_threads(1)
+QUIET = ["--set", "progress=false"]
+MEAN = [0.25, 0.5, 0.75]  # far from ImageNet's and from the tree's own statistics
+STD = [0.125, 0.25, 0.375]
+
+
+def write_tree(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    """root/{train,test}/class_k/*.png, 3 colour classes; image i has sizes[i % len]."""
+    rng = np.random.default_rng(0)
+    colours = ((220, 40, 40), (40, 200, 60), (50, 70, 230))
+    for split, counts in (("train", (14, 10, 8)), ("test", (4, 4, 4))):
+        for label, (colour, count) in enumerate(zip(colours, counts, strict=True)):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                width, height = sizes[index % len(sizes)]
+                noise = rng.normal(0, 40, (height, width, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("prep") / "images", [(16, 16)])
+
+
+def finetune(tree: Path, out: Path, *extra: str) -> int:
+    return main(["finetune", "--data", f"imagefolder:{tree}", "--val-per-class", "2",
+                 "--device", "cpu", "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 "--set", "feedback_every=1", *extra, *QUIET])  # fmt: skip
+
+
+def recorded(out: Path) -> dict:
+    """The `# preprocessing KEY: JSON` comment lines of a run's config.yaml."""
+    found = {}
+    for line in (out / "config.yaml").read_text().splitlines():
+        if line.startswith("# preprocessing "):
+            key, _, value = line[len("# preprocessing ") :].partition(": ")
+            found[key] = json.loads(value)
+    return found
+
+
+def tree_stats(tree: Path) -> list[float]:
+    return load_data(f"imagefolder:{tree}", val_per_class=2).train.mean.tolist()
+
+
+def test_timm_pretrained_cfg_sets_normalisation_and_size(
+    tree: Path, tmp_path: Path, capsys
+) -> None:
+    timm = pytest.importorskip("timm")
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "test_resnet", num_classes=3,
+        pretrained_cfg_overlay={"mean": tuple(MEAN), "std": tuple(STD), "input_size": (3, 20, 20)},
+    )  # fmt: skip
+    save_for_hf(model, tmp_path / "timm", safe_serialization=True)
+    weights = tmp_path / "timm" / "model.safetensors"
+    out = tmp_path / "run"
+    assert finetune(tree, out, "--model", "timm:test_resnet", "--checkpoint", str(weights)) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("preprocessing:")]
+    assert len(line) == 1 and "timm pretrained_cfg" in line[0] and "20x20" in line[0]
+    notes = recorded(out)
+    assert notes["mean"] == pytest.approx(MEAN) and notes["std"] == pytest.approx(STD)
+    assert notes["image_size"] == [20, 20]
+    assert notes["model_interpolation"] == model.pretrained_cfg["interpolation"]
+    meta = load_checkpoint(out / "model.pt")["meta"]
+    # the data were normalised with the model's statistics, not the tree's own
+    assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
+    assert tree_stats(tree) != pytest.approx(MEAN, abs=0.05)
+    # with --preprocessing data the tree's own statistics come back
+    out_data = tmp_path / "run_data"
+    assert finetune(tree, out_data, "--model", "timm:test_resnet", "--checkpoint", str(weights),
+                    "--preprocessing", "data") == 0  # fmt: skip
+    assert recorded(out_data)["mean"] == "data statistics"
+    data_meta = load_checkpoint(out_data / "model.pt")["meta"]
+    assert data_meta["mean"] == pytest.approx(tree_stats(tree))
+    # model.pt carries it on: evaluate normalises as the run did and reports its metrics
+    evaluated = tmp_path / "evaluate"
+    assert main(["evaluate", "--data", f"imagefolder:{tree}", "--val-per-class", "2",
+                 "--device", "cpu", "--checkpoint", str(out / "model.pt"),
+                 "--out", str(evaluated)]) == 0  # fmt: skip
+    test = json.loads((evaluated / "metrics.json").read_text())["test"]
+    assert test == json.loads((out / "metrics.json").read_text())["after"]
+
+
+def test_hugging_face_processor_sets_normalisation(tree: Path, tmp_path: Path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    processor = transformers.ViTImageProcessor(
+        image_mean=MEAN, image_std=STD, size={"height": 16, "width": 16}
+    )
+    processor.save_pretrained(tmp_path / "vit")
+    out = tmp_path / "run"
+    assert finetune(tree, out, "--checkpoint", f"hf:{tmp_path / 'vit'}") == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("preprocessing:")]
+    assert len(line) == 1 and "Hugging Face image processor" in line[0]
+    notes = recorded(out)
+    assert notes["mean"] == pytest.approx(MEAN) and notes["std"] == pytest.approx(STD)
+    assert notes["image_size"] == [16, 16]
+    assert notes["source"].endswith("preprocessor_config.json)")
+    meta = load_checkpoint(out / "model.pt")["meta"]
+    assert meta["mean"] == pytest.approx(MEAN)
+
+
+def test_a_model_without_preprocessing_keeps_the_data_statistics(
+    tree: Path, tmp_path: Path
+) -> None:
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    save_file(
+        timm.create_model("test_resnet", num_classes=3).state_dict(),
+        str(tmp_path / "w.safetensors"),
+    )
+    out = tmp_path / "run"
+    assert finetune(tree, out, "--model", "timm:test_resnet", "--checkpoint",
+                    str(tmp_path / "w.safetensors")) == 0  # fmt: skip
+    assert recorded(out)["source"] == "data statistics"
+    assert load_checkpoint(out / "model.pt")["meta"]["mean"] == pytest.approx(tree_stats(tree))
+    # 'model' asks for the model's and takes timm's default for the architecture
+    prep = resolve_preprocessing("model", tmp_path / "w.safetensors", "timm:test_resnet")
+    assert prep.from_model and prep.source.startswith("timm pretrained_cfg (timm default")
+
+
+@pytest.mark.parametrize("stream", ["memory", "disk"])
+def test_mixed_image_sizes_run_with_image_size(tmp_path: Path, stream: str, capsys) -> None:
+    mixed = write_tree(tmp_path / "mixed", [(16, 16), (24, 12), (10, 20)])
+    from selmix.checkpoint import save_model
+    from selmix.models import create_model
+
+    save_model(tmp_path / "start.pt", create_model("small_cnn", 3, in_channels=3),
+               {"classes": ["class_0", "class_1", "class_2"]})  # fmt: skip
+    common = ["--checkpoint", str(tmp_path / "start.pt"), "--stream", stream,
+              "--num-workers", "0"]  # fmt: skip
+    # without it: one line naming the setting, exit 2
+    assert finetune(mixed, tmp_path / "refused", *common) == 2
+    assert "image_size" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert finetune(mixed, out, *common, "--image-size", "12") == 0
+    assert "images resized to 12x12" in capsys.readouterr().out
+    assert recorded(out)["image_size"] == [12, 12]
+    assert json.loads((out / "metrics.json").read_text())["after"]
+
+
+def test_torchvision_weights_are_known_by_their_download_name(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    found = torchvision_preprocessing("resnet18", tmp_path / "resnet18-f37072fd.pth")
+    assert found is not None and found.source == "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    assert found.image_size == (224, 224) and found.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert found.crop_pct == pytest.approx(224 / 256)
+    assert torchvision_preprocessing("resnet18", tmp_path / "mine.pth") is None
+    auto = model_preprocessing(tmp_path / "mine.pth", "torchvision:resnet18")
+    assert auto is None
+
+
+def test_a_processor_without_normalisation_maps_to_identity(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"do_normalize": False, "size": {"shortest_edge": 24}, "resample": 3})
+    )
+    found = hf_preprocessing(tmp_path)
+    assert found is not None
+    assert (found.mean, found.std, found.image_size) == ((0.0,), (1.0,), (24, 24))
+    assert found.interpolation == "bicubic"
+
+
+def test_bad_choices_and_inputs_name_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match="`preprocessing` must be one of auto, model, data, got 'x'"
+    ):
+        resolve_preprocessing("x", tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="`preprocessing` is 'model' but `checkpoint`"):
+        resolve_preprocessing("model", tmp_path / "m.pt", "small_cnn")
+    with pytest.raises(ValueError, match="`image_size` applies to imagefolder:DIR data only"):
+        load_data("demo", image_size=16)
+    with pytest.raises(ValueError, match="`normalization` mean must be 1 finite value"):
+        load_data("demo", normalization=([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5], "image_std": [0]})
+    )
+    with pytest.raises(ValueError, match="`std` must be > 0"):
+        hf_preprocessing(tmp_path)
+
+
+def test_normalization_replaces_the_data_statistics() -> None:
+    plain = load_data("demo", val_per_class=5)
+    changed = load_data("demo", val_per_class=5, normalization=([0.5], [0.25]))
+    for name in ("train", "val", "test"):
+        assert getattr(changed, name).mean.tolist() == [0.5]
+    images, _ = plain.test.batch(range(4))
+    again, _ = changed.test.batch(range(4))
+    raw = images * plain.test.std.view(1, -1, 1, 1) + plain.test.mean.view(1, -1, 1, 1)
+    assert torch.allclose(again, (raw - 0.5) / 0.25, atol=1e-4)
