@@ -36,7 +36,7 @@ with an exclusive ``.claim`` file before running it):
     OMP_NUM_THREADS=1 python benchmarks/cifar_table3.py --seeds 0 1 2 &
     python benchmarks/cifar_table3.py --render docs/results/table3_cifar.md
 
-``--render`` reads every record and writes the tables (the paper's rows from MATH.md
+``--render`` reads every record and writes the tables (the paper's rows from docs/maths.md
 section 8 beside ours).
 """
 
@@ -447,7 +447,7 @@ def render(args: argparse.Namespace) -> None:
         f"start `{Path(args.start).name}`; test set. Rows are the library's defaults unless "
         f"named otherwise; frozen rows run on features computed once; {fine_tuned_text}. "
         'seeds "1/3": 1 seed on some objectives, 3 on the others. The paper\'s rows are '
-        "MATH.md section 8 (mean of 3 seeds, their start).",
+        "docs/maths.md section 8 (mean of 3 seeds, their start).",
         "",
         SUMMARY_MARK,
         "",

@@ -1,4 +1,4 @@
-"""Speed and peak memory of `selmix.gain_matrix` (MATH.md section 3).
+"""Speed and peak memory of `selmix.gain_matrix` (docs/maths.md section 3).
 
 Times one gain matrix (median of --repeats calls after a warm-up) for K in {10, 100, 1000}
 and d in {64, 512, 2048}, for the objectives mean_recall, h_mean and mean_recall_min_coverage

@@ -1,6 +1,6 @@
 """Pre-trains ResNet-32 on CIFAR-10-LT with the MiSLAS stage-1 recipe, resumably.
 
-The starting model of the paper's supervised CIFAR-10-LT results (MATH.md section 8:
+The starting model of the paper's supervised CIFAR-10-LT results (docs/maths.md section 8:
 "MiSLAS stage 1 (start)", test mean recall 72.7, min recall 45.6).
 
 Data (the CIFAR-10 JPEG copy in ``../shared/data``): rho = 100 with N_1 = 5000 *before* the

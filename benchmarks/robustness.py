@@ -118,7 +118,7 @@ def score(objective: str, metrics: dict[str, Any], alpha: float = 0.95) -> float
     mean recall minus the share of the coverage target that is missed,
     ``mean_recall - max(0, 1 - K * min_coverage / alpha)``: a model that meets the target
     always beats one that misses it by more than its mean-recall lead. (Not the
-    Lagrangian of MATH.md section 2: that rewards coverage below the target linearly and
+    Lagrangian of docs/maths.md section 2: that rewards coverage below the target linearly and
     scored a model with a class at 0 coverage like a feasible one with the same mean
     recall.)
     """

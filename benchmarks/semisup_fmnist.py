@@ -34,7 +34,7 @@ re-extracts the validation set and the unlabelled pool, which costs about 100 s 
 run at ``--steps 500 --feedback-every 25 --lr-head 1e-4``; with lr_W = 3e-4, or with a
 feedback step only every 50 steps, the min-recall policy piles all pairs onto the current
 worst class and the validation min recall swings between 0 and 0.4 from one feedback step
-to the next (MATH.md section 5). On the matched setting both reach the same test min
+to the next (docs/maths.md section 5). On the matched setting both reach the same test min
 recall (about 56%).
 
     python benchmarks/semisup_fmnist.py --distributions matched uniform inverted \\
@@ -131,7 +131,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="min-recall multiplier w")
     parser.add_argument(
         "--coverage-alpha", type=float, default=0.95,
-        help="coverage target alpha / K of the constrained objective (MATH.md: 0.95)",
+        help="coverage target alpha / K of the constrained objective (the paper: 0.95)",
     )  # fmt: skip
     parser.add_argument("--gain-scale", type=float, default=10.0)
     parser.add_argument(
