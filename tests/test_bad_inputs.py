@@ -56,6 +56,26 @@ def _tree_digest(folder: Path) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _hugging_face_folders(files: Path) -> None:
+    """A ViT built for 16x16 images (the data's are 12x12) and a BertModel, when
+    transformers is installed (the cases that use them are skipped otherwise)."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    import transformers
+
+    torch.manual_seed(0)
+    vit = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=1, intermediate_size=16, num_labels=3,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(vit).save_pretrained(files / "vit16")
+    bert = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+        intermediate_size=16, architectures=["BertModel"],
+    )  # fmt: skip
+    transformers.BertModel(bert).save_pretrained(files / "bert")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The data, a pre-trained model, a good finetune run and the bad files the cases use."""
@@ -125,6 +145,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     renamed = _image_tree(files / "renamed")  # class_1 is called "dog" here
     for split in ("train", "test"):
         (renamed / split / "class_1").rename(renamed / split / "dog")
+    # starting weights with a NaN in the head (a selmix model file)
+    poisoned = create_model("small_cnn", 3, in_channels=3)
+    with torch.no_grad():
+        poisoned.head.weight[0, 0] = float("nan")
+    save_model(files / "nan_head.pt", poisoned)
+    # a Lightning-style checkpoint: the model's keys under 'model.'
+    lightning = {f"model.{k}": v for k, v in create_model("small_cnn", 3).state_dict().items()}
+    torch.save({"state_dict": lightning}, files / "lightning.ckpt")
+    _hugging_face_folders(files)
     yield {"tree": tree, "other_tree": other_tree, "pretrained": pretrained, "good": good,
            "files": files}  # fmt: skip
     if previous_cache is None:
@@ -242,7 +271,42 @@ CASES: dict[str, tuple[list[str], str]] = {
         "checkpoint"),
     "resume other objective": (
         [*RESUME, "--objective", "g_mean"], "objective"),
+    # issue 37: each found with the earlier run in --out intact
+    "out holds an earlier run, no --overwrite": (
+        [item for item in FT if item != "--overwrite"], "pass --overwrite"),
+    "nan in the head, head_init none": (
+        [*FT, "--checkpoint", "{files}/nan_head.pt", "--set", "head_init=none"],
+        "non-finite value(s) (NaN or inf) in 'head.weight'"),
+    "nan in the head, head_init auto": (
+        [*FT, "--checkpoint", "{files}/nan_head.pt", "--set", "head_init=auto"],
+        "non-finite value(s) (NaN or inf) in 'head.weight'"),
+    "hf ViT built for 16x16, data 12x12": (
+        [*FT, "--checkpoint", "hf:{files}/vit16"], "it is built for 16x16 images"),
+    "val_per_class equal to the smallest class": (
+        [*FT, "--val-per-class", "12"], "class 'class_2'"),
+    "OUT/model_state_dict.pt is a folder": (
+        [*FT], "has a folder 'model_state_dict.pt' where a run writes a file"),
+    "OUT/hf is a file": ([*FT], "has a file 'hf' where a run writes a folder"),
+    "hf folder without hf:": ([*FT, "--checkpoint", "{files}/vit16"], "write it as hf:"),
+    "BertModel folder": ([*FT, "--checkpoint", "hf:{files}/bert"],
+                         "BertModel (model type 'bert'), which is not an image classifier"),
+    "ckpt_prefix without its dot": (
+        [*FT, "--checkpoint", "{files}/lightning.ckpt", "--model", "small_cnn",
+         "--set", "ckpt_prefix=model"], "--set ckpt_prefix=model."),
+    "an interrupted run's staging folder, no --overwrite": (
+        [item for item in FT if item != "--overwrite"] + ["--out", "{tmp}/fresh"],
+        "holds an interrupted run"),
 }  # fmt: skip
+
+#: what a case puts in --out (or beside it) before it runs, after the good run is copied
+SETUP = {
+    "OUT/model_state_dict.pt is a folder": lambda out: (out / "model_state_dict.pt").mkdir(),
+    "OUT/hf is a file": lambda out: (out / "hf").write_text("not a folder"),
+    "an interrupted run's staging folder, no --overwrite": lambda out: (
+        out.with_name("fresh.partial").mkdir()),
+}
+NEEDS_TRANSFORMERS = {"hf ViT built for 16x16, data 12x12", "hf folder without hf:",
+                      "BertModel folder"}  # fmt: skip
 
 
 def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
@@ -253,6 +317,7 @@ def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
         "other_model": str(world["files"] / "five.pt"),
         "files": str(world["files"]),
         "out": str(out),
+        "tmp": str(out.parent),
     }
     return [item.format(**values) for item in argv]
 
@@ -261,8 +326,12 @@ def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
 def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     case: str, world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    if case in NEEDS_TRANSFORMERS and importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs transformers")
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
+    if case in SETUP:
+        SETUP[case](out)
     before = _tree_digest(out)
     argv, expected = CASES[case]
     capsys.readouterr()

@@ -20,6 +20,8 @@ from selmix.cli.options import (
 from selmix.cli.outcome import _note_preprocessing
 from selmix.cli.run import (
     _ARGV,
+    _check_model_takes_data,
+    _check_split_labels,
     _flag,
     _Interrupted,
     _load_data,
@@ -104,7 +106,6 @@ def _check_tensorboard(directory: str | None) -> None:
 
 
 def _cmd_finetune(settings: dict[str, Any]) -> int:
-    from selmix._validation import check_labels
     from selmix.checkpoint import load_checkpoint, save_model
     from selmix.collective import SingleProcess, evaluate_across
     from selmix.distributed import init_from_env
@@ -140,9 +141,9 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(preprocessing.describe())
     # checked here, before --out is touched, as the library will check them again
-    check_labels("train", splits.train.labels, _num_classes(splits))
-    check_labels("val", splits.val.labels, _num_classes(splits), every_class=True)
+    _check_split_labels(splits)
     model, _, source = _load_start_model(settings, splits)
+    _check_model_takes_data(model, splits.train, str(settings["checkpoint"]))
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes

@@ -114,6 +114,59 @@ def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
     return loaded
 
 
+def _check_split_labels(splits: Any) -> None:
+    """The training and validation labels against the data's K, a class missing from the
+    validation set named by its name and with what to change (``val/`` or ``val_per_class``)."""
+    from selmix._validation import check_labels
+
+    num_classes = _num_classes(splits)
+    check_labels("train", splits.train.labels, num_classes)
+    try:
+        check_labels("val", splits.val.labels, num_classes, every_class=True)
+    except ValueError as error:
+        import torch
+
+        present = torch.bincount(torch.as_tensor(splits.val.labels).long().cpu(),
+                                 minlength=num_classes)  # fmt: skip
+        missing = (present == 0).nonzero().flatten().tolist()
+        if not missing or not splits.classes:
+            raise
+        names = ", ".join(repr(splits.classes[k]) for k in missing)
+        raise ValueError(
+            f"{error} (named {names}): add images of them to the val/ folder, or remove val/ "
+            "and carve the validation set from train/ with --val-per-class"
+        ) from None
+
+
+def _check_model_takes_data(model: Any, dataset: Any, checkpoint: str) -> None:
+    """Runs the starting model on two training images, so that a model built for other
+    inputs (a Hugging Face ViT for 64x64 images given 32x32 ones) is one line naming both
+    sizes before ``--out`` is touched, not the library's error in the middle of the run."""
+    import torch
+
+    from selmix.cli.app import _one_line
+
+    inputs, _ = dataset.batch(list(range(min(2, len(dataset)))))
+    parameter = next(iter(model.parameters()), None)
+    if parameter is not None:
+        inputs = inputs.to(parameter.device)
+    training = model.training
+    model.eval()  # batch norm takes the two images without changing its statistics
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        shape = "x".join(str(size) for size in inputs.shape[1:])
+        built = getattr(getattr(model, "config", None), "image_size", None)
+        made_for = f"; it is built for {built}x{built} images" if isinstance(built, int) else ""
+        raise UsageError(
+            f"`checkpoint` {checkpoint!r} cannot take the data's {shape} inputs{made_for}: "
+            f"{_one_line(error)[:200]}"
+        ) from None
+    finally:
+        model.train(training)
+
+
 def _write_json(path: Path, data: Any) -> None:
     from selmix._io import write_json
 

@@ -143,7 +143,7 @@ def _tree_files(root: Path, splits: Sequence[str]) -> list[_File]:
             if class_dir.name.startswith("."):
                 continue
             for path in sorted(class_dir.rglob("*")):
-                if path.is_file() and _is_image_name(path.name):
+                if path.is_file() and _is_visible_image(path, class_dir):
                     files.append(
                         (split, class_dir.name, path.relative_to(class_dir).as_posix(), path)
                     )
@@ -382,6 +382,8 @@ def _archive_entries(archive: Path, splits: Sequence[str]) -> Iterator[_Entry]:
                 parts = PurePosixPath(member.name).parts
                 if len(parts) < 3 or parts[-3] not in splits or not _is_image_name(parts[-1]):
                     continue
+                if parts[-2].startswith("."):  # a hidden folder's copies are no class
+                    continue
                 file = tar.extractfile(member)
                 if file is not None:
                     yield parts[-3], parts[-2], parts[-1], file.read()
@@ -400,7 +402,7 @@ def _check_class_folders(root: Path) -> None:
     for class_dir in sorted(p for p in train.iterdir() if p.is_dir()):
         if class_dir.name.startswith("."):
             continue
-        if not any(p.is_file() and _is_image_name(p.name) for p in class_dir.rglob("*")):
+        if not any(p.is_file() and _is_visible_image(p, class_dir) for p in class_dir.rglob("*")):
             raise ValueError(
                 f"{root}: the class folder train/{class_dir.name}/ holds no images; every "
                 "class needs training images (add some, or remove the folder)"
@@ -415,6 +417,13 @@ def _tree_entries(root: Path, splits: Sequence[str]) -> Iterator[_Entry]:
 
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _is_visible_image(path: Path, class_dir: Path) -> bool:
+    """An image file none of whose folders below ``class_dir`` is hidden: a
+    ``.ipynb_checkpoints/`` copy of another class's images is not this class's data."""
+    inside = path.relative_to(class_dir).parts
+    return _is_image_name(path.name) and not any(part.startswith(".") for part in inside)
 
 
 def _decode_entries(

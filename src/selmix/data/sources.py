@@ -425,10 +425,14 @@ def load_data(
     elif val_per_class is None:
         val_per_class = default_val_per_class or max(1, int(sizes.min()) // 10)
     available = (sizes - val_per_class).clamp_min(0).tolist()
-    if imbalance is not None and max_per_class is None and min(available) < 1:
+    if min(available) < 1:
+        # every class needs training samples: name the class and the setting to lower
+        k = available.index(min(available))
+        name = full_train.classes[k] if full_train.classes else k
         raise ValueError(
-            f"`val_per_class` = {val_per_class} leaves no training sample of class "
-            f"{available.index(min(available))}"
+            f"`val_per_class` = {val_per_class} leaves no training sample of class {name!r} "
+            f"(it has {int(sizes[k])}); lower `val_per_class` (--val-per-class) below "
+            f"{int(sizes[k])}"
         )
     counts = _train_counts(available, imbalance, max_per_class)
 

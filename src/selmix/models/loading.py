@@ -41,6 +41,7 @@ __all__ = [
     "ModelSource",
     "build_architecture",
     "checkpoint_digest",
+    "check_finite_weights",
     "class_name_difference",
     "load_hf_classifier",
     "load_start_model",
@@ -187,6 +188,13 @@ def strip_prefix(
         if not isinstance(ckpt_prefix, str):
             raise TypeError(f"`ckpt_prefix` must be a str, got {type(ckpt_prefix).__name__}")
         inside = {k[len(ckpt_prefix) :]: v for k, v in state.items() if k.startswith(ckpt_prefix)}
+        if inside and not ckpt_prefix.endswith(".") and all(k.startswith(".") for k in inside):
+            # 'model' for 'model.': the keys it leaves start with the dot
+            raise ValueError(
+                f"`ckpt_prefix` {ckpt_prefix!r} leaves keys that start with a dot (e.g. "
+                f"{next(iter(inside))!r}) in `checkpoint` {str(path)!r}: the prefix ends with "
+                f"its dot, --set ckpt_prefix={ckpt_prefix}."
+            )
         if not inside:
             starts = sorted({key.split(".")[0] + "." for key in state})[:5]
             raise ValueError(
@@ -369,6 +377,7 @@ def load_hf_classifier(
     except (OSError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{where} holds no readable config.json: {first}") from None
+    _check_image_classifier(transformers, config, where)
     labels = int(config.num_labels)
     if num_classes is not None and labels != num_classes:
         raise ValueError(f"{where} is for {labels} classes but the data has {num_classes}")
@@ -396,6 +405,37 @@ def load_hf_classifier(
         meta["classes"] = names
     model.eval()
     return LoadedModel(model, meta, ModelSource("hf", str(directory)))
+
+
+def _check_image_classifier(transformers: Any, config: Any, where: str) -> None:
+    """Refuses a folder whose model type has no image-classification class (a BertModel:
+    its default two labels would otherwise read as "for 2 classes")."""
+    names = getattr(
+        getattr(getattr(transformers, "models", None), "auto", None), "modeling_auto", None
+    )
+    known = getattr(names, "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", None)
+    if known is None or config.model_type in known:
+        return
+    saved = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    raise ValueError(
+        f"{where} holds a {saved} (model type {config.model_type!r}), which is not an image "
+        "classifier; selmix fine-tunes image classifiers (e.g. ViTForImageClassification)"
+    )
+
+
+def check_finite_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Refuses starting weights holding NaN or inf, which would spoil every step silently.
+
+    Raises:
+        ValueError: one line naming the first such parameter or buffer.
+    """
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"`checkpoint` {str(checkpoint)!r} has {bad} non-finite value(s) (NaN or inf) "
+                f"in {name!r}: start from a model with finite weights"
+            )
 
 
 @contextlib.contextmanager
@@ -441,9 +481,30 @@ def load_start_model(
     Raises:
         FileNotFoundError, ImportError, ValueError: one line each (module docstring).
     """
-    from selmix.checkpoint import load_checkpoint, load_model
 
     text = str(checkpoint)
+    if not text.startswith(HF_PREFIX) and Path(text).is_dir():
+        if (Path(text) / "config.json").is_file():
+            raise ValueError(
+                f"`checkpoint` {text!r} is a folder; for a Hugging Face save_pretrained "
+                f"folder write it as hf:{text}"
+            )
+        raise ValueError(f"`checkpoint` {text!r} is a folder, not a model file")
+    loaded = _load_start_model(text, model, num_classes, in_channels, ckpt_prefix, device)
+    check_finite_weights(loaded.model, text)
+    return loaded
+
+
+def _load_start_model(
+    text: str,
+    model: str | None,
+    num_classes: int | None,
+    in_channels: int,
+    ckpt_prefix: str | None,
+    device: str | torch.device,
+) -> LoadedModel:
+    from selmix.checkpoint import load_checkpoint, load_model
+
     if text.startswith(HF_PREFIX):
         if model is not None:
             raise ValueError(
