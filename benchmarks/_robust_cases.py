@@ -213,9 +213,11 @@ def build_start(spec: StartSpec, data: CaseData | None = None) -> Path:
         settings["loss"] = "logit_adjusted"
     elif spec.loss == "mixup":
         settings["mixup_alpha"] = 1.0
+    # channels_last=False: the layout the committed starts were built with ("auto" measures
+    # the machine and may pick another, and the numbers then differ a little)
     result = pretrain(
         model, data.train, None, epochs=spec.epochs, lr=0.05, batch_size=128,
-        warmup_epochs=1, seed=spec.seed, progress=False, **settings,
+        warmup_epochs=1, seed=spec.seed, progress=False, channels_last=False, **settings,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path.with_suffix(".tmp"), {"start_spec": asdict(spec)})

@@ -71,6 +71,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-shrinkage": {"shrinkage": "none"},
     "crt-init": {"init": "crt", "head_init": "none", "shrinkage": "none"},
     "rate-scaled": {"rate": "scaled", "head_init": "none", "shrinkage": "none"},
+    # issue 38 candidates on top of the issue-22 defaults (min-recall objectives only):
+    # the multiplier rate from the validation noise, the selection of the undominated step
+    # among those tied within the noise, and a floor of evenly spread weight
+    "noise-rate": {"multiplier_rate": "noise", "select_tolerance": 0.0},
+    "tied-select": {"multiplier_rate": "objective", "select_tolerance": 1.0},
+    "noise-select": {"multiplier_rate": "noise", "select_tolerance": 1.0},
+    "noise-half-select": {"multiplier_rate": "noise", "select_tolerance": 0.5},
+    "noise-floor-select": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 1.0,
+        "min_recall_params": {"floor": 0.3},
+    },
 }
 
 
@@ -197,6 +209,9 @@ def _selmix_settings(case: Case, variant: str) -> dict[str, Any]:
     """finetune's settings for the variant ("init" is the benchmark's, not the library's)."""
     settings = {**VARIANTS[variant], "frozen_backbone": case.frozen}
     init = settings.pop("init", None)
+    min_recall_params = settings.pop("min_recall_params", None)
+    if min_recall_params and case.objective == "min_recall":
+        settings["objective_params"] = dict(min_recall_params)
     if settings.pop("rate", None) == "scaled" and case.objective == "min_recall":
         # w = 50 treats recalls as known to about 2% (500 per class); scale w with the
         # standard error, 1 / sqrt(n)
@@ -301,8 +316,55 @@ def _cell(values: list[float]) -> str:
 
 BASELINES = ("crt", "posthoc_la", "la_finetune")
 
+# issue 38: a min-recall run is dominated by another objective's run on the same start and
+# validation set when that run's test min recall is within 1 point of its own and its test
+# mean recall 2 or more points higher
+DOMINANCE_MIN_RECALL = 0.01
+DOMINANCE_MEAN_RECALL = 0.02
 
-def render(records: list[dict[str, Any]], variants: list[str], cases: list[str]) -> str:
+
+def partners(cases: list[Case]) -> dict[str, list[str]]:
+    """For each min-recall case, the cases of other objectives on the same start,
+    validation size and backbone mode."""
+    return {
+        c.name: [
+            o.name for o in cases
+            if o.objective != c.objective and (o.start, o.val_per_class, o.frozen)
+            == (c.start, c.val_per_class, c.frozen)
+        ]
+        for c in cases if c.objective == "min_recall"
+    }  # fmt: skip
+
+
+def dominated_by(
+    runs: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]]
+) -> list[tuple[str, float, float]]:
+    """The other cases whose runs dominate ``runs`` (means over seeds of the test min and
+    mean recall): ``(case, min recall difference, mean recall difference)``, other - own."""
+    own_min = _mean([r["test"]["min_recall"] for r in runs])
+    own_mean = _mean([r["test"]["mean_recall"] for r in runs])
+    out = []
+    for name, other in others.items():
+        if not other:
+            continue
+        d_min = _mean([r["test"]["min_recall"] for r in other]) - own_min
+        d_mean = _mean([r["test"]["mean_recall"] for r in other]) - own_mean
+        if d_min >= -DOMINANCE_MIN_RECALL - 1e-9 and d_mean >= DOMINANCE_MEAN_RECALL - 1e-9:
+            out.append((name, d_min, d_mean))
+    return out
+
+
+def render(
+    records: list[dict[str, Any]],
+    variants: list[str],
+    cases: list[str],
+    pairs: dict[str, list[str]] | None = None,
+    partner_variant: str = "defaults",
+) -> str:
+    """The table and the verdicts; ``pairs`` (:func:`partners`) adds, for each min-recall
+    case, whether another objective's run of the same variant (else of
+    ``partner_variant``) on the same start dominated it."""
+    pairs = pairs or {}
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         tag = f"selmix-{r['variant']}" if r["method"] == "selmix" else r["method"]
@@ -310,6 +372,8 @@ def render(records: list[dict[str, Any]], variants: list[str], cases: list[str])
     head = ["case", "K", "val/class", "start", "cRT", "post-hoc LA", "LA fine-tuning"]
     for v in variants:
         head += [f"SelMix {v}", f"val (gap) {v}", f"min / mean rec {v}"]
+        if pairs:
+            head.append(f"dominated {v}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     verdict_rows = []
     for name in cases:
@@ -346,6 +410,23 @@ def render(records: list[dict[str, Any]], variants: list[str], cases: list[str])
                 if runs
                 else ""
             )
+            dominators: list[tuple[str, float, float]] | None = None
+            if pairs:
+                if name in pairs and runs:
+                    others = {
+                        o: by_key.get((o, f"selmix-{v}"))
+                        or by_key.get((o, f"selmix-{partner_variant}"), [])
+                        for o in pairs[name]
+                    }  # fmt: skip
+                    dominators = dominated_by(runs, others)
+                    row.append(
+                        ", ".join(
+                            f"by {o.rsplit('-', 1)[-1]} ({100 * a:+.1f} / {100 * b:+.1f})"
+                            for o, a, b in dominators
+                        ) or ("no" if any(others.values()) else "")
+                    )  # fmt: skip
+                else:
+                    row.append("")
             if runs:
                 spread = statistics.pstdev(test_values) if len(test_values) > 1 else 0.0
                 verdict_rows.append({
@@ -360,6 +441,7 @@ def render(records: list[dict[str, Any]], variants: list[str], cases: list[str])
                     "min_recall": _mean([r["test"]["min_recall"] for r in runs]),
                     "gain_over_start": _mean(test_values) - s["test"]["objective"],
                     "seeds": len(runs),
+                    "dominated": dominators,
                 })  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n\n" + verdicts(verdict_rows, variants)
@@ -386,6 +468,15 @@ def verdicts(rows: list[dict[str, Any]], variants: list[str]) -> str:
             if partner is not None and r["case"] != partner["case"]:
                 cov_pairs.append((r, partner))
         reach = [a for a, b in cov_pairs if a["min_recall"] >= b["min_recall"] - 1e-9]
+        checked = [r for r in minrec if r.get("dominated") is not None]
+        dominated = [
+            f"{r['case']} (by " + ", ".join(
+                f"{o.rsplit('-', 1)[-1]}: {100 * a:+.1f} min / {100 * b:+.1f} mean"
+                for o, a, b in r["dominated"]
+            ) + ")"
+            for r in checked if r["dominated"]
+        ]  # fmt: skip
+        by_coverage = [r for r in checked if any(o.endswith("mrcov") for o, _, _ in r["dominated"])]
         out += [
             f"**{v}** ({len(mine)} cases):",
             f"- test objective >= best baseline (or within the seed spread): "
@@ -396,6 +487,19 @@ def verdicts(rows: list[dict[str, Any]], variants: list[str]) -> str:
             f"({len(small)} cases)",
             f"- min-recall runs with mean recall within 3 points of cRT's: "
             f"{len(within)}/{len(minrec)}",
+            f"- test min recall of the min-recall runs, mean over cases: "
+            f"{100 * _mean([r['min_recall'] for r in minrec]):.1f} ({len(minrec)} cases)",
+            *(
+                [
+                    f"- min-recall runs dominated by another objective's run on the same start "
+                    f"and validation set (its min recall within 1 point, its mean recall 2+ "
+                    f"points higher): {len(dominated)}/{len(checked)}, by the coverage "
+                    f"objective {len(by_coverage)}"
+                    + (f"; {'; '.join(dominated)}" if dominated else "")
+                ]
+                if checked
+                else []
+            ),
             f"- min-recall objective reaching the coverage objective's test min recall on the "
             f"same start and validation set: {len(reach)}/{len(cov_pairs)}",
             f"- cases gaining >= 10 points over the start: "
@@ -421,6 +525,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the table of the saved records, run nothing")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["before", "defaults"],
                         help="variants shown by --render")  # fmt: skip
+    parser.add_argument("--partner-variant", default="defaults",
+                        help="--render: the variant whose other-objective runs are checked "
+                        "for dominating a min-recall run when the variant has none")  # fmt: skip
     parser.add_argument("--runs", nargs="+", type=Path, default=None,
                         help="record folders read by --render (default: the suite's)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -430,7 +537,10 @@ def main(argv: list[str] | None = None) -> None:
     wanted = [w for w in args.cases.split(",") if w]
     cases = [c for c in cases if not wanted or any(w in c.name for w in wanted)]
     if args.render:
-        text = render(load_records(args.runs), args.variants, [c.name for c in cases])
+        text = render(
+            load_records(args.runs), args.variants, [c.name for c in cases], partners(cases),
+            args.partner_variant,
+        )  # fmt: skip
         command = "python benchmarks/versus_baselines.py " + " ".join(
             sys.argv[1:] if argv is None else argv
         )

@@ -11,6 +11,7 @@ of C works wherever an objective is expected (its derivative comes from autograd
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "as_objective",
     "get_objective",
     "list_objectives",
+    "noise_rate",
     "register_objective",
 ]
 
@@ -223,22 +225,64 @@ class HMean(Objective):
         return recall.numel() / recall.reciprocal().sum()
 
 
+def noise_rate(spread: float) -> float:
+    """The multiplier rate w at which ``softmax(-w * recall)`` is the chance of each class
+    being the worst, when every recall is known to a standard error ``spread``.
+
+    If the measured recalls are the true ones plus independent Gumbel errors of scale b,
+    the class with the lowest measured recall is class k with probability
+    ``softmax(-recall / b)[k]``; matching the Gumbel's standard deviation
+    ``b pi / sqrt(6)`` to ``spread`` gives ``w = pi / (sqrt(6) spread)``. Classes whose
+    recalls differ by less than their noise then share the weight: with 40 samples per
+    class (spread 0.5 / sqrt(40) = 0.079) w = 16, and a recall 2 points lower weighs
+    ``exp(0.02 w)`` = 1.4 times as much, where the paper's w = 50 makes it 2.7 times; at 500
+    samples per class w = 57, about the paper's.
+
+    Args:
+        spread: the standard error of the recalls (> 0), e.g.
+            :meth:`MinRecall.recall_spread` of the validation set's class counts.
+    """
+    spread = check_positive("spread", spread)
+    return math.pi / (math.sqrt(6.0) * spread)
+
+
 class MinRecall(Objective):
     """Worst-case recall through a weighted recall, ``sum_y l_y recall_y``.
 
+    ``l = (1 - floor) softmax(-w * recall) + floor / K``: with ``floor`` > 0 every class
+    keeps a share of the weight, so the objective is the worst recall first and the mean
+    recall second (``floor`` = 0: the paper).
+
     Args:
-        rate: the "validation learning rate" w of ``l = softmax(-w * recall)``.
+        rate: the "validation learning rate" w of ``l = softmax(-w * recall)``
+            (:func:`noise_rate` sets it from the validation set's size).
+        floor: the share of the weight spread evenly over the classes, in [0, 1).
     """
 
     name = "min_recall"
     has_multipliers = True
 
-    def __init__(self, rate: float = 50.0, head_classes: Any = None) -> None:
+    def __init__(self, rate: float = 50.0, head_classes: Any = None, floor: float = 0.0) -> None:
         super().__init__(head_classes)
         self.rate = check_positive("rate", rate)
+        self.floor = check_in_range("floor", floor, 0.0, 1.0)
+        if self.floor >= 1.0:
+            raise ValueError(f"`floor` must be below 1 (none left for the worst), got {floor}")
 
     def hyperparameters(self) -> dict[str, Any]:
+        if self.floor:
+            return {"rate": self.rate, "floor": self.floor}
         return {"rate": self.rate}
+
+    def recall_spread(self, class_counts: torch.Tensor) -> float:
+        """The standard error of the recall the multipliers compare, at its largest
+        (recall 0.5): ``0.5 / sqrt(min_k n_k)`` for the class with fewest samples.
+
+        Args:
+            class_counts: Tensor[K], the validation samples of each class (each > 0).
+        """
+        counts = _class_counts(class_counts)
+        return 0.5 / math.sqrt(float(counts.min()))
 
     def value(self, prepared: torch.Tensor) -> torch.Tensor:
         return (self._current_multipliers * _recall(prepared)).sum()
@@ -248,7 +292,8 @@ class MinRecall(Objective):
         return torch.full((size,), 1.0 / size, dtype=torch.float64)
 
     def _new_multipliers(self, prepared: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(-self.rate * _recall(prepared), dim=0)
+        weights = torch.softmax(-self.rate * _recall(prepared), dim=0)
+        return (1 - self.floor) * weights + self.floor / weights.numel()
 
 
 class MinHeadTailRecall(MinRecall):
@@ -256,11 +301,25 @@ class MinHeadTailRecall(MinRecall):
 
     name = "min_head_tail_recall"
 
-    def __init__(self, rate: float = 50.0, head_classes: Any = None) -> None:
-        super().__init__(rate, head_classes)
+    def __init__(self, rate: float = 50.0, head_classes: Any = None, floor: float = 0.0) -> None:
+        super().__init__(rate, head_classes, floor)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"rate": self.rate, "head_classes": self.head_classes}
+        return {**super().hyperparameters(), "head_classes": self.head_classes}
+
+    def recall_spread(self, class_counts: torch.Tensor) -> float:
+        """The larger standard error of the two groups' mean recalls, at recall 0.5:
+        ``sqrt(sum_{k in G} 0.25 / n_k) / |G|`` for G the head or the tail.
+
+        Args:
+            class_counts: Tensor[K], the validation samples of each class (each > 0).
+        """
+        counts = _class_counts(class_counts)
+        mask = self._make_head_mask(counts.numel())
+        return max(
+            math.sqrt(float((0.25 / counts[group]).sum())) / int(group.sum())
+            for group in (mask, ~mask)
+        )
 
     def _initial_multipliers(self) -> torch.Tensor:
         return _spread(torch.tensor([0.5, 0.5], dtype=torch.float64), self.mask)
@@ -269,7 +328,15 @@ class MinHeadTailRecall(MinRecall):
         recall = _recall(prepared)
         mask = self.mask.to(recall.device)
         groups = torch.stack([recall[mask].mean(), recall[~mask].mean()])
-        return _spread(torch.softmax(-self.rate * groups, dim=0), mask)
+        weights = torch.softmax(-self.rate * groups, dim=0)
+        return _spread((1 - self.floor) * weights + self.floor / 2, mask)
+
+
+def _class_counts(class_counts: torch.Tensor | list[int]) -> torch.Tensor:
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten()
+    if counts.numel() == 0 or bool((counts <= 0).any()):
+        raise ValueError(f"`class_counts` must be positive counts, got {counts.tolist()}")
+    return counts
 
 
 class CoverageConstrained(Objective):

@@ -39,7 +39,13 @@ from selmix.objectives import (
     as_objective,
 )
 
-__all__ = ["ObjectiveScore", "best_index", "objective_score"]
+__all__ = [
+    "ObjectiveScore",
+    "best_index",
+    "objective_score",
+    "selection_tolerance",
+    "undominated_index",
+]
 
 ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
 
@@ -189,3 +195,51 @@ def best_index(scores: Sequence[ObjectiveScore]) -> int:
     if len(scores) == 0:
         raise ValueError("`scores` must hold at least one score, got none")
     return max(range(len(scores)), key=lambda i: scores[i].key)
+
+
+def selection_tolerance(
+    objective: ObjectiveLike, class_counts: torch.Tensor | Sequence[int], width: float = 1.0
+) -> float:
+    """How far apart two scores of the objective's metric may be and still tie: ``width``
+    standard errors of the metric on a validation set with ``class_counts`` samples per class.
+
+    For min recall and min head/tail recall it is ``width`` times
+    :meth:`~selmix.objectives.MinRecall.recall_spread` (``0.5 / sqrt(min_k n_k)`` for min
+    recall: with 40 samples per class, 0.079); for every other objective 0 (no tie).
+
+    Args:
+        objective: the run's objective.
+        class_counts: Tensor[K], the validation samples of each class.
+        width: the number of standard errors (>= 0; 0: only equal scores tie).
+    """
+    objective = as_objective(objective)
+    if width < 0:
+        raise ValueError(f"`width` must be >= 0, got {width}")
+    if width == 0 or not isinstance(objective, MinRecall):
+        return 0.0
+    return width * objective.recall_spread(torch.as_tensor(class_counts))
+
+
+def undominated_index(scores: Sequence[ObjectiveScore], tolerance: float) -> int:
+    """The step to return among those tied on the metric within ``tolerance``.
+
+    The scores whose metric is within ``tolerance`` of the best metric tie on the objective
+    (:func:`selection_tolerance`: their difference is within the noise of the validation
+    set); of them, the one with the highest tie-break (the mean recall, for min recall),
+    then the highest metric, then the earliest. That score is not dominated by any tied
+    score: none has both a metric and a tie-break at least as high, and one higher. With
+    ``tolerance = 0``, or scores without a tie-break, it is :func:`best_index`.
+
+    Args:
+        scores: the candidates' scores, e.g. one per feedback step.
+        tolerance: the largest difference of the metric that still ties (>= 0).
+    """
+    if len(scores) == 0:
+        raise ValueError("`scores` must hold at least one score, got none")
+    if tolerance < 0:
+        raise ValueError(f"`tolerance` must be >= 0, got {tolerance}")
+    if tolerance == 0 or any(s.tiebreak is None or s.coverage is not None for s in scores):
+        return best_index(scores)
+    top = max(s.metric for s in scores)
+    tied = [i for i, s in enumerate(scores) if s.metric >= top - tolerance]
+    return max(tied, key=lambda i: (scores[i].tiebreak, scores[i].metric, -i))

@@ -145,7 +145,9 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     model, _, source = _load_start_model(settings, splits)
     _check_model_takes_data(model, splits.train, str(settings["checkpoint"]))
     # the library resolves the run (head classes, objective parameters) as the API does
-    config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
+    config, _ = resolve_objective(
+        config, None, splits.train.labels, _num_classes(splits), splits.val.labels
+    )
     settings["head_classes"] = config.head_classes
     identity = _run_identity(settings, splits)
     if preprocessing.from_model:  # a resumed run must normalise as the run it continues

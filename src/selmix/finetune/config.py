@@ -27,7 +27,7 @@ from selmix.evaluate import DEVICE_HELP
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.metrics import infer_head_classes
 from selmix.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
-from selmix.objectives import Objective, as_objective, get_objective
+from selmix.objectives import MinRecall, Objective, as_objective, get_objective, noise_rate
 from selmix.policy import POLICIES
 from selmix.precision import (
     channels_last_setting,
@@ -36,6 +36,8 @@ from selmix.precision import (
 )
 
 SELECT = ("best", "last")
+MULTIPLIER_RATES = ("noise", "objective")
+"""Choices of ``multiplier_rate``: from the validation noise, or the objective's own."""
 HEAD_INIT = ("none", "posthoc_la", "crt", "auto")
 """Choices of ``head_init`` (:mod:`selmix.finetune.head_init`)."""
 
@@ -74,6 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "multiplier_step": 1.0,
         "head_init": "none",
         "shrinkage": "none",
+        "multiplier_rate": "objective",
+        "select_tolerance": 0.0,
     },
 }
 
@@ -209,6 +213,14 @@ class FinetuneConfig(ConfigMixin):
         1.0, check=Real(high=1.0), run=True,
         help="step a of the multiplier update l <- (1 - a) l + a l_new (1: the paper)",
     )  # fmt: skip
+    multiplier_rate: str = setting(
+        "objective", check=Choice(MULTIPLIER_RATES), run=True,
+        help="the rate w of the min-recall objectives' multipliers softmax(-w * recall) "
+        "when objective_params gives none: 'noise' sets it from the validation set's size "
+        "so that classes within their noise share the weight (selmix.objectives.noise_rate; "
+        "16 at 40 samples of the smallest class), 'objective' keeps the objective's "
+        "(w = 50, the paper)",
+    )  # fmt: skip
     augment: bool = setting(
         True, help="random crop and flip (full-backbone mode)", check=Flag(), run=True
     )
@@ -216,6 +228,13 @@ class FinetuneConfig(ConfigMixin):
         "best", check=Choice(SELECT), run=True, flag=True,
         help="the model returned: the best feedback step on the validation objective "
         "(the start included) or the last step",
+    )  # fmt: skip
+    select_tolerance: float = setting(
+        0.0, check=Real(strict=False), run=True,
+        help="with select 'best' and min recall or min head/tail recall: steps whose metric "
+        "is within this many of its standard errors (0.5 / sqrt(n) for n validation samples "
+        "of the smallest class) of the best step's tie, and the one with the highest mean "
+        "recall is returned (selmix.selection.undominated_index); 0: the strictly best",
     )  # fmt: skip
     patience: int | None = setting(
         None, check=Optional(Int(1)), run=True,
@@ -370,6 +389,7 @@ def resolve_objective(
     objective: Objective | Callable[[torch.Tensor], torch.Tensor] | str | None,
     train_labels: Any,
     num_classes: int,
+    val_labels: Any = None,
 ) -> tuple[RunConfig, Objective]:
     """The run's objective and its config with everything the run uses filled in.
 
@@ -381,6 +401,9 @@ def resolve_objective(
     * the objective: ``objective`` if given (a name, an :class:`Objective` or a callable),
       else ``config.objective`` with ``config.objective_params``; an objective that uses
       head classes and was given none gets the config's;
+    * a min-recall objective built from its name without a ``rate`` in
+      ``objective_params``, with ``multiplier_rate="noise"`` and ``val_labels`` given: the
+      rate :func:`selmix.objectives.noise_rate` of the validation set's class counts;
     * the config records the objective's name and its hyper-parameters
       (``objective_params``), e.g. ``{"rate": 20}`` for ``MinRecall(rate=20)``.
 
@@ -391,6 +414,7 @@ def resolve_objective(
         objective: overrides ``config.objective`` when not None.
         train_labels: Tensor[N] of training labels (for the head classes).
         num_classes: K.
+        val_labels: Tensor[M] of validation labels (for the noise rate), or None.
 
     Returns:
         ``(config, objective)``.
@@ -403,6 +427,7 @@ def resolve_objective(
         head_classes = infer_head_classes(train_labels, num_classes)
     else:
         head_classes = check_head_classes(head_classes, num_classes)
+    by_name = objective is None or isinstance(objective, str)
     if objective is None:
         objective = get_objective(fields.objective, **fields.objective_params)
     elif isinstance(objective, str):
@@ -411,6 +436,11 @@ def resolve_objective(
         objective = as_objective(objective)
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
         objective.head_classes = list(head_classes)
+    noise = getattr(fields, "multiplier_rate", "objective") == "noise"
+    if noise and by_name and val_labels is not None and isinstance(objective, MinRecall):
+        if "rate" not in fields.objective_params:
+            counts = torch.bincount(torch.as_tensor(val_labels).long().cpu(), minlength=num_classes)
+            objective.rate = noise_rate(objective.recall_spread(counts.clamp_min(1)))
     config = config.replace(
         objective=objective.name,
         objective_params=_plain(objective.hyperparameters()),
