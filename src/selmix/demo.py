@@ -130,7 +130,7 @@ def _run_demo(
     from selmix.finetune import FinetuneConfig, finetune
     from selmix.models import create_model
     from selmix.pretrain import PretrainConfig, pretrain
-    from selmix.report import format_metrics_table, write_report
+    from selmix.report import format_metrics_table, format_verdict, write_report
 
     def say(message: str) -> None:
         if verbose:
@@ -174,12 +174,17 @@ def _run_demo(
             "after": result.metrics(splits.test),
             "history": result.history,
             "gains": result.gains,
+            "result": result,
         }
 
     after = {name: run["after"] for name, run in runs.items()}
     table = format_metrics_table({"before": before, **after})
     say("\ntest metrics (%): the pre-trained model, then its SelMix fine-tuned copies")
     say(table)
+    for name, run in runs.items():
+        resolved = run["result"].config
+        alpha = (resolved.objective_params or {}).get("alpha")
+        say(f"{name}: " + format_verdict(name, before, run["after"], alpha=alpha))
 
     train_time = time.perf_counter() - started
     mode = "head only" if settings["finetune"]["frozen_backbone"] else "whole network"

@@ -19,7 +19,15 @@ from typing import Any
 from selmix._io import atomic_write_text
 from selmix.devices import to_host
 
-__all__ = ["METRIC_LABELS", "format_metrics_table", "format_per_class_table", "write_report"]
+__all__ = [
+    "METRIC_LABELS",
+    "format_metrics_table",
+    "format_per_class_table",
+    "format_start",
+    "format_verdict",
+    "objective_metric",
+    "write_report",
+]
 
 #: The scalar metrics of :func:`selmix.all_metrics`, in display order, with their labels.
 METRIC_LABELS: dict[str, str] = {
@@ -32,6 +40,129 @@ METRIC_LABELS: dict[str, str] = {
     "min_head_tail_coverage": "min head-tail coverage",
     "accuracy": "accuracy",
 }
+
+
+# -- whether a run worked -------------------------------------------------------------------
+#: The coverage objectives' constraint: objective suffix -> the test metric it bounds.
+_CONSTRAINTS = {
+    "_min_head_tail_coverage": "min_head_tail_coverage",
+    "_min_coverage": "min_coverage",
+}
+
+
+def objective_metric(objective: str) -> tuple[str | None, str | None]:
+    """The test metric an objective names and the metric its constraint bounds.
+
+    ``"min_recall"`` gives ``("min_recall", None)``; ``"mean_recall_min_coverage"`` gives
+    ``("mean_recall", "min_coverage")``; a name that is no metric (a custom objective)
+    gives ``(None, None)``.
+    """
+    if not isinstance(objective, str):
+        raise TypeError(f"`objective` must be a str, got {type(objective).__name__}")
+    for suffix, bounded in _CONSTRAINTS.items():
+        if objective.endswith(suffix):
+            metric = objective[: -len(suffix)]
+            return (metric if metric in METRIC_LABELS else None), bounded
+    return (objective if objective in METRIC_LABELS else None), None
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def format_verdict(
+    objective: str,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    *,
+    alpha: float | None = None,
+    num_classes: int | None = None,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """One line saying whether a run worked: the objective's test metric before -> after,
+    the best baseline's value when baselines were run, and for a coverage objective
+    whether its constraint (coverage >= ``alpha`` / K) is met.
+
+    Example: ``verdict: mean recall 70.2% -> 71.0% (+0.8): improved; min coverage 9.1% <
+    target 9.5%: constraint missed``.
+
+    Args:
+        objective: the objective's name (:func:`selmix.list_objectives`).
+        before, after: test metrics dicts (:func:`selmix.all_metrics`).
+        alpha: a coverage objective's target share of the fair coverage 1/K (default 0.95,
+            the objectives' default).
+        num_classes: K (default: the length of ``after["per_class_recall"]``).
+        baselines: maps a baseline's name to its test metrics dict.
+
+    Returns:
+        The line, starting with ``"verdict: "``.
+    """
+    metric, bounded = objective_metric(objective)
+    if metric is None:
+        return f"verdict: objective {objective!r} is not a test metric; see the table"
+    parts = []
+    old, new = before.get(metric), after.get(metric)
+    label = METRIC_LABELS[metric]
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        change = 100 * (new - old)
+        # the table shows one decimal: a change below it is no change
+        outcome = "improved" if change >= 0.05 else "worse" if change <= -0.05 else "unchanged"
+        parts.append(f"{label} {_percent(old)} -> {_percent(new)} ({change:+.1f}): {outcome}")
+    else:
+        parts.append(f"{label}: not in the metrics")
+    scored = {
+        name: metrics[metric]
+        for name, metrics in (baselines or {}).items()
+        if isinstance(metrics.get(metric), (int, float))
+    }
+    if scored and isinstance(new, (int, float)):
+        best = max(scored, key=lambda name: scored[name])
+        beaten = "beaten" if new > scored[best] else "not beaten"
+        parts.append(f"best baseline {best} {_percent(scored[best])}: {beaten}")
+    if bounded is not None:
+        share = 0.95 if alpha is None else float(alpha)
+        count = num_classes or len(after.get("per_class_recall") or []) or None
+        reached = after.get(bounded)
+        if count is None or not isinstance(reached, (int, float)):
+            parts.append(f"{METRIC_LABELS[bounded]}: not in the metrics")
+        else:
+            target = share / count
+            # compared as the table shows them, so the line never contradicts the table
+            met = round(100 * reached, 1) >= round(100 * target, 1)
+            relation = ">=" if met else "<"
+            parts.append(
+                f"{METRIC_LABELS[bounded]} {_percent(reached)} {relation} target "
+                f"{_percent(target)}: constraint {'met' if met else 'missed'}"
+            )
+    return "verdict: " + "; ".join(parts)
+
+
+def format_start(
+    selected_step: int,
+    head_init: Mapping[str, Any] | None,
+    method: str,
+    detail: str | None = None,
+) -> str:
+    """One line naming the step the run returned and the head it started from.
+
+    Args:
+        selected_step: the step whose weights were returned (0: the start).
+        head_init: ``FinetuneResult.head_init`` (the chosen head and the candidates'
+            scores), or None when the run kept the model's head.
+        method: the run's ``head_init`` setting.
+        detail: shown in parentheses after the step (e.g. how it was selected).
+    """
+    chosen = (head_init or {}).get("head_init") or "model"
+    names = {"model": "the model's own", "posthoc_la": "post-hoc logit adjusted", "crt": "cRT"}
+    head = f"start head: {names.get(chosen, chosen)} ({chosen}"
+    head += f", chosen by head_init={method})" if method == "auto" else ")"
+    if selected_step == 0:
+        step = "selected step 0 (the starting weights, before any SelMix step)"
+    else:
+        step = f"selected step {selected_step}"
+    if detail:
+        step += f" ({detail})"
+    return f"{step}; {head}"
 
 
 # -- plain-text tables -----------------------------------------------------------------------
@@ -74,6 +205,7 @@ def format_metrics_table(
     percent: bool = True,
     digits: int = 1,
     change: bool | None = None,
+    objective: str | None = None,
 ) -> str:
     """A plain-text table: one row per metric, one column per run (e.g. before/after).
 
@@ -94,6 +226,8 @@ def format_metrics_table(
         digits: decimals shown (in percent; two more without ``percent``).
         change: add a ``change`` column (last minus first). Default: only when there are
             exactly two columns.
+        objective: the run's objective: its metric's row is marked ``(objective)`` and a
+            coverage objective's bounded metric ``(constraint)``.
 
     Returns:
         The table as one string (no trailing newline).
@@ -111,6 +245,7 @@ def format_metrics_table(
     header = ["metric (%)" if percent else "metric", *labels]
     if show_change:
         header.append("change")
+    marks = _objective_marks(objective)
     body = []
     for key in keys:
         row = [METRIC_LABELS.get(key, key)]
@@ -122,8 +257,21 @@ def format_metrics_table(
                 row.append(f"{delta:+.{digits if percent else digits + 2}f}")
             else:
                 row.append("-")
+        if key in marks:
+            row[0] += f" ({marks[key]})"
         body.append(row)
     return _render(header, body)
+
+
+def _objective_marks(objective: str | None) -> dict[str, str]:
+    """Metric key -> its mark in a table for ``objective`` (none for a custom one)."""
+    if objective is None:
+        return {}
+    metric, bounded = objective_metric(objective)
+    marks = {metric: "objective"} if metric is not None else {}
+    if bounded is not None:
+        marks[bounded] = "constraint"
+    return marks
 
 
 def format_per_class_table(
@@ -225,12 +373,33 @@ def _normalise_run(name: str, run: Any) -> dict[str, Any]:
                 f"`runs[{name!r}]` needs a `{label}` metrics dict, got {type(given).__name__}"
             )
         metrics[label] = dict(given)
+    config = getattr(result, "config", None)
+    objective = get("objective")
+    if objective is not None and not isinstance(objective, str):
+        objective = getattr(objective, "name", None)  # an Objective, as FinetuneResult holds
+    objective = objective or getattr(config, "objective", None) or name
+    params = getattr(config, "objective_params", None) or {}
+    baselines = get("baselines") or {}
+    verdict = format_verdict(
+        str(objective), metrics["before"], metrics["after"],
+        alpha=get("alpha", params.get("alpha")),
+        baselines={str(k): dict(v) for k, v in baselines.items()},
+    )  # fmt: skip
+    selected = get("selected_step", getattr(result, "selected_step", None))
+    start = None
+    if selected is not None:
+        method = get("head_init_method") or getattr(config, "head_init", None) or "none"
+        head = get("head_init", getattr(result, "head_init", None))
+        start = format_start(int(selected), head, str(method))
     return {
         "before": metrics["before"],
         "after": metrics["after"],
         "history": list(history or []),
         "gains": [(int(step), _as_matrix(matrix)) for step, matrix in (gains or [])],
         "title": get("title") or name,
+        "objective": str(objective),
+        "verdict": verdict,
+        "start": start,
     }
 
 
@@ -340,21 +509,7 @@ def _plot_history(new_figure: Any, path: Path, run: dict[str, Any], names: list[
 
     multipliers = [_as_list(record.get("multipliers")) for record in history]
     if any(multipliers):
-        count = max(len(m) for m in multipliers)
-        for k in range(count):
-            series = [(s, m[k]) for s, m in zip(steps, multipliers, strict=True) if len(m) > k]
-            label = names[k] if k < len(names) else str(k)
-            axes[1].plot(
-                [p[0] for p in series],
-                [p[1] for p in series],
-                linewidth=1.2,
-                label=label if count <= 12 else None,
-            )
-        if count <= 12:
-            axes[1].legend(
-                fontsize=7, ncols=min(count, 5), loc="upper center",
-                bbox_to_anchor=(0.5, -0.18), frameon=False,
-            )  # fmt: skip
+        _plot_multipliers(axes[1], steps, multipliers, names)
     else:
         axes[1].text(
             0.5,
@@ -392,6 +547,40 @@ def _plot_history(new_figure: Any, path: Path, run: dict[str, Any], names: list[
     figure.savefig(path)
 
 
+#: Multipliers drawn in colour and named; the others are grey.
+HIGHLIGHTED_MULTIPLIERS = 3
+
+
+def _plot_multipliers(
+    axis: Any, steps: list[int], multipliers: list[list[float]], names: list[str]
+) -> None:
+    """The few largest multipliers (by their largest value over the run) in colour and
+    named, the rest thin and grey: ten overlapping coloured lines cannot be read."""
+    count = max(len(m) for m in multipliers)
+    series = []
+    for k in range(count):
+        points = [(s, m[k]) for s, m in zip(steps, multipliers, strict=True) if len(m) > k]
+        series.append(points)
+    peaks = [max((abs(v) for _, v in points), default=0.0) for points in series]
+    order = sorted(range(count), key=lambda k: -peaks[k])
+    shown = [k for k in order[:HIGHLIGHTED_MULTIPLIERS] if peaks[k] > 0]
+    rest = [k for k in range(count) if k not in shown]
+    for index, k in enumerate(rest):
+        axis.plot(
+            [p[0] for p in series[k]], [p[1] for p in series[k]], color="#b8bec6",
+            linewidth=0.8, label=f"other {len(rest)} classes" if index == 0 else None,
+        )  # fmt: skip
+    colours = ("#c0392b", "#2f6fb0", "#1e8449")
+    for k, colour in zip(shown, colours, strict=False):
+        name = names[k] if k < len(names) else str(k)
+        axis.plot(
+            [p[0] for p in series[k]], [p[1] for p in series[k]], color=colour,
+            linewidth=1.8, label=f"{k} {name}" if name != str(k) else f"class {k}",
+        )  # fmt: skip
+    axis.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+                frameon=False)  # fmt: skip
+
+
 _STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
        max-width: 1150px; color: #1d232b; padding: 0 1em; }
@@ -404,6 +593,8 @@ td.up { color: #17703a; font-weight: 600; } td.down { color: #a32020; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
 table.details td { text-align: left; }
 p.note { color: #555; } code { background: #f1f3f6; padding: 1px 4px; }
+p.verdict { font-size: 1.05em; margin: 0.3em 0; }
+td.objective { font-weight: 700; background: #fff7d6; } td.constraint { background: #f4f0ff; }
 """
 
 
@@ -420,18 +611,29 @@ def _html_metrics_table(runs: dict[str, dict[str, Any]], shared_before: bool) ->
             columns.append((f"{name}: after", run["after"], run["before"]))
     keys = _scalar_keys({label: metrics for label, metrics, _ in columns})
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _, _ in columns)
+    # each column's run marks its objective's metric (and a coverage objective's constraint)
+    objectives = [run["objective"] for run in runs.values()]
+    if shared_before:
+        marks = [{}] + [_objective_marks(objective) for objective in objectives]
+    else:
+        marks = [_objective_marks(objective) for objective in objectives for _ in range(2)]
     rows = []
     for key in keys:
         cells = [f"<td>{html.escape(METRIC_LABELS.get(key, key))}</td>"]
-        for _, metrics, reference in columns:
+        for (_, metrics, reference), marked in zip(columns, marks, strict=True):
             value = metrics.get(key)
             text = _format_value(value, True, 1)
-            css = ""
+            classes = []
             if reference is not None and isinstance(value, (int, float)):
                 old = reference.get(key)
                 if isinstance(old, (int, float)) and abs(value - old) >= 5e-4:
-                    css = ' class="up"' if value > old else ' class="down"'
-            cells.append(f"<td{css}>{html.escape(text)}</td>")
+                    classes.append("up" if value > old else "down")
+            if key in marked:
+                classes.append(marked[key])
+                text += " \u25c0" if marked[key] == "objective" else " \u25c1"
+            css = f' class="{" ".join(classes)}"' if classes else ""
+            title = f' title="the run\'s {marked[key]}"' if key in marked else ""
+            cells.append(f"<td{css}{title}>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f"<table><thead><tr><th>test metric (%)</th>{head}</tr></thead>"
@@ -489,6 +691,9 @@ def write_report(
     for name, run in prepared.items():
         slug = _slug(name)
         parts = [f"<h2>{html.escape(run['title'])}</h2>"]
+        parts.append(f'<p class="verdict">{html.escape(run["verdict"])}</p>')
+        if run["start"]:
+            parts.append(f'<p class="note">{html.escape(run["start"])}</p>')
         figures = []
         if run["before"].get("per_class_recall") or run["after"].get("per_class_recall"):
             figures.append((f"recall_{slug}.png", _plot_recall, "per-class recall"))
@@ -505,6 +710,10 @@ def write_report(
         sections.append("\n".join(parts))
 
     intro = f"<p>{html.escape(description)}</p>" if description else ""
+    verdicts = "".join(
+        f'<p class="verdict"><b>{html.escape(name)}</b> {html.escape(run["verdict"])}</p>'
+        for name, run in prepared.items()
+    )
     legend = ""
     if names and classes is not None:
         items = ", ".join(f"{i} = {html.escape(str(n))}" for i, n in enumerate(names))
@@ -526,10 +735,12 @@ def write_report(
 <body>
 <h1>{html.escape(title)}</h1>
 {intro}
+{verdicts}
 <h2>Test metrics before and after fine-tuning</h2>
 {_html_metrics_table(prepared, shared_before)}
-<p class="note">Green: better than before fine-tuning; red: worse. Coverage of a class is
-the share of test predictions that fall in it (fair share = 1/K).</p>
+<p class="note">Green: better than before fine-tuning; red: worse. &#9664; marks the metric
+each run optimises, &#9665; a coverage objective's constraint. Coverage of a class is the
+share of test predictions that fall in it (fair share = 1/K).</p>
 {legend}
 {"".join(sections)}
 {extra}

@@ -1,5 +1,5 @@
 """What a fine-tuning run tells its user beyond the metrics: the preprocessing it used
-(recorded in ``config.yaml``)."""
+(recorded in ``config.yaml``) and whether it worked (the verdict line)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def _note_preprocessing(path: Path, preprocessing: Any) -> None:
         for key, value in preprocessing.to_dict().items()
     ]
     atomic_write_text(path, path.read_text() + "\n".join(lines) + "\n")
+
+
+def _verdict(config: Any, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The run's verdict line (:func:`selmix.report.format_verdict`) for its resolved
+    configuration (objective and, for a coverage objective, its ``alpha``)."""
+    from selmix.report import format_verdict
+
+    params = config.objective_params or {}
+    return format_verdict(config.objective, before, after, alpha=params.get("alpha"))
