@@ -905,3 +905,209 @@ def test_a_streamed_run_through_the_cli_matches_the_in_memory_run(
         runs[storage] = load_checkpoint(out / "model.pt")["state_dict"]
     for name, tensor in runs["memory"].items():
         torch.testing.assert_close(runs["disk"][name], tensor)
+
+
+# -- issue 37: a finished run is never lost -------------------------------------------------------
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _used_out(world: dict[str, Path], tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """--out holding the good run, and the checksums of its files."""
+    out = tmp_path / "run"
+    shutil.copytree(world["good"], out)
+    return out, _tree_digest(out)
+
+
+def test_ctrl_c_of_a_new_run_into_a_used_out_leaves_the_earlier_run_intact(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real SIGINT to a `selmix finetune` process once it has written a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, before = _used_out(world, tmp_path)
+    staging = tmp_path / "run.partial"
+    argv = _fill([*FT, "--steps", "100000", "--checkpoint-every", "2", *QUIET], world, out)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "selmix", *argv], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (staging / "finetune_state.pt").is_file():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert _tree_digest(out) == before, "Ctrl-C changed the earlier run"
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
+    assert len(lines) == 1 and f"--resume {staging / 'finetune_state.pt'}" in lines[0], err
+    assert (staging / "finetune_state.pt").is_file()
+
+
+def test_kill_9_into_a_used_out_then_resume_from_the_staging_folder(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed (SIGKILL) right after its step-2 checkpoint: the earlier run is intact, and
+    --resume from OUT.partial/ ends with the uninterrupted run's log and metrics in --out."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    args = ["--set", "feedback_every=2", "--checkpoint-every", "2"]
+    whole = tmp_path / "whole"
+    assert main(_finetune_argv(world, whole, *args)) == 0
+
+    out, before = _used_out(world, tmp_path)
+    argv = _finetune_argv(world, out, *args)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {SRC!r})
+        import torch
+        torch.set_num_threads(1)
+        from selmix.finetune import Trainer
+        original = Trainer.save_checkpoint
+        def save_then_die(self):
+            original(self)
+            if self.step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        Trainer.save_checkpoint = save_then_die
+        from selmix.cli import main
+        sys.exit(main({argv!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert result.returncode == -9, result.stderr
+    assert _tree_digest(out) == before, "a killed run changed the earlier run"
+    staging = tmp_path / "run.partial"
+    assert load_checkpoint(staging / "finetune_state.pt")["step"] == 2
+    assert main([*argv, "--resume", str(staging / "finetune_state.pt")]) == 0
+    assert not staging.exists()
+
+    def untimed(path: Path) -> list[dict]:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "feedback_seconds"} for r in records]
+
+    assert untimed(out / "log.jsonl") == untimed(whole / "log.jsonl")
+    assert (out / "metrics.json").read_text() == (whole / "metrics.json").read_text()
+
+
+def test_a_failed_export_keeps_the_finished_run_and_says_so_in_one_line(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import selmix.export
+
+    def refused(model: object, folder: Path, formats: list[str], source: object) -> None:
+        (Path(folder) / "model_state_dict.pt").write_bytes(b"half an export")
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+    monkeypatch.setattr(selmix.export, "export_model", refused)
+    out, before = _used_out(world, tmp_path)
+    (out / "hf").mkdir()  # an earlier run's export
+    (out / "hf" / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(_finetune_argv(world, out, "--export", "state_dict")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
+    assert len(lines) == 1, lines
+    assert str(tmp_path / "run.partial") not in lines[0]
+    assert "the run finished and is in" in lines[0] and "`export` failed" in lines[0], lines
+    assert "Permission denied" in lines[0]
+    after = _tree_digest(out)
+    assert after["model.pt"] != before["model.pt"], "the finished model was not kept"
+    assert {"model.pt", "metrics.json", "timings.json", "config.yaml", "log.jsonl"} <= set(after)
+    assert "model_state_dict.pt" not in after and not (out / "hf").exists()
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_a_rerun_without_export_leaves_no_stale_export(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    out, before = _used_out(world, tmp_path)
+    (out / "hf").mkdir()
+    (out / "hf" / "config.json").write_text("{}")
+    (out / "model_state_dict.pt").write_bytes(b"an earlier export")
+    (out / "notes.txt").write_text("the user's own file\n")
+    assert main(_finetune_argv(world, out)) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "hf" not in names and "model_state_dict.pt" not in names, names
+    assert (out / "notes.txt").read_text() == "the user's own file\n"
+    assert _tree_digest(out)["model.pt"] != before["model.pt"]
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_a_read_only_earlier_export_is_refused_before_the_run(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import stat
+
+    import selmix.cli.staging
+
+    out, _ = _used_out(world, tmp_path)
+    (out / "hf").mkdir()
+    (out / "hf" / "config.json").write_text("{}")
+    (out / "hf").chmod(0o555)
+    before = _tree_digest(out)
+    if os.geteuid() == 0:  # root writes anywhere: read the mode bits as another user would
+        real = selmix.cli.staging._writable
+        monkeypatch.setattr(selmix.cli.staging, "_writable", lambda folder: (
+            real(folder) and bool(Path(folder).stat().st_mode & stat.S_IWUSR)))  # fmt: skip
+    try:
+        capsys.readouterr()
+        assert main(_finetune_argv(world, out, "--export", "state_dict")) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "read-only folder" in lines[0], lines
+        assert "hf" in lines[0] and "chmod" in lines[0]
+        assert _tree_digest(out) == before
+        assert not (tmp_path / "run.partial").exists()
+    finally:
+        (out / "hf").chmod(0o755)
+
+
+def test_a_live_run_writing_the_staging_folder_is_not_disturbed(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from selmix._io import _HOST
+
+    out, before = _used_out(world, tmp_path)
+    staging = tmp_path / "run.partial"
+    staging.mkdir()
+    (staging / ".selmix-owner").write_text(f"{_HOST}.{os.getppid()}\n")  # a live process
+    capsys.readouterr()
+    assert main(_finetune_argv(world, out)) == 2
+    err = capsys.readouterr().err
+    assert "another run is writing" in err and err.count("\n") == 1, err
+    assert _tree_digest(out) == before and (staging / ".selmix-owner").is_file()
+
+
+def test_hidden_files_and_folders_in_an_image_tree_are_skipped(tmp_path: Path) -> None:
+    from selmix.data import load_data
+
+    plain = _image_tree(tmp_path / "plain")
+    hidden = _image_tree(tmp_path / "hidden")
+    # a notebook's checkpoint copies of class_0's pictures under class_2, a hidden class
+    # folder and a hidden file
+    shutil.copytree(hidden / "train" / "class_0", hidden / "train" / "class_2" /
+                    ".ipynb_checkpoints")  # fmt: skip
+    shutil.copytree(hidden / "train" / "class_1", hidden / "train" / ".trash")
+    shutil.copy(hidden / "train" / "class_1" / "0.png", hidden / "train" / "class_1" / ".0.png")
+    got = load_data(f"imagefolder:{hidden}", val_per_class=3, cache_dir=str(tmp_path / "c1"))
+    want = load_data(f"imagefolder:{plain}", val_per_class=3, cache_dir=str(tmp_path / "c2"))
+    assert got.classes == want.classes == ["class_0", "class_1", "class_2"]
+    assert got.train.class_counts().tolist() == want.train.class_counts().tolist()
+    assert torch.equal(got.train.images, want.train.images)

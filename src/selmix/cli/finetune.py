@@ -131,7 +131,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         raise FileNotFoundError(f"`resume` file {settings['resume']!r} does not exist")
     # every file of the run goes to a staging folder, moved into --out when it ends
     check_out(settings["out"], overwrite=_flag(settings, "overwrite"),
-              resume=settings["resume"], keep=[settings["checkpoint"]])  # fmt: skip
+              resume=settings["resume"], keep=[settings["checkpoint"]],
+              writer=os.environ.get("RANK", "0") == "0")  # fmt: skip
 
     preprocessing = resolve_preprocessing(
         settings["preprocessing"], settings["checkpoint"], settings.get("model"),
@@ -246,7 +247,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         # exit 2: the run is complete, the export is what the user must fix and redo
         raise UsageError(
             f"the run finished and is in {str(out)!r} (model.pt, metrics.json), but "
-            f"`export` failed, so none was written: {export_failure}"
+            # the staging folder it names is --out now
+            f"`export` failed, so none was written: {export_failure.replace(str(work), str(out))}"
         )
     return 0
 

@@ -79,6 +79,7 @@ def check_out(
     overwrite: bool = False,
     resume: str | os.PathLike | None = None,
     keep: Sequence[str | os.PathLike] = (),
+    writer: bool = True,
 ) -> Path:
     """Checks that a run can be written to ``out`` and moved into place, touching nothing.
 
@@ -89,6 +90,8 @@ def check_out(
             then the run being continued).
         keep: files the run reads that may live in ``out`` (the starting model): never
             removed.
+        writer: whether this process writes the staging folder (rank 0 under
+            ``torchrun``; the other ranks would see rank 0's folder as another run's).
 
     Returns:
         ``out`` as a path.
@@ -130,7 +133,7 @@ def check_out(
         raise UsageError(
             f"cannot write `out` {str(out)!r}: {str(where)!r} is not a writable folder"
         )
-    if staging.exists():
+    if writer and staging.exists():
         resuming_here = resume is not None and Path(resume).resolve().parent == staging.resolve()
         if _is_live(staging):
             raise UsageError(
