@@ -80,8 +80,7 @@ def test_tables_mark_the_objective_and_its_constraint() -> None:
 
 def test_start_line_names_the_step_and_the_head() -> None:
     assert format_start(0, {"head_init": "crt"}, "auto") == (
-        "selected step 0 (the starting weights, before any SelMix step); start head: cRT "
-        "(crt, chosen by head_init=auto)"
+        "selected step 0, the starting weights; start head: cRT (crt, chosen by head_init=auto)"
     )
     assert format_start(8, None, "none", "best") == (
         "selected step 8 (best); start head: the model's own (model)"

@@ -156,10 +156,9 @@ def format_start(
     names = {"model": "the model's own", "posthoc_la": "post-hoc logit adjusted", "crt": "cRT"}
     head = f"start head: {names.get(chosen, chosen)} ({chosen}"
     head += f", chosen by head_init={method})" if method == "auto" else ")"
+    step = f"selected step {selected_step}"
     if selected_step == 0:
-        step = "selected step 0 (the starting weights, before any SelMix step)"
-    else:
-        step = f"selected step {selected_step}"
+        step += ", the starting weights"
     if detail:
         step += f" ({detail})"
     return f"{step}; {head}"

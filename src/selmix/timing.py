@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["FEEDBACK_SHARE", "PhaseTimings", "backbone_feedback_every"]
+__all__ = ["FEEDBACK_SHARE", "PhaseTimings", "backbone_feedback_every", "parse_duration"]
 
 #: The share of the whole-model phase's wall time that feedback should stay under.
 FEEDBACK_SHARE = 0.15
@@ -101,3 +101,35 @@ def _with_share(entry: dict[str, float]) -> dict[str, Any]:
         "feedback_seconds": round(entry["feedback_seconds"], 4),
         "feedback_share": round(share, 4),
     }
+
+
+def parse_duration(name: str, value: Any) -> float:
+    """Seconds of a wall-clock budget: a number of seconds (``90``, ``"90"``) or Lightning's
+    ``max_time`` string ``"DD:HH:MM:SS"`` (also ``"HH:MM:SS"``).
+
+    Args:
+        name: the setting, for the message.
+        value: the budget.
+
+    Raises:
+        ValueError: not a positive finite number of seconds or such a string.
+    """
+    expected = "seconds > 0 or 'DD:HH:MM:SS'"
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = value.strip().split(":")
+        try:
+            numbers = [float(part) for part in parts]
+        except ValueError:
+            numbers = []
+        if len(parts) == 1 and numbers:
+            seconds = numbers[0]
+        elif len(parts) in (3, 4) and len(numbers) == len(parts):
+            weights = (86400.0, 3600.0, 60.0, 1.0)[-len(parts) :]
+            if all(n >= 0 for n in numbers):
+                seconds = sum(n * w for n, w in zip(numbers, weights, strict=True))
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
+    return seconds

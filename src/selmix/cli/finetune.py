@@ -17,7 +17,7 @@ from selmix.cli.options import (
     _data_options,
     _start_model_options,
 )
-from selmix.cli.outcome import _note_preprocessing
+from selmix.cli.outcome import _note_preprocessing, _verdict
 from selmix.cli.run import (
     _ARGV,
     _check_model_takes_data,
@@ -47,7 +47,8 @@ def _finetune_options() -> list[Option]:
         Option("export", None, "also write the returned model in its own family: "
                "safetensors (OUT/model.safetensors), state_dict (OUT/model_state_dict.pt), "
                "both with the starting file's keys, hf (OUT/hf/, save_pretrained); "
-               "comma-separated", metavar="|".join(EXPORT_FORMATS)),
+               "one or more, comma-separated (e.g. --export safetensors,hf)",
+               metavar="{" + ",".join(EXPORT_FORMATS) + "}[,...]"),
         Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
@@ -119,7 +120,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     )
     from selmix.objectives import get_objective
     from selmix.preprocessing import resolve_preprocessing
-    from selmix.report import format_metrics_table
+    from selmix.report import format_metrics_table, format_start
+    from selmix.timing import parse_duration
 
     # fail fast, before any data is read: every setting, the objective, the files
     config = _config_from(FinetuneConfig, settings, _finetune_options())
@@ -205,10 +207,13 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             "selected_step": result.selected_step,
             "best_step": result.best_step,
             "last_step": result.last_step,
+            "start_head": (result.head_init or {}).get("head_init", "model"),
+            "stop_reason": result.stop_reason,
         }
         for which, step in (("best", result.best_step), ("last", result.last_step)):
             same = step == result.selected_step
             metrics[which] = after if same else test_metrics(result.model_at(which))
+        metrics["verdict"] = _verdict(result.config, before, after)
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
             meta["preprocessing"] = preprocessing.to_dict()
@@ -234,11 +239,16 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     if not collective.is_main:
         return 0
     print(f"objective: {config.objective} ({config.steps} steps, policy {config.policy})")
-    print(
-        f"selected step {result.selected_step} ({config.select}; best {result.best_step}, "
-        f"last {result.last_step})"
-    )
-    print(format_metrics_table({"before": before, "after": after}))
+    selection = f"{config.select}; best {result.best_step}, last {result.last_step}"
+    if result.stop_reason == "max_time":
+        print(
+            f"stopped at step {result.last_step} of {config.steps}: max_time "
+            f"({parse_duration('max_time', config.max_time):g} s) ran out; returned step "
+            f"{result.selected_step} ({config.select} so far)"
+        )
+    print(format_start(result.selected_step, result.head_init, config.head_init, selection))
+    print(format_metrics_table({"before": before, "after": after}, objective=config.objective))
+    print(_verdict(result.config, before, after))
     written = ", ".join(str(out / name) for name in ("model.pt", "log.jsonl", "metrics.json"))
     print(f"wrote {written}, {out / 'config.yaml'}")
     if exported:

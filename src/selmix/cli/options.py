@@ -121,6 +121,12 @@ def _data_options(required: bool = True) -> list[Option]:
             "num_workers", None, "worker processes that decode streamed images; 0: the main "
             "process; unset: min(4, cores - 1)", type=int, metavar="N",
         ),
+        Option(
+            "image_size", None, "imagefolder trees: resize every image to N x N (trees of "
+            "mixed sizes need it; in a YAML config also [H, W]); unset: the images' own "
+            "size, or for finetune the starting model's input size when it records one",
+            type=int, metavar="N",
+        ),
     ]  # fmt: skip
 
 

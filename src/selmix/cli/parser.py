@@ -44,11 +44,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+#: What each objective parameter means (``objective_params``); keys come from the objectives.
+_OBJECTIVE_PARAM_HELP = {
+    "rate": "w of the min-recall multipliers softmax(-w * recall)",
+    "alpha": "the coverage target, a share of the fair coverage 1/K",
+    "scale": "L, the ceiling of the coverage multipliers",
+    "tau": "the temperature of the coverage multiplier update",
+    "head_classes": "the head classes of the head/tail objectives",
+}
+
+
 def _epilog(command: str, options: list[Option]) -> str:
-    lines = ["settings (keys for --set KEY=VALUE and --config FILE.yaml, with defaults):"]
+    import textwrap
+
+    lines = [
+        "settings (keys for --set KEY=VALUE and --config FILE.yaml, with defaults; those "
+        "without a flag above with their help):"
+    ]
     for option in sorted(options, key=lambda option: not option.required):
         default = "required" if option.required else _yaml_inline(option.default)
         lines.append(f"  {option.key} = {default}")
+        if not option.flag:
+            lines += textwrap.wrap(option.help, 76, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6)  # fmt: skip
     if command == "pretrain":
         from selmix.models import list_models
 
@@ -57,6 +75,8 @@ def _epilog(command: str, options: list[Option]) -> str:
         from selmix.objectives import list_objectives
 
         lines.append("objectives: " + ", ".join(list_objectives()))
+    if any(option.key == "objective_params" for option in options):
+        lines += _objective_params_lines()
     if any(option.field == "preset" for option in options):
         from selmix.finetune import PRESETS
 
@@ -67,6 +87,32 @@ def _epilog(command: str, options: list[Option]) -> str:
     else:
         lines.append("precedence: defaults < --config < explicit flags < --set")
     return "\n".join(lines)
+
+
+def _objective_params_lines() -> list[str]:
+    """The keys ``objective_params`` takes, per objective (read from the objectives'
+    defaults), and what each means."""
+    import textwrap
+
+    from selmix.objectives import get_objective, list_objectives
+
+    by_keys: dict[tuple[str, ...], list[str]] = {}
+    for name in list_objectives():
+        try:
+            keys = tuple(get_objective(name).hyperparameters())
+        except (TypeError, ValueError):  # an objective that needs parameters to be built
+            continue
+        by_keys.setdefault(keys, []).append(name)
+    lines = ["objective_params keys (e.g. --set objective_params='{rate: 20}'):"]
+    every = list(dict.fromkeys(key for keys in by_keys for key in keys))
+    for key in every:
+        lines.append(f"  {key}: {_OBJECTIVE_PARAM_HELP.get(key, 'see the objective')}")
+    taken = "; ".join(
+        f"{', '.join(names)}: {', '.join(keys) or 'none'}" for keys, names in by_keys.items()
+    )
+    lines += textwrap.wrap(f"taken by: {taken}", 78, initial_indent="  ",
+                           subsequent_indent="    ")  # fmt: skip
+    return lines
 
 
 def _yaml_inline(value: Any) -> str:

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     from selmix.models.loading import LoadedModel
 
 
-def _load_data(settings: dict[str, Any]) -> Any:
+def _load_data(settings: dict[str, Any], preprocessing: Any = None) -> Any:
+    """The data splits; ``preprocessing`` (:class:`selmix.preprocessing.Preprocessing`), when
+    given, sets the image size and the normalisation instead of ``image_size`` and the
+    data's statistics."""
     from selmix.data import load_data
 
     spec = settings.get("data")
@@ -31,6 +34,15 @@ def _load_data(settings: dict[str, Any]) -> Any:
     stream = _STREAM_ARGUMENT[settings.get("stream") or "auto"]
     if stream is not None:
         kwargs["stream"] = stream
+    size = settings.get("image_size")
+    if preprocessing is not None:
+        # the model's input size applies where images can be resized, the user's everywhere
+        resizable = spec.startswith("imagefolder:") or size is not None
+        size = preprocessing.image_size if resizable else None
+        if preprocessing.from_model:
+            kwargs["normalization"] = (preprocessing.mean, preprocessing.std)
+    if size is not None:
+        kwargs["image_size"] = tuple(size) if isinstance(size, list) else size
     return load_data(spec, **kwargs)
 
 

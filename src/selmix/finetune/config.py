@@ -34,6 +34,7 @@ from selmix.precision import (
     precision_setting,
     threads_setting,
 )
+from selmix.timing import parse_duration
 
 SELECT = ("best", "last")
 MULTIPLIER_RATES = ("noise", "objective")
@@ -240,6 +241,12 @@ class FinetuneConfig(ConfigMixin):
         None, check=Optional(Int(1)), run=True,
         help="stop after this many feedback steps without a better validation score; "
         "unset: never stop early",
+    )  # fmt: skip
+    max_time: float | str | None = setting(
+        None, check=Optional(parse_duration), flag=True, metavar="SECONDS|DD:HH:MM:SS",
+        help="wall-clock budget of the training loop (as Lightning's max_time): when it runs "
+        "out the run evaluates its last step and returns the best step so far (or the last, "
+        "with select 'last'), and says so; a resumed run gets the budget afresh; unset: none",
     )  # fmt: skip
     eval_batch_size: int | None = setting(
         None, check=Optional(Int(1)), metavar="N",

@@ -45,6 +45,8 @@ class FinetuneResult:
             (:class:`selmix.timing.PhaseTimings`).
         hardware: what ``auto`` precision and layout resolved to
             (:class:`selmix.hardware.HardwareChoice`).
+        stop_reason: ``"max_time"`` when the wall-clock budget ended the run before
+            ``config.steps`` (the model is then the best, or last, step so far); else None.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class FinetuneResult:
     head_init: dict[str, Any] | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
 
     def model_at(self, which: str) -> nn.Module:
         """A copy of the model with the ``"best"`` or the ``"last"`` weights."""

@@ -55,7 +55,7 @@ from selmix.precision import (
 )
 from selmix.sampler import PairSampler
 from selmix.selection import ObjectiveScore, objective_score, selection_tolerance
-from selmix.timing import PhaseTimings, backbone_feedback_every
+from selmix.timing import PhaseTimings, backbone_feedback_every, parse_duration
 from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
@@ -368,8 +368,14 @@ class Trainer:
             config.progress and self.collective.is_main, initial=self.step, leave=False,
         )  # fmt: skip
         first_step = True
+        budget = None if config.max_time is None else parse_duration("max_time", config.max_time)
+        deadline = None if budget is None else time.monotonic() + budget
+        self.stop_reason = None
         try:
             while self.step < config.steps and not self.best.exhausted(config.patience):
+                if deadline is not None and self._out_of_time(deadline):
+                    self.stop_reason = "max_time"
+                    break
                 done = bool(self.history) and self.history[-1]["step"] == self.step
                 if self.feedback_due() and not done:
                     started = time.perf_counter()
@@ -401,6 +407,14 @@ class Trainer:
         self.save_checkpoint()
         return self._select()
 
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether ``max_time`` ran out; under torchrun every rank stops at the same step."""
+        late = time.monotonic() >= deadline
+        if self.collective.world_size > 1:
+            flag = torch.tensor([float(late)], device=self.device)
+            late = bool(self.collective.all_reduce(flag).item() > 0)
+        return late
+
     def _select(self) -> FinetuneResult:
         """The finished run's result, with the weights of the step ``config.select`` picks
         (the best by validation score, or the last) loaded into the model."""
@@ -415,6 +429,7 @@ class Trainer:
             best_state=best.weights, last_state=last,
             head_init=self.history[0].get("head_init") if self.history else None,
             timings=self.timings.to_dict(), hardware=self.hardware.to_dict(),
+            stop_reason=getattr(self, "stop_reason", None),
         )  # fmt: skip
 
     def _first_train_step(self) -> None:
