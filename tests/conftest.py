@@ -5,15 +5,17 @@
   every run, evaluation, baseline and pre-training that would have chosen the CPU (the
   library's default ``device="cpu"``, an explicit ``"cpu"``, or ``"auto"``) runs there
   instead (the command-line processes that tests start resolve ``--device auto``, the
-  command line's default, to the GPU by themselves). Tests marked ``cpu_only`` (they check a fact of the CPU:
-  thread counts, a CPU-measured choice, exact CPU numbers) are skipped there; tests
-  marked ``gpu`` run only there.
+  command line's default, to the GPU by themselves). Tests marked ``cpu_only`` (they check
+  a fact of the CPU: thread counts, a CPU-measured choice, exact CPU numbers) are skipped
+  there; tests
+  marked ``gpu`` run only there, on the devices they name (no redirect).
 * ``--device cpu:0`` is a dry run of that mode on the CPU: every redirect happens, so a test
   that checks a CPU-only fact without its ``cpu_only`` mark fails there, without a GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -81,12 +83,12 @@ def _hardware_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _run_on_the_test_device(device, request, monkeypatch):
     """Under ``--device cuda``: the CPU (and "auto") a test would run on becomes the GPU."""
-    if not _redirected(device) or "cpu_only" in request.keywords:
+    # cpu_only tests stay on the CPU; gpu tests name each device they use themselves
+    if not _redirected(device) or {"cpu_only", "gpu"} & set(request.keywords):
         yield
         return
-    import selmix.evaluate
-
-    original = selmix.evaluate.resolve_device
+    # the module, not the function `selmix.evaluate` that the package exports
+    original = importlib.import_module("selmix.evaluate").resolve_device
 
     def on_test_device(requested=None):
         if requested is None or str(requested) in ("auto", "cpu"):

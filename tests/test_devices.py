@@ -122,3 +122,47 @@ def test_the_device_option_names_a_device_of_this_machine(device, pytestconfig):
 @pytest.mark.gpu
 def test_gpu_tests_run_only_in_the_gpu_mode(device):
     assert torch.device(device).type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("first, second", [("cpu", "cuda"), ("cuda", "cpu")])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "whole-model"])
+def test_a_run_checkpointed_on_one_device_resumes_on_the_other(
+    first, second, frozen, tmp_path, monkeypatch
+):
+    import copy
+
+    from selmix.checkpoint import load_checkpoint
+    from selmix.data import load_demo
+    from selmix.finetune import finetune
+    from selmix.models import create_model
+
+    demo = load_demo()
+    train = demo.train.subset(torch.arange(0, len(demo.train.labels), 8))
+    torch.manual_seed(0)
+    start = create_model("small_cnn", 10, in_channels=1)
+    settings = dict(
+        objective="min_recall", steps=12, batch_size=32, feedback_every=5, checkpoint_every=4,
+        progress=False, frozen_backbone=frozen, checkpoint_path=str(tmp_path / "run.pt"),
+        **({} if frozen else {"head_first_steps": 6}),
+    )  # fmt: skip
+    original_step, calls = torch.optim.SGD.step, {"n": 0}
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # during step 10, after the checkpoint of step 8
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(copy.deepcopy(start), train, demo.val, device=first, **settings)
+    monkeypatch.setattr(torch.optim.SGD, "step", original_step)
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == 8
+    resumed = finetune(
+        copy.deepcopy(start), train, demo.val, device=second, resume=tmp_path / "run.pt",
+        **settings,
+    )  # fmt: skip
+    assert resumed.last_step == 12 and [r["step"] for r in resumed.history][:2] == [0, 5]
+    assert next(resumed.model.parameters()).device.type == torch.device(second).type
+    assert all(torch.isfinite(p).all() for p in resumed.model.parameters())

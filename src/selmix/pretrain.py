@@ -48,7 +48,6 @@ from selmix.precision import (
     autocast,
     channels_last_setting,
     configure_threads,
-    evaluation_mode,
     grad_scaler,
     precision_setting,
     threads_setting,
@@ -300,8 +299,12 @@ def pretrain(
             seen += index.numel()
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen, "val": None}
         if val is not None:
-            with evaluation_mode(precision, device):
-                record["val"] = evaluate(model, val, device, config.eval_batch_size).metrics()
+            # evaluate() enters inference mode itself, around its forward passes only: a
+            # model it moves must not be moved inside inference mode (its parameters would
+            # become inference tensors that the next training step cannot use)
+            record["val"] = evaluate(
+                model, val, device, config.eval_batch_size, precision=precision
+            ).metrics()
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}", val_mr=f"{record['val']['mean_recall']:.3f}"
             )

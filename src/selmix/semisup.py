@@ -65,7 +65,6 @@ from selmix.precision import (
     autocast,
     channels_last_setting,
     configure_threads,
-    evaluation_mode,
     grad_scaler,
     precision_setting,
     resolve_precision,
@@ -577,8 +576,11 @@ def fixmatch_pretrain(
             record["seconds"] = time.perf_counter() - started
             record["val"] = None
             if val is not None:
-                with evaluation_mode(precision, device):
-                    evaluation = evaluate(model, val, device, config.eval_batch_size)
+                # evaluate() enters inference mode around its forward passes itself (see
+                # selmix.pretrain: a model moved inside inference mode cannot train on)
+                evaluation = evaluate(
+                    model, val, device, config.eval_batch_size, precision=precision
+                )
                 record["val"] = evaluation.metrics()
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", mask=f"{record['mask_rate']:.2f}",
