@@ -161,15 +161,43 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement of one model, interleaved over ``args.repeats`` rounds."""
+def interleaved_rounds(
+    measurements: dict[Any, Callable[[], tuple[float, float]]],
+    repeats: int,
+    describe: Callable[[int, dict[Any, list[float]]], str],
+) -> tuple[dict[Any, list[float]], dict[Any, list[float]]]:
+    """Runs every measurement once per round, each round starting one measurement further
+    along (so none always runs first, on a cold cache); returns the wall and the CPU seconds
+    of each measurement per round. ``describe(round_index, wall)`` is printed to stderr
+    after each round."""
+    keys = list(measurements)
+    wall: dict[Any, list[float]] = {key: [] for key in keys}
+    cpu: dict[Any, list[float]] = {key: [] for key in keys}
+    for round_index in range(repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            seconds, cpu_seconds = measurements[key]()
+            wall[key].append(seconds)
+            cpu[key].append(cpu_seconds)
+        print(describe(round_index, wall), file=sys.stderr, flush=True)
+    return wall, cpu
+
+
+def load_setup(setup: Setup, args: argparse.Namespace) -> tuple[torch.device, Any, torch.nn.Module]:
+    """The device, the long-tailed data (rho = 100, 500 validation images per class, seed 0)
+    and a freshly initialised model (torch seed 0) of one setup."""
     device = torch.device(args.device)
     data = load_data(
         setup.spec, imbalance=100, max_per_class=setup.max_per_class, val_per_class=500, seed=0
     )
-    channels = data.train.image_shape[0]
     torch.manual_seed(0)
-    model = create_model(setup.model, data.num_classes, in_channels=channels)
+    model = create_model(setup.model, data.num_classes, in_channels=data.train.image_shape[0])
+    return device, data, model
+
+
+def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of one model, interleaved over ``args.repeats`` rounds."""
+    device, data, model = load_setup(setup, args)
     config = FinetuneConfig(
         objective="min_recall",
         batch_size=BATCH_SIZE,
@@ -212,20 +240,11 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     if small_eval is not None:
         measurements["small_eval_feedback"] = lambda: timed(small_eval.feedback, device)
     names = list(measurements)
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds, cpu_seconds = measurements[name]()
-            wall[name].append(seconds)
-            cpu[name].append(cpu_seconds)
-        print(
-            f"  {setup.model} round {round_index + 1}/{args.repeats}: "
-            + ", ".join(f"{name} {wall[name][-1] * 1e3:.1f} ms" for name in names),
-            file=sys.stderr,
-            flush=True,
-        )
+    wall, cpu = interleaved_rounds(
+        measurements, args.repeats,
+        lambda round_index, wall: f"  {setup.model} round {round_index + 1}/{args.repeats}: "
+        + ", ".join(f"{name} {wall[name][-1] * 1e3:.1f} ms" for name in names),
+    )  # fmt: skip
 
     def per_round(function: Callable[..., float], *keys: str, clock=wall) -> float:
         return median([function(*values) for values in zip(*(clock[k] for k in keys), strict=True)])
@@ -273,13 +292,7 @@ PRECISION_QUANTITIES = ("pretrain", "selmix", "validation")
 
 def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Pre-training step, SelMix step and validation pass per precision x layout."""
-    device = torch.device(args.device)
-    data = load_data(
-        setup.spec, imbalance=100, max_per_class=setup.max_per_class, val_per_class=500, seed=0
-    )
-    channels = data.train.image_shape[0]
-    torch.manual_seed(0)
-    model = create_model(setup.model, data.num_classes, in_channels=channels)
+    device, data, model = load_setup(setup, args)
     config = FinetuneConfig(
         objective="min_recall", batch_size=BATCH_SIZE, steps=10**6, feedback_every=10**6,
         progress=False, device=args.device, seed=0,
@@ -335,22 +348,13 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         for variant in variants
     }
     keys = list(measurements)
-    wall: dict[Any, list[float]] = {key: [] for key in keys}
-    cpu: dict[Any, list[float]] = {key: [] for key in keys}
-    for round_index in range(args.repeats):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            seconds, cpu_seconds = measurements[key]()
-            wall[key].append(seconds)
-            cpu[key].append(cpu_seconds)
-        print(
-            f"  {setup.model} precision round {round_index + 1}/{args.repeats}: "
-            + ", ".join(
-                f"{q} {p}/{lay} {wall[(q, (p, lay))][-1] * 1e3:.0f} ms" for q, (p, lay) in keys
-            ),  # fmt: skip
-            file=sys.stderr,
-            flush=True,
-        )
+    wall, cpu = interleaved_rounds(
+        measurements, args.repeats,
+        lambda round_index, wall: f"  {setup.model} precision round {round_index + 1}/"
+        f"{args.repeats}: " + ", ".join(
+            f"{q} {p}/{lay} {wall[(q, (p, lay))][-1] * 1e3:.0f} ms" for q, (p, lay) in keys
+        ),
+    )  # fmt: skip
     base = variants[0]
     # what `auto` (precision and layout) chooses for this model, measured here beside the
     # fixed settings (selmix.hardware; not cached, so that this run measures it)

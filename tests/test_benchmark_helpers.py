@@ -170,3 +170,31 @@ def test_second_jpeg_dose_changes_pixels_blurs_chroma_and_keeps_shape():
     assert (after[:, 0] - after[:, 1]).std() < 0.95 * (before[:, 0] - before[:, 1]).std()
     with pytest.raises(ValueError, match="`images` must be uint8"):
         second_jpeg_dose(colour.float())
+
+
+# -- benchmarks/finetune_speed.py: interleaved timing rounds -----------------------------------
+
+
+def test_interleaved_rounds_rotate_the_first_measurement_and_keep_each_rounds_times():
+    import finetune_speed
+
+    order, clock = [], iter(range(100))
+
+    def measurement(name: str):
+        def run() -> tuple[float, float]:
+            order.append(name)
+            tick = float(next(clock))
+            return tick, tick / 2
+
+        return run
+
+    lines = []
+    wall, cpu = finetune_speed.interleaved_rounds(
+        {key: measurement(key) for key in "abc"}, 3,
+        lambda index, wall: lines.append((index, {k: len(v) for k, v in wall.items()})) or "",
+    )  # fmt: skip
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert wall == {"a": [0.0, 5.0, 7.0], "b": [1.0, 3.0, 8.0], "c": [2.0, 4.0, 6.0]}
+    assert cpu["b"] == [0.5, 1.5, 4.0]
+    assert lines == [(0, dict.fromkeys("abc", 1)), (1, dict.fromkeys("abc", 2)),
+                     (2, dict.fromkeys("abc", 3))]  # fmt: skip
