@@ -113,6 +113,7 @@ def test_finetune_set_overrides_flag_and_reaches_the_run(
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {
         "before", "after", "best", "last", "select", "selected_step", "best_step", "last_step",
+        "start_head", "stop_reason", "verdict",
     }  # fmt: skip
     # what the unset / auto hardware settings resolved to, and where the time went
     text = (out / "config.yaml").read_text()
