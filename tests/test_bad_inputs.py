@@ -153,6 +153,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # a Lightning-style checkpoint: the model's keys under 'model.'
     lightning = {f"model.{k}": v for k, v in create_model("small_cnn", 3).state_dict().items()}
     torch.save({"state_dict": lightning}, files / "lightning.ckpt")
+    tiny_class = _image_tree(files / "tiny_class")  # class_2: 8 training images
+    for image in sorted((tiny_class / "train" / "class_2").iterdir())[8:]:
+        image.unlink()
     _hugging_face_folders(files)
     yield {"tree": tree, "other_tree": other_tree, "pretrained": pretrained, "good": good,
            "files": files}  # fmt: skip
@@ -283,7 +286,13 @@ CASES: dict[str, tuple[list[str], str]] = {
     "hf ViT built for 16x16, data 12x12": (
         [*FT, "--checkpoint", "hf:{files}/vit16"], "it is built for 16x16 images"),
     "val_per_class equal to the smallest class": (
-        [*FT, "--val-per-class", "12"], "class 'class_2'"),
+        [*FT, "--val-per-class", "12"], "(named 'class_2'): `val_per_class` (--val-per-class)"),
+    "no val/ and a class too small to carve one": (
+        [*FT, "--data", "imagefolder:{files}/tiny_class", "--set", "val_per_class=null"],
+        "class 'class_2' has 8 training samples, too few to carve a validation set"),
+    "ckpt_prefix cutting a word": (
+        [*FT, "--checkpoint", "{files}/lightning.ckpt", "--model", "small_cnn",
+         "--set", "ckpt_prefix=mo"], "`ckpt_prefix` 'mo' leaves keys such as 'del."),
     "OUT/model_state_dict.pt is a folder": (
         [*FT], "has a folder 'model_state_dict.pt' where a run writes a file"),
     "OUT/hf is a file": ([*FT], "has a file 'hf' where a run writes a folder"),

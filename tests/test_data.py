@@ -659,9 +659,9 @@ def test_load_data_image_folder_long_tail_split(tmp_path):
     make_long_tail_folder(tmp_path)
     splits = load_data(f"imagefolder:{tmp_path}", imbalance=4, seed=0)
     assert isinstance(splits, DataSplits) and splits.classes == ["c0", "c1", "c2"]
-    # Validation: 10% of the smallest class (2 per class); N_1 = 20 - 2 = 18.
-    assert splits.val.class_counts().tolist() == [2, 2, 2]
-    assert splits.train.class_counts().tolist() == long_tail_counts(18, 3, 4) == [18, 9, 4]
+    # Validation: half the smallest class (10 per class); N_1 = 20 - 10 = 10.
+    assert splits.val.class_counts().tolist() == [10, 10, 10]
+    assert splits.train.class_counts().tolist() == long_tail_counts(10, 3, 4) == [10, 5, 2]
     assert pixel_ids(splits.train).isdisjoint(pixel_ids(splits.val))
     assert len(splits.test) == 6 and splits.unlabelled is None
 
@@ -757,6 +757,35 @@ def test_load_data_uses_an_image_folders_own_val(tmp_path):
 def test_load_data_errors(spec, kwargs, error, match):
     with pytest.raises(error, match=match):
         load_data(spec, **kwargs)
+
+
+@pytest.mark.parametrize(("per_class", "expected"), [(10, 5), (30, 15), (100, 50), (400, 50)])
+def test_the_carved_validation_default_is_half_the_smallest_class_at_most_50(
+    per_class, expected
+):
+    from selmix.data.sources import carved_val_per_class
+
+    sizes = torch.tensor([per_class * 4, per_class * 2, per_class])
+    assert carved_val_per_class(sizes, ["a", "b", "c"]) == expected
+
+
+def test_a_class_too_small_to_carve_a_validation_set_is_named(tmp_path):
+    from selmix.data.sources import carved_val_per_class
+
+    with pytest.raises(ValueError, match=r"class 'c' has 9 training samples.*`val_per_class`"):
+        carved_val_per_class(torch.tensor([40, 20, 9]), ["a", "b", "c"])
+    make_long_tail_folder(tmp_path, per_class=8)
+    with pytest.raises(ValueError, match=r"class 'c0' has 8 training samples, too few"):
+        load_data(f"imagefolder:{tmp_path}")
+    assert load_data(f"imagefolder:{tmp_path}", val_per_class=2).val.class_counts().tolist() == [
+        2, 2, 2,
+    ]  # fmt: skip
+
+
+def test_a_val_per_class_taking_a_whole_class_names_it(tmp_path):
+    make_long_tail_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"no training sample of class 'c0' \(it has 20\)"):
+        load_data(f"imagefolder:{tmp_path}", val_per_class=20, imbalance=2)
 
 
 def test_load_data_too_few_samples_names_the_class(tmp_path):

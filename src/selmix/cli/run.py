@@ -129,25 +129,28 @@ def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
 def _check_split_labels(splits: Any) -> None:
     """The training and validation labels against the data's K, a class missing from the
     validation set named by its name and with what to change (``val/`` or ``val_per_class``)."""
+    import torch
+
     from selmix._validation import check_labels
 
     num_classes = _num_classes(splits)
     check_labels("train", splits.train.labels, num_classes)
-    try:
-        check_labels("val", splits.val.labels, num_classes, every_class=True)
-    except ValueError as error:
-        import torch
-
-        present = torch.bincount(torch.as_tensor(splits.val.labels).long().cpu(),
+    check_labels("val", splits.val.labels, num_classes)
+    for name, dataset, fix in (
+        ("train", splits.train, "`val_per_class` (--val-per-class) took all of their "
+         "images; lower it"),
+        ("val", splits.val, "add images of them to the val/ folder, or remove val/ and carve "
+         "the validation set from train/ with --val-per-class"),
+    ):  # fmt: skip
+        present = torch.bincount(torch.as_tensor(dataset.labels).long().cpu(),
                                  minlength=num_classes)  # fmt: skip
         missing = (present == 0).nonzero().flatten().tolist()
-        if not missing or not splits.classes:
-            raise
-        names = ", ".join(repr(splits.classes[k]) for k in missing)
-        raise ValueError(
-            f"{error} (named {names}): add images of them to the val/ folder, or remove val/ "
-            "and carve the validation set from train/ with --val-per-class"
-        ) from None
+        if missing:
+            names = [repr(splits.classes[k]) for k in missing] if splits.classes else missing
+            raise ValueError(
+                f"`{name}` has no samples of class(es) {missing} (named "
+                f"{', '.join(map(str, names))}): {fix}"
+            )
 
 
 def _check_model_takes_data(model: Any, dataset: Any, checkpoint: str) -> None:

@@ -72,8 +72,8 @@ class Source:
         test: the test split.
         val: the source's own validation split, or None.
         default_val_per_class: validation samples per class carved from ``train`` when
-            ``val`` is None and the caller gives no ``val_per_class``; None means 10% of the
-            smallest class.
+            ``val`` is None and the caller gives no ``val_per_class``; None means half the
+            smallest class, at most 50 (:func:`selmix.data.sources.carved_val_per_class`).
     """
 
     train: Any

@@ -85,7 +85,39 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DEMO_FILE = "fashion_mnist_lt_demo.npz"
 # Validation samples per class carved from the training split when none is given.
 _DEFAULT_VAL_PER_CLASS = {"fashion-mnist": 500, "cifar10": 500}
+#: Fewest validation images per class carved by default: fewer cannot tell SelMix's steps
+#: apart (a class's recall on 3 images moves in steps of 33 points).
+MIN_CARVED_VAL_PER_CLASS = 5
 _SPEC_PREFIXES = ("fashion-mnist", "cifar10", "imagefolder")
+
+
+def carved_val_per_class(sizes: Tensor, classes: Sequence[str] | None = None) -> int:
+    """The default validation images per class carved from a training split without its
+    own validation set: half the smallest class (it keeps as many to train on), at most
+    :data:`selmix.estimates.SMALL_VALIDATION` (50, where the per-class estimates SelMix
+    steers by stop being noisy).
+
+    Args:
+        sizes: training samples per class, Tensor[K].
+        classes: the class names, for the message.
+
+    Raises:
+        ValueError: the smallest class cannot spare :data:`MIN_CARVED_VAL_PER_CLASS`
+            images; the message names it and ``val_per_class``.
+    """
+    from selmix.estimates import SMALL_VALIDATION
+
+    smallest = int(sizes.min())
+    per_class = min(SMALL_VALIDATION, smallest // 2)
+    if per_class < MIN_CARVED_VAL_PER_CLASS:
+        k = int(sizes.argmin())
+        name = classes[k] if classes else k
+        raise ValueError(
+            f"class {name!r} has {smallest} training samples, too few to carve a validation "
+            f"set SelMix can steer by ({MIN_CARVED_VAL_PER_CLASS} per class, keeping as many "
+            "to train on): add a val/ folder, or set `val_per_class` (--val-per-class) yourself"
+        )
+    return per_class
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,10 +455,9 @@ def load_data(
             )
         val_per_class = 0
     elif val_per_class is None:
-        val_per_class = default_val_per_class or max(1, int(sizes.min()) // 10)
+        val_per_class = default_val_per_class or carved_val_per_class(sizes, full_train.classes)
     available = (sizes - val_per_class).clamp_min(0).tolist()
-    if min(available) < 1:
-        # every class needs training samples: name the class and the setting to lower
+    if imbalance is not None and max_per_class is None and min(available) < 1:
         k = available.index(min(available))
         name = full_train.classes[k] if full_train.classes else k
         raise ValueError(

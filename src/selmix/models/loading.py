@@ -228,9 +228,14 @@ def strip_prefix(
 
 
 def match_state_dict(
-    model: nn.Module, state: dict[str, Tensor], name: str, path: str | os.PathLike = ""
+    model: nn.Module,
+    state: dict[str, Tensor],
+    name: str,
+    path: str | os.PathLike = "",
+    ckpt_prefix: str | None = None,
 ) -> None:
-    """Checks that ``state`` has exactly the model's keys and shapes.
+    """Checks that ``state`` has exactly the model's keys and shapes (``ckpt_prefix``: the
+    prefix the user gave, named instead of the advice to give one).
 
     Raises:
         ValueError: one line naming the first key that is missing, extra or of another shape
@@ -240,6 +245,9 @@ def match_state_dict(
     own = model.state_dict()
     # no key in common: the file's keys most likely carry a prefix the search did not find
     hint = "; if its keys carry a prefix, set `ckpt_prefix`" if not set(own) & set(state) else ""
+    if hint and ckpt_prefix is not None:
+        left = next(iter(state), None)
+        hint = f"; `ckpt_prefix` {ckpt_prefix!r} leaves keys such as {left!r}: check it"
     for key, tensor in own.items():
         if key not in state:
             raise ValueError(
@@ -347,7 +355,7 @@ def load_state_dict_model(
                 f"{prefix + head_key!r} has shape {_shape(inside[head_key])}) but the data has "
                 f"{num_classes}"
             )
-    match_state_dict(model, inside, name, path)
+    match_state_dict(model, inside, name, path, ckpt_prefix)
     model.load_state_dict(inside)
     source = ModelSource("state_dict", str(path), name, prefix, extra)
     return LoadedModel(model, dict(meta), source)
