@@ -175,6 +175,24 @@ def test_mixed_image_sizes_run_with_image_size(tmp_path: Path, stream: str, caps
     assert json.loads((out / "metrics.json").read_text())["after"]
 
 
+def test_image_size_overrides_the_model_and_unresizable_data_keep_their_size(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": MEAN, "image_std": STD, "size": {"height": 20, "width": 20}})
+    )
+    checkpoint = f"hf:{tmp_path}"
+    chosen = resolve_preprocessing("auto", checkpoint, image_size=12)
+    assert (chosen.image_size, chosen.model_image_size) == ((12, 12), (20, 20))
+    assert chosen.describe().endswith("images resized to 12x12 (the model's input size is 20x20)")
+    kept = resolve_preprocessing("auto", checkpoint, resizable=False)
+    assert (kept.image_size, kept.model_image_size) == (None, (20, 20))
+    assert kept.mean == pytest.approx(MEAN)  # the normalisation applies to every source
+    assert kept.to_dict()["image_size"] == "native"
+    with pytest.raises(ValueError, match=r"`image_size` must be an int >= 1 or \[H, W\], got 0"):
+        resolve_preprocessing("auto", checkpoint, image_size=0)
+
+
 def test_torchvision_weights_are_known_by_their_download_name(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     found = torchvision_preprocessing("resnet18", tmp_path / "resnet18-f37072fd.pth")

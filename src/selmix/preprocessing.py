@@ -18,6 +18,7 @@ and crop fraction are recorded but not applied.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -58,6 +59,8 @@ class Preprocessing:
         interpolation: the model's resize interpolation (recorded; images are resized
             bilinear).
         crop_pct: the model's evaluation crop fraction (recorded, not applied).
+        model_image_size: the model's own input size, when ``image_size`` differs from it
+            (``--image-size``, or data that cannot be resized).
     """
 
     source: str
@@ -66,6 +69,7 @@ class Preprocessing:
     image_size: tuple[int, int] | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
+    model_image_size: tuple[int, int] | None = None
 
     @property
     def from_model(self) -> bool:
@@ -82,6 +86,9 @@ class Preprocessing:
             "resize": "bilinear" if self.image_size is not None else "none",
             "model_interpolation": self.interpolation,
             "model_crop_pct": self.crop_pct,
+            "model_image_size": (
+                list(self.model_image_size) if self.model_image_size is not None else None
+            ),
         }
 
     def describe(self) -> str:
@@ -95,6 +102,9 @@ class Preprocessing:
             if self.image_size is not None
             else "images at their own size"
         )
+        if self.model_image_size is not None and self.model_image_size != self.image_size:
+            height, width = self.model_image_size
+            size += f" (the model's input size is {height}x{width})"
         if self.mean is None or self.std is None:
             return f"preprocessing: {self.source}: the data's mean and std, {size}"
         return (
@@ -330,6 +340,8 @@ def resolve_preprocessing(
     checkpoint: str | os.PathLike,
     model: str | None = None,
     image_size: int | Sequence[int] | None = None,
+    *,
+    resizable: bool = True,
 ) -> Preprocessing:
     """The preprocessing of a fine-tuning run.
 
@@ -339,6 +351,8 @@ def resolve_preprocessing(
         model: its architecture name, for a state dict.
         image_size: a size that replaces the model's input size (an int side or
             ``(H, W)``); None: the model's, or the images' own.
+        resizable: whether the data source can resize its images (image folders can);
+            when not, the model's input size is recorded but the images keep their own.
 
     Raises:
         ValueError: an unknown ``choice``; ``model`` when the model records none.
@@ -347,8 +361,14 @@ def resolve_preprocessing(
         raise ValueError(
             f"`preprocessing` must be one of {', '.join(PREPROCESSING_CHOICES)}, got {choice!r}"
         )
-    size = _size(list(image_size) if isinstance(image_size, (list, tuple)) else image_size,
-                 "`image_size`") if image_size is not None else None  # fmt: skip
+    size = None
+    if image_size is not None:
+        try:
+            size = _size(list(image_size) if isinstance(image_size, tuple) else image_size, "")
+        except ValueError:
+            raise ValueError(
+                f"`image_size` must be an int >= 1 or [H, W], got {image_size!r}"
+            ) from None
     own = None
     if choice != "data":
         own = model_preprocessing(checkpoint, model, defaults=choice == "model")
@@ -361,5 +381,7 @@ def resolve_preprocessing(
             )
         return Preprocessing("data statistics", image_size=size)
     if size is not None:
-        own = Preprocessing(own.source, own.mean, own.std, size, own.interpolation, own.crop_pct)
-    return own
+        return dataclasses.replace(own, image_size=size, model_image_size=own.image_size)
+    if not resizable and own.image_size is not None:
+        return dataclasses.replace(own, image_size=None, model_image_size=own.image_size)
+    return dataclasses.replace(own, model_image_size=own.image_size)

@@ -45,7 +45,7 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
         _check_out(settings)
     preprocessing = resolve_preprocessing(
         settings["preprocessing"], settings["checkpoint"], settings.get("model"),
-        settings.get("image_size"),
+        settings.get("image_size"), resizable=str(settings["data"]).startswith("imagefolder:"),
     )  # fmt: skip
     splits = _load_data(settings, preprocessing)
     print(preprocessing.describe())

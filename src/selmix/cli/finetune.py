@@ -138,7 +138,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
 
     preprocessing = resolve_preprocessing(
         settings["preprocessing"], settings["checkpoint"], settings.get("model"),
-        settings.get("image_size"),
+        settings.get("image_size"), resizable=str(settings["data"]).startswith("imagefolder:"),
     )  # fmt: skip
     splits = _load_data(settings, preprocessing)
     if os.environ.get("RANK", "0") == "0":

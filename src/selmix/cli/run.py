@@ -36,9 +36,7 @@ def _load_data(settings: dict[str, Any], preprocessing: Any = None) -> Any:
         kwargs["stream"] = stream
     size = settings.get("image_size")
     if preprocessing is not None:
-        # the model's input size applies where images can be resized, the user's everywhere
-        resizable = spec.startswith("imagefolder:") or size is not None
-        size = preprocessing.image_size if resizable else None
+        size = preprocessing.image_size
         if preprocessing.from_model:
             kwargs["normalization"] = (preprocessing.mean, preprocessing.std)
     if size is not None:
