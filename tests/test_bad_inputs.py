@@ -305,6 +305,12 @@ CASES: dict[str, tuple[list[str], str]] = {
     "an interrupted run's staging folder, no --overwrite": (
         [item for item in FT if item != "--overwrite"] + ["--out", "{tmp}/fresh"],
         "holds an interrupted run"),
+    "pretrain into a used out, no --overwrite": (
+        ["pretrain", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--model",
+         "small_cnn", "--out", "{out}", "--device", "cpu"], "pass --overwrite"),
+    "baseline into a used out, no --overwrite": (
+        ["baseline", "--method", "crt", "--data", "imagefolder:{tree}", "--val-per-class", "3",
+         "--checkpoint", "{model}", "--out", "{out}", "--device", "cpu"], "pass --overwrite"),
 }  # fmt: skip
 
 #: what a case puts in --out (or beside it) before it runs, after the good run is copied
@@ -1120,3 +1126,50 @@ def test_hidden_files_and_folders_in_an_image_tree_are_skipped(tmp_path: Path) -
     assert got.classes == want.classes == ["class_0", "class_1", "class_2"]
     assert got.train.class_counts().tolist() == want.train.class_counts().tolist()
     assert torch.equal(got.train.images, want.train.images)
+
+
+PRETRAIN = ["pretrain", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--model",
+            "small_cnn", "--out", "{out}", "--device", "cpu", "--epochs", "1", "--batch-size",
+            "16", "--overwrite", *QUIET]  # fmt: skip
+BASELINE = ["baseline", "--method", "crt", "--data", "imagefolder:{tree}", "--val-per-class", "3",
+            "--checkpoint", "{model}", "--out", "{out}", "--device", "cpu", "--set", "epochs=1",
+            "--overwrite", *QUIET]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["pretrain", "baseline"])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_pretrain_and_baseline_failing_into_a_used_out_leave_the_earlier_run(
+    command: str,
+    failure: type,
+    world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
+        raise failure("stopped")
+
+    # the modules, not the functions of the same name that `selmix` exports
+    module = importlib.import_module("selmix.pretrain" if command == "pretrain" else
+                                     "selmix.baselines")  # fmt: skip
+    monkeypatch.setattr(module, command, fails)
+    out, before = _used_out(world, tmp_path)
+    argv = PRETRAIN if command == "pretrain" else BASELINE
+    assert main(_fill(argv, world, out)) == (130 if failure is KeyboardInterrupt else 1)
+    assert _tree_digest(out) == before
+    assert not (tmp_path / "run.partial").exists()  # no checkpoint: nothing kept
+
+
+@pytest.mark.parametrize("command", ["pretrain", "baseline"])
+def test_pretrain_and_baseline_with_overwrite_replace_the_earlier_run(
+    command: str, world: dict[str, Path], tmp_path: Path
+) -> None:
+    out, before = _used_out(world, tmp_path)
+    argv = PRETRAIN if command == "pretrain" else BASELINE
+    assert main(_fill(argv, world, out)) == 0
+    names = sorted(p.name for p in out.iterdir())
+    # the finetune run's own files are gone, this run's are there
+    assert "finetune_state.pt" not in names and "log.jsonl" not in names, names
+    assert {"model.pt", "metrics.json", "config.yaml"} <= set(names)
+    assert _tree_digest(out)["model.pt"] != before["model.pt"]
+    assert "overwrite" not in (out / "config.yaml").read_text()
+    assert not (tmp_path / "run.partial").exists()

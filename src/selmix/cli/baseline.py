@@ -12,15 +12,16 @@ from selmix.cli.options import (
     _data_options,
     _start_model_options,
 )
+from selmix.cli.outcome import _load_model_data, _verdict
 from selmix.cli.run import (
-    _check_out,
-    _load_data,
+    _flag,
     _load_start_model,
     _model_meta,
     _num_classes,
-    _start_run,
     _write_json,
+    _write_yaml,
 )
+from selmix.cli.staging import Staging, check_out
 
 
 def _baseline_methods() -> list[str]:
@@ -45,6 +46,8 @@ def _baseline_options() -> list[Option]:
                "with the logit-adjusted loss); the settings of the other methods are ignored "
                "(with a warning)",
                choices=_baseline_methods(), required=True),
+        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
+               "until then the earlier run stays as it was)"),
     ] + _config_options(BaselineConfig)  # fmt: skip
 
 
@@ -81,28 +84,41 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     if method == "posthoc_la":
         get_objective(config.objective, **config.objective_params)
     _warn_ignored_settings(settings, options)
-    _check_out(settings)
+    check_out(settings["out"], overwrite=_flag(settings, "overwrite"),
+              keep=[settings["checkpoint"]])  # fmt: skip
 
-    splits = _load_data(settings)
+    splits, preprocessing = _load_model_data(settings)
     model = _load_start_model(settings, splits).model
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
-    out = _start_run(settings, keep=[settings["checkpoint"]])
+    # the run is written to a staging folder and moved into --out when it is complete
+    staging = Staging(settings["out"], keep=[settings["checkpoint"]])
+    work = staging.open()
+    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
 
     def test_metrics(trained: Any) -> dict[str, Any]:
         evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)
         return evaluation.metrics(config.head_classes)
 
-    before = test_metrics(model)
-    result = baseline(method, model, splits.train, splits.val, config)
-    after = test_metrics(result.model)
-    save_model(out / "model.pt", result.model, _model_meta(splits, settings, "baseline"))
-    _write_json(out / "metrics.json", {"before": before, "after": after})
-    written = [out / "model.pt", out / "metrics.json", out / "config.yaml"]
-    if result.details:  # posthoc_la: the tau search; crt, mislas_stage2: per-epoch history
-        _write_json(out / "details.json", result.details)
-        written.append(out / "details.json")
+    try:
+        _write_yaml(work / "config.yaml", saved_settings)
+        before = test_metrics(model)
+        result = baseline(method, model, splits.train, splits.val, config)
+        after = test_metrics(result.model)
+        meta = _model_meta(splits, settings, "baseline")
+        meta["preprocessing"] = preprocessing.to_dict()
+        save_model(work / "model.pt", result.model, meta)
+        _write_json(work / "metrics.json", {"before": before, "after": after})
+        names = ["model.pt", "metrics.json", "config.yaml"]
+        if result.details:  # posthoc_la: the tau search; crt, mislas_stage2: per-epoch history
+            _write_json(work / "details.json", result.details)
+            names.append("details.json")
+        out = staging.commit()
+    except BaseException:
+        staging.abandon()  # a baseline has no checkpoint to resume from
+        raise
+    written = [out / name for name in names]
 
     if method == "posthoc_la":
         print(
@@ -120,6 +136,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     else:
         part = "head only" if config.frozen_backbone else "full backbone"
         print(f"method: la_finetune ({config.steps} steps, tau {config.la_tau:g}, {part})")
-    print(format_metrics_table({"before": before, "after": after}))
+    print(format_metrics_table({"before": before, "after": after}, objective=config.objective))
+    print(_verdict(config, before, after))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 from selmix.cli.options import Option, UsageError, _config_from, _config_options, _data_options
 from selmix.cli.run import (
     _check_early,
-    _check_out,
+    _flag,
     _head_classes,
     _in_channels,
     _Interrupted,
@@ -16,10 +16,10 @@ from selmix.cli.run import (
     _model_meta,
     _note_resolved,
     _num_classes,
-    _out_dir,
-    _start_run,
     _write_json,
+    _write_yaml,
 )
+from selmix.cli.staging import Staging, check_out
 
 
 def _pretrain_options() -> list[Option]:
@@ -32,7 +32,10 @@ def _pretrain_options() -> list[Option]:
         Option("out", None, "output folder (model.pt, metrics.json, config.yaml, "
                "pretrain_state.pt)", metavar="DIR", required=True),
         Option("resume", None, "resume from a pretrain_state.pt of an interrupted run with "
-               "the same settings and data", metavar="FILE"),
+               "the same settings and data (an interrupted run's is in OUT.partial/)",
+               metavar="FILE"),
+        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
+               "until then the earlier run stays as it was)"),
         Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
@@ -60,7 +63,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     resume = settings["resume"]
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"`resume` file {resume!r} does not exist")
-    _check_out(settings)
+    check_out(settings["out"], overwrite=_flag(settings, "overwrite"), resume=resume)
     splits = _load_data(settings)
     settings["head_classes"] = _head_classes(settings, splits)
 
@@ -69,28 +72,37 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
         settings["model"], _num_classes(splits), in_channels=_in_channels(splits.train),
         **settings["model_kwargs"],
     )  # fmt: skip
-    # a resumed run keeps --out as it is (its pretrain_state.pt is the checkpoint)
-    out = _out_dir(settings) if resume is not None else _start_run(settings)
-    state_path = out / "pretrain_state.pt"
+    # the run is written to a staging folder (where an interrupted run's checkpoint stays)
+    # and moved into --out when it is complete
+    staging = Staging(settings["out"])
+    work = staging.open(resume)
+    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    state_path = work / "pretrain_state.pt"
     config = config.replace(checkpoint_path=str(state_path))
     try:
-        result = pretrain(model, splits.train, splits.val, config, resume=resume)
-    except KeyboardInterrupt:
-        hint = (
-            f"interrupted; continue with --resume {state_path}"
-            if state_path.is_file()
-            else "interrupted before the first checkpoint: nothing to resume from"
-        )
-        raise _Interrupted(hint) from None
-    metrics = {
-        "test": evaluate(result.model, splits.test, config.device, config.eval_batch_size)
-        .metrics(settings["head_classes"]),
-        "val": evaluate(result.model, splits.val, config.device, config.eval_batch_size)
-        .metrics(settings["head_classes"]),
-    }  # fmt: skip
-    save_model(out / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
-    _write_json(out / "metrics.json", metrics)
-    _note_resolved(out / "config.yaml", result.config)
+        _write_yaml(work / "config.yaml", saved_settings)
+        try:
+            result = pretrain(model, splits.train, splits.val, config, resume=resume)
+        except KeyboardInterrupt:
+            hint = (
+                f"interrupted; continue with --resume {state_path}"
+                if state_path.is_file()
+                else "interrupted before the first checkpoint: nothing to resume from"
+            )
+            raise _Interrupted(hint) from None
+        metrics = {
+            "test": evaluate(result.model, splits.test, config.device, config.eval_batch_size)
+            .metrics(settings["head_classes"]),
+            "val": evaluate(result.model, splits.val, config.device, config.eval_batch_size)
+            .metrics(settings["head_classes"]),
+        }  # fmt: skip
+        save_model(work / "model.pt", result.model, _model_meta(splits, settings, "pretrain"))
+        _write_json(work / "metrics.json", metrics)
+        _note_resolved(work / "config.yaml", result.config)
+        out = staging.commit()
+    except BaseException:
+        staging.abandon(state_path.name)  # kept when it holds a checkpoint to resume from
+        raise
     print(format_metrics_table({"val": metrics["val"], "test": metrics["test"]}, change=False))
     print(f"wrote {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'config.yaml'}")
     return 0

@@ -1,12 +1,10 @@
 """What the commands' runs share: loading the data and the starting model, the head
-classes, the output folder (``--out``: checked, cleared of the previous run's files) and
-the files written there, and the interruption that names what to do next."""
+classes, the files a run writes (into a staging folder moved into ``--out`` when the run is
+complete: :mod:`selmix.cli.staging`), and the interruption that names what to do next."""
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +201,8 @@ def _note_resolved(path: Path, config: Any) -> None:
     atomic_write_text(path, path.read_text() + "\n".join(lines) + "\n")
 
 
-#: The files a run writes to ``--out``; a fresh run removes them all (module docstring).
+#: The files a run writes to ``--out``; a finished run replaces them all
+#: (:mod:`selmix.cli.staging`).
 RUN_FILES = (
     "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
     "timings.json", "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
@@ -224,20 +223,6 @@ def _out_dir(settings: dict[str, Any]) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OSError(error.errno, f"cannot create `out` {str(out)!r}: {error.strerror}") from None
-    return out
-
-
-def _start_run(settings: dict[str, Any], keep: Sequence[str] = ()) -> Path:
-    """Makes ``--out`` hold this run only: removes the previous run's files (see the module
-    docstring) except ``keep`` (the starting model when it lives there), then writes this
-    run's ``config.yaml``. Called once everything has been checked; rank 0 only."""
-    out = _out_dir(settings)
-    if os.environ.get("RANK", "0") == "0":
-        kept = {Path(path).resolve() for path in keep}
-        for name in RUN_FILES:
-            if (out / name).resolve() not in kept:
-                (out / name).unlink(missing_ok=True)
-        _write_yaml(out / "config.yaml", settings)
     return out
 
 

@@ -19,12 +19,8 @@ from pathlib import Path
 
 from selmix._io import _HOST, _process_is_alive
 from selmix.cli.options import UsageError
+from selmix.cli.run import RUN_FILES
 
-#: The files a run writes to ``--out``; a finished run replaces them all.
-RUN_FILES = (
-    "model.pt", "metrics.json", "config.yaml", "log.jsonl", "finetune_state.pt", "details.json",
-    "timings.json", "pretrain_state.pt", "model.safetensors", "model_state_dict.pt",
-)  # fmt: skip
 #: The folders a run writes to ``--out`` (``hf``: ``--export hf``; ``hf.partial``: a
 #: killed export of selmix <= 0.2).
 RUN_FOLDERS = ("hf", "hf.partial")
