@@ -30,7 +30,7 @@ TINY = {
     "la_finetune": ["--steps", "2", "--batch-size", "8", "--la-tau", "0.5", "--no-progress"],
     "mislas_stage2": ["--epochs", "1", "--smooth-head", "0.2", "--no-progress"],
 }
-FINETUNE_META = {"classes", "mean", "std", "command", "settings"}
+FINETUNE_META = {"classes", "mean", "std", "command", "settings", "preprocessing"}
 
 
 @pytest.fixture(scope="module", autouse=True)

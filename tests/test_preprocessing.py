@@ -133,6 +133,17 @@ def test_hugging_face_processor_sets_normalisation(tree: Path, tmp_path: Path, c
     assert notes["source"].endswith("preprocessor_config.json)")
     meta = load_checkpoint(out / "model.pt")["meta"]
     assert meta["mean"] == pytest.approx(MEAN)
+    # a baseline from the same folder is normalised the same way, so the two compare
+    baseline_out = tmp_path / "baseline"
+    argv = ["baseline", "--data", f"imagefolder:{tree}", "--val-per-class", "2", "--device",
+            "cpu", "--checkpoint", f"hf:{tmp_path / 'vit'}", "--method", "posthoc_la",
+            "--out", str(baseline_out), "--set", "progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert line[0] in printed
+    assert any(x.startswith("verdict: min recall ") for x in printed)
+    baseline_meta = load_checkpoint(baseline_out / "model.pt")["meta"]
+    assert baseline_meta["preprocessing"]["mean"] == pytest.approx(MEAN)
 
 
 def test_a_model_without_preprocessing_keeps_the_data_statistics(

@@ -17,14 +17,13 @@ from selmix.cli.options import (
     _data_options,
     _start_model_options,
 )
-from selmix.cli.outcome import _note_preprocessing, _verdict
+from selmix.cli.outcome import _load_model_data, _note_preprocessing, _verdict
 from selmix.cli.run import (
     _ARGV,
     _check_model_takes_data,
     _check_split_labels,
     _flag,
     _Interrupted,
-    _load_data,
     _load_start_model,
     _model_meta,
     _note_resolved,
@@ -38,7 +37,6 @@ from selmix.cli.staging import Staging, check_out
 def _finetune_options() -> list[Option]:
     from selmix.export import EXPORT_FORMATS
     from selmix.finetune import FinetuneConfig
-    from selmix.preprocessing import PREPROCESSING_CHOICES
 
     return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model to start from: model.pt of `selmix pretrain`, a "
@@ -56,12 +54,6 @@ def _finetune_options() -> list[Option]:
                "OUT.partial/)", metavar="FILE"),
         Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
                "until then the earlier run stays as it was)"),
-        Option("preprocessing", "auto", "input size and normalisation: 'model' (the starting "
-               "model's: a timm config.json with pretrained_cfg beside the weights, a Hugging "
-               "Face preprocessor_config.json, torchvision weights by their download name, "
-               "else timm's or torchvision's defaults for --model), 'data' (the training "
-               "images' mean and std), 'auto' (the model's when its files record it, else "
-               "the data's)", choices=PREPROCESSING_CHOICES, metavar="auto|model|data"),
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
@@ -119,7 +111,6 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         resolve_objective,
     )
     from selmix.objectives import get_objective
-    from selmix.preprocessing import resolve_preprocessing
     from selmix.report import format_metrics_table, format_start
     from selmix.timing import parse_duration
 
@@ -136,13 +127,7 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
               resume=settings["resume"], keep=[settings["checkpoint"]],
               writer=os.environ.get("RANK", "0") == "0")  # fmt: skip
 
-    preprocessing = resolve_preprocessing(
-        settings["preprocessing"], settings["checkpoint"], settings.get("model"),
-        settings.get("image_size"), resizable=str(settings["data"]).startswith("imagefolder:"),
-    )  # fmt: skip
-    splits = _load_data(settings, preprocessing)
-    if os.environ.get("RANK", "0") == "0":
-        print(preprocessing.describe())
+    splits, preprocessing = _load_model_data(settings)
     # checked here, before --out is touched, as the library will check them again
     _check_split_labels(splits)
     model, _, source = _load_start_model(settings, splits)
@@ -167,11 +152,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         )  # fmt: skip
     staging = Staging(settings["out"], keep=[settings["checkpoint"]],
                       write=os.environ.get("RANK", "0") == "0")  # fmt: skip
-    # a resumed run extends the log of the run it continues
-    work = staging.open(settings["resume"], carry=["log.jsonl"])
+    work = staging.path
     saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
-    if settings["resume"] is None and staging.write:
-        _write_yaml(work / "config.yaml", saved_settings)
     state_path = work / "finetune_state.pt"
     config = config.replace(log_path=str(work / "log.jsonl"), checkpoint_path=str(state_path))
 
@@ -180,6 +162,10 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     collective = context or SingleProcess()
     export_failure = None
     try:
+        # a resumed run extends the log of the run it continues
+        staging.open(settings["resume"], carry=["log.jsonl"])
+        if settings["resume"] is None and staging.write:
+            _write_yaml(work / "config.yaml", saved_settings)
         collective.local_batch_size(config.batch_size)  # fail fast on an uneven split
         device = collective.process_device(config.device)
 

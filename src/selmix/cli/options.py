@@ -132,7 +132,9 @@ def _data_options(required: bool = True) -> list[Option]:
 
 def _start_model_options() -> list[Option]:
     """--model and ckpt_prefix: a starting model from a state dict, safetensors, Lightning
-    or Hugging Face file (selmix.models.loading)."""
+    or Hugging Face file (selmix.models.loading), and whose preprocessing the data get."""
+    from selmix.preprocessing import PREPROCESSING_CHOICES
+
     return [
         Option("model", None, "architecture of a --checkpoint state dict (.pt/.pth), "
                ".safetensors or Lightning .ckpt: a registry name, torchvision:NAME or "
@@ -141,6 +143,13 @@ def _start_model_options() -> list[Option]:
         Option("ckpt_prefix", None, "prefix of the model's keys in --checkpoint (e.g. "
                "'model.' for a LightningModule's self.model); unset: found when only one fits",
                flag=False),
+        Option("preprocessing", "auto", "input size and normalisation: 'model' (the starting "
+               "model's: a timm config.json with pretrained_cfg beside the weights, a Hugging "
+               "Face preprocessor_config.json, torchvision weights by their download name, a "
+               "model.pt of finetune, else timm's or torchvision's defaults for --model), "
+               "'data' (the training images' mean and std), 'auto' (the model's when its "
+               "files record it, else the data's)", choices=PREPROCESSING_CHOICES,
+               metavar="auto|model|data"),
     ]  # fmt: skip
 
 

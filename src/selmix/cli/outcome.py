@@ -1,11 +1,30 @@
-"""What a fine-tuning run tells its user beyond the metrics: the preprocessing it used
-(recorded in ``config.yaml``) and whether it worked (the verdict line)."""
+"""What a run tells its user beyond the metrics: the preprocessing it used (one console
+line, recorded in ``config.yaml``) and whether it worked (the verdict line)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+from selmix.cli.run import _load_data
+
+
+def _load_model_data(settings: dict[str, Any]) -> tuple[Any, Any]:
+    """The data splits in the starting model's preprocessing (``settings["preprocessing"]``,
+    :func:`selmix.preprocessing.resolve_preprocessing`), and that preprocessing; rank 0
+    prints which it is in one line."""
+    from selmix.preprocessing import resolve_preprocessing
+
+    preprocessing = resolve_preprocessing(
+        settings["preprocessing"], settings["checkpoint"], settings.get("model"),
+        settings.get("image_size"), resizable=str(settings["data"]).startswith("imagefolder:"),
+    )  # fmt: skip
+    splits = _load_data(settings, preprocessing)
+    if os.environ.get("RANK", "0") == "0":
+        print(preprocessing.describe())
+    return splits, preprocessing
 
 
 def _note_preprocessing(path: Path, preprocessing: Any) -> None:
