@@ -105,6 +105,9 @@ def test_report_shows_each_runs_verdict_and_marks_the_objective(tmp_path: Path) 
     assert "min coverage 9.1% &lt; target 9.5%: constraint missed" in text
     assert "best baseline crt 40.0%: not beaten" in text
     assert "start head: cRT (crt, chosen by head_init=auto)" in text
+    # red for a missed constraint, green for an improved objective
+    assert '<p class="verdict bad"><b>mean_recall_min_coverage</b>' in text
+    assert '<p class="verdict good"><b>min_recall</b>' in text
     # one column per run (shared before): each marks its own objective's cell
     marked = re.findall(r'<td class="[^"]*objective[^"]*"', text)
     assert len(marked) == 2

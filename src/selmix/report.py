@@ -261,6 +261,7 @@ def _normalise_run(name: str, run: Any) -> dict[str, Any]:
         "objective": str(objective),
         "verdict": verdict,
         "start": start,
+        "selected_step": None if selected is None else int(selected),
     }
 
 
@@ -401,6 +402,12 @@ def _plot_history(new_figure: Any, path: Path, run: dict[str, Any], names: list[
         )
     axes[2].set_title("validation metrics (%)")
     axes[2].set_xlabel("step")
+    selected = run.get("selected_step")
+    if selected is not None:
+        for axis in (axes[0], axes[2]):
+            axis.axvline(selected, color="#555555", linestyle=":", linewidth=1.2,
+                         label=f"selected step {selected}")  # fmt: skip
+        axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -455,6 +462,7 @@ img { max-width: 100%; display: block; margin: 0.8em 0; }
 table.details td { text-align: left; }
 p.note { color: #555; } code { background: #f1f3f6; padding: 1px 4px; }
 p.verdict { font-size: 1.05em; margin: 0.3em 0; }
+p.verdict.bad { color: #a32020; } p.verdict.good { color: #17703a; }
 td.objective { font-weight: 700; background: #fff7d6; } td.constraint { background: #f4f0ff; }
 """
 
@@ -500,6 +508,14 @@ def _html_metrics_table(runs: dict[str, dict[str, Any]], shared_before: bool) ->
         f"<table><thead><tr><th>test metric (%)</th>{head}</tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+def _verdict_class(verdict: str) -> str:
+    """The CSS class of a verdict line: red when the objective got worse or a constraint was
+    missed, green when it improved."""
+    if ": worse" in verdict or "constraint missed" in verdict:
+        return "verdict bad"
+    return "verdict good" if ": improved" in verdict else "verdict"
 
 
 def write_report(
@@ -552,7 +568,9 @@ def write_report(
     for name, run in prepared.items():
         slug = _slug(name)
         parts = [f"<h2>{html.escape(run['title'])}</h2>"]
-        parts.append(f'<p class="verdict">{html.escape(run["verdict"])}</p>')
+        parts.append(
+            f'<p class="{_verdict_class(run["verdict"])}">{html.escape(run["verdict"])}</p>'
+        )
         if run["start"]:
             parts.append(f'<p class="note">{html.escape(run["start"])}</p>')
         figures = []
@@ -572,7 +590,8 @@ def write_report(
 
     intro = f"<p>{html.escape(description)}</p>" if description else ""
     verdicts = "".join(
-        f'<p class="verdict"><b>{html.escape(name)}</b> {html.escape(run["verdict"])}</p>'
+        f'<p class="{_verdict_class(run["verdict"])}"><b>{html.escape(name)}</b> '
+        f"{html.escape(run['verdict'])}</p>"
         for name, run in prepared.items()
     )
     legend = ""
