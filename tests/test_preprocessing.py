@@ -252,3 +252,25 @@ def test_normalization_replaces_the_data_statistics() -> None:
     again, _ = changed.test.batch(range(4))
     raw = images * plain.test.std.view(1, -1, 1, 1) + plain.test.mean.view(1, -1, 1, 1)
     assert torch.allclose(again, (raw - 0.5) / 0.25, atol=1e-4)
+
+
+class MixedReader(torch.utils.data.Dataset):
+    """Items of two sizes, as a tree whose header sample missed the odd ones gives."""
+
+    def __getitem__(self, item: tuple) -> torch.Tensor:
+        side = 8 if item[0] % 5 else 6
+        return torch.zeros(3, side, side, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_streamed_batch_of_mixed_sizes_names_image_size(num_workers: int) -> None:
+    from selmix.data.streaming import WorkerPool
+
+    pool = WorkerPool(MixedReader(), num_workers)
+    try:
+        assert pool.load([(1, False, None), (2, False, None)]).shape == (2, 3, 8, 8)
+        with pytest.raises(ValueError, match=r"differ in size \(3x6x6 and 3x8x8, C x H x W\); "
+                           r"pass `image_size` \(--image-size N\)"):  # fmt: skip
+            pool.load([(row, False, None) for row in range(6)])
+    finally:
+        pool.close()

@@ -126,11 +126,33 @@ class _Guarded(Dataset):
             return _Failure(error)
 
 
+def stack_images(images: Sequence[Tensor], dim_is_batch: bool = False) -> Tensor:
+    """``images`` stacked (or, with ``dim_is_batch``, batches concatenated) into one tensor.
+
+    Raises:
+        ValueError: the images differ in size (a tree of mixed sizes read without
+            ``image_size``), naming two of the sizes and the setting that resizes them.
+    """
+    shapes = sorted({tuple(image.shape[1:] if dim_is_batch else image.shape) for image in images})
+    if len(shapes) > 1:
+        shown = " and ".join("x".join(str(side) for side in shape) for shape in shapes[:2])
+        raise ValueError(
+            f"the images of one batch differ in size ({shown}, C x H x W); pass `image_size` "
+            "(--image-size N) to resize every image to one size"
+        )
+    return torch.cat(list(images)) if dim_is_batch else torch.stack(list(images))
+
+
 def _stack(items: list[Tensor | _Failure]) -> Tensor | _Failure:
     for item in items:
         if isinstance(item, _Failure):
             return item
-    return torch.stack(items) if items else torch.empty(0)  # type: ignore[arg-type]
+    if not items:
+        return torch.empty(0)
+    try:
+        return stack_images(items)  # type: ignore[arg-type]
+    except ValueError as error:
+        return _Failure(error)
 
 
 class WorkerPool:
@@ -167,7 +189,7 @@ class WorkerPool:
             return torch.empty(0)
         if self.num_workers == 0 or len(items) == 1:
             # decoded here, a failure raises at once: every item is a tensor
-            return torch.stack([self.reader[item] for item in items])
+            return stack_images([self.reader[item] for item in items])
         count = min(len(items), self.num_workers * _SHARES_PER_WORKER)
         bounds = [round(len(items) * k / count) for k in range(count + 1)]
         self._shares.shares = [items[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -193,7 +215,7 @@ class WorkerPool:
         for part in parts:
             if isinstance(part, _Failure):
                 part.raise_error()
-        return torch.cat(parts)
+        return stack_images(parts, dim_is_batch=True)
 
 
 def to_device(images: Tensor, device: torch.device | str | None) -> Tensor:
