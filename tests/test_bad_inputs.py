@@ -1173,3 +1173,27 @@ def test_pretrain_and_baseline_with_overwrite_replace_the_earlier_run(
     assert _tree_digest(out)["model.pt"] != before["model.pt"]
     assert "overwrite" not in (out / "config.yaml").read_text()
     assert not (tmp_path / "run.partial").exists()
+
+
+def test_an_hf_export_into_a_used_out_replaces_the_earlier_export(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=12, patch_size=4, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=1, intermediate_size=16, num_labels=3,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit12")
+    out, _ = _used_out(world, tmp_path)
+    (out / "hf").mkdir()
+    (out / "hf" / "old.txt").write_text("an earlier export\n")
+    (out / "hf.partial").mkdir()  # a killed export of an older selmix
+    argv = _finetune_argv(world, out, "--checkpoint", f"hf:{tmp_path / 'vit12'}",
+                          "--export", "hf")  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "hf" / "config.json").is_file() and not (out / "hf" / "old.txt").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "hf"))) == ["hf"]
+    assert not (tmp_path / "run.partial").exists()
+    back = transformers.ViTForImageClassification.from_pretrained(out / "hf")
+    assert back.config.image_size == 12

@@ -14,6 +14,7 @@ from selmix.cli.options import (
 )
 from selmix.cli.outcome import _load_model_data, _verdict
 from selmix.cli.run import (
+    _check_model_takes_data,
     _flag,
     _load_start_model,
     _model_meta,
@@ -89,6 +90,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
 
     splits, preprocessing = _load_model_data(settings)
     model = _load_start_model(settings, splits).model
+    _check_model_takes_data(model, splits.train, str(settings["checkpoint"]))
     # the library resolves the run (head classes, objective parameters) as the API does
     config, _ = resolve_objective(config, None, splits.train.labels, _num_classes(splits))
     settings["head_classes"] = config.head_classes
