@@ -274,3 +274,13 @@ def test_a_streamed_batch_of_mixed_sizes_names_image_size(num_workers: int) -> N
             pool.load([(row, False, None) for row in range(6)])
     finally:
         pool.close()
+
+
+def test_normalization_reaches_the_unlabelled_pool(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "images", [(8, 8)])
+    splits = load_data(f"imagefolder:{root}", val_per_class=2, max_per_class=4,
+                       unlabelled_max_per_class=2, normalization=(MEAN, STD))  # fmt: skip
+    assert splits.unlabelled is not None
+    assert splits.unlabelled.mean.tolist() == pytest.approx(MEAN)
+    assert splits.unlabelled.std.tolist() == pytest.approx(STD)
+    assert splits.train.mean.tolist() == pytest.approx(MEAN)

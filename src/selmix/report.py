@@ -482,6 +482,7 @@ def _html_metrics_table(runs: dict[str, dict[str, Any]], shared_before: bool) ->
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _, _ in columns)
     # each column's run marks its objective's metric (and a coverage objective's constraint)
     objectives = [run["objective"] for run in runs.values()]
+    marks: list[dict[str, str]]
     if shared_before:
         marks = [{}] + [objective_marks(objective) for objective in objectives]
     else:

@@ -522,7 +522,9 @@ def _normalised(
             pair.append(tensor)
         if (pair[1] <= 0).any():
             raise ValueError(f"`normalization` std must be > 0, got {pair[1].tolist()}")
-        dataset.mean, dataset.std = pair
+        # an unlabelled pool serves its images through the labelled data set it wraps
+        target = dataset._data if isinstance(dataset, UnlabelledDataset) else dataset
+        target.mean, target.std = pair
     return splits
 
 
