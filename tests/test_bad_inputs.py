@@ -1197,3 +1197,18 @@ def test_an_hf_export_into_a_used_out_replaces_the_earlier_export(
     assert not (tmp_path / "run.partial").exists()
     back = transformers.ViTForImageClassification.from_pretrained(out / "hf")
     assert back.config.image_size == 12
+
+
+def test_the_staging_folder_is_a_sibling_of_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selmix.cli.options import UsageError
+    from selmix.cli.staging import staging_path
+
+    assert staging_path("runs/a") == Path("runs/a.partial")
+    assert staging_path("runs/a/") == Path("runs/a.partial")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert staging_path(".") == tmp_path / "run.partial"  # --out . : beside the folder
+    with pytest.raises(UsageError, match="`out` must be a folder below"):
+        staging_path("/")

@@ -32,6 +32,10 @@ def staging_path(out: str | os.PathLike) -> Path:
     """The staging folder of ``out``: ``OUT.partial`` beside it (the same filesystem, so the
     final move is a rename)."""
     out = Path(out)
+    if out.name in ("", ".", ".."):  # --out . names no folder to put a sibling beside
+        out = out.resolve()
+    if not out.name:
+        raise UsageError(f"`out` must be a folder below the file system's root, got {str(out)!r}")
     return out.with_name(out.name + ".partial")
 
 
