@@ -150,6 +150,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with torch.no_grad():
         poisoned.head.weight[0, 0] = float("nan")
     save_model(files / "nan_head.pt", poisoned)
+    torch.save(poisoned.state_dict(), files / "nan_head_state_dict.pt")
     # a Lightning-style checkpoint: the model's keys under 'model.'
     lightning = {f"model.{k}": v for k, v in create_model("small_cnn", 3).state_dict().items()}
     torch.save({"state_dict": lightning}, files / "lightning.ckpt")
@@ -283,6 +284,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     "nan in the head, head_init auto": (
         [*FT, "--checkpoint", "{files}/nan_head.pt", "--set", "head_init=auto"],
         "non-finite value(s) (NaN or inf) in 'head.weight'"),
+    "nan in a state dict's head, --model": (
+        [*FT, "--checkpoint", "{files}/nan_head_state_dict.pt", "--model", "small_cnn",
+         "--set", "head_init=none"], "non-finite value(s) (NaN or inf) in 'head.weight'"),
     "hf ViT built for 16x16, data 12x12": (
         [*FT, "--checkpoint", "hf:{files}/vit16"], "it is built for 16x16 images"),
     "val_per_class equal to the smallest class": (
