@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from selmix.cli import main
 from selmix.demo import DEMO_OBJECTIVES, demo_settings, run_demo
+from selmix.report import format_verdict
 
 
 def test_the_report_dependency_is_a_core_dependency() -> None:
@@ -48,6 +50,13 @@ def test_fast_demo_writes_table_metrics_and_report(
         for kind in ("recall", "gains", "history"):
             assert (out / f"{kind}_{name}.png").is_file()
     assert (out / "pretrained.pt").is_file()
+    # each run says whether it worked, on the console and in the report
+    page = index.read_text()
+    for name in DEMO_OBJECTIVES:
+        verdict = format_verdict(name, metrics["before"], metrics["after"][name])
+        assert f"{name}: {verdict}" in printed.splitlines()
+        assert html.escape(verdict) in page
+        assert any(line.startswith(f"{name}: selected step ") for line in printed.splitlines())
 
 
 def test_demo_command_passes_its_options(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,7 +130,7 @@ def _run_demo(
     from selmix.finetune import FinetuneConfig, finetune
     from selmix.models import create_model
     from selmix.pretrain import PretrainConfig, pretrain
-    from selmix.report import format_metrics_table, format_verdict, write_report
+    from selmix.report import format_metrics_table, format_start, format_verdict, write_report
 
     def say(message: str) -> None:
         if verbose:
@@ -182,8 +182,10 @@ def _run_demo(
     say("\ntest metrics (%): the pre-trained model, then its SelMix fine-tuned copies")
     say(table)
     for name, run in runs.items():
-        resolved = run["result"].config
-        alpha = (resolved.objective_params or {}).get("alpha")
+        result = run["result"]
+        alpha = (result.config.objective_params or {}).get("alpha")
+        say(f"{name}: " + format_start(result.selected_step, result.head_init,
+                                       result.config.head_init))  # fmt: skip
         say(f"{name}: " + format_verdict(name, before, run["after"], alpha=alpha))
 
     train_time = time.perf_counter() - started
