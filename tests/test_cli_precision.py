@@ -71,8 +71,9 @@ def test_interrupted_pretraining_resumes_bit_identically(data_args, tmp_path, mo
     monkeypatch.setattr(pretrain_module, "_save_training_checkpoint", save_then_die)
     assert main(["pretrain", *data_args, "--out", str(cut), *common]) != 0
     monkeypatch.setattr(pretrain_module, "_save_training_checkpoint", original)
-    assert main(["pretrain", *data_args, "--out", str(cut), *common,
-                 "--resume", str(cut / "pretrain_state.pt")]) == 0  # fmt: skip
+    # an interrupted run's checkpoint stays in the staging folder beside --out
+    assert main(["pretrain", *data_args, "--out", str(cut), *common, "--resume",
+                 str(tmp_path / "cut.partial" / "pretrain_state.pt")]) == 0  # fmt: skip
     resumed, _ = load_model(cut / "model.pt")
     reference, _ = load_model(whole / "model.pt")
     for key, value in reference.state_dict().items():
