@@ -83,6 +83,48 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "select_tolerance": 1.0,
         "min_recall_params": {"floor": 0.3},
     },
+    "noise-floor": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.0,
+        "min_recall_params": {"floor": 0.3},
+    },
+    "floor": {
+        "multiplier_rate": "objective",
+        "select_tolerance": 0.0,
+        "min_recall_params": {"floor": 0.3},
+    },
+    "noise-floor-half": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.0,
+        "min_recall_params": {"floor": 0.5},
+    },
+    "noise-floor-half-select": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.5,
+        "min_recall_params": {"floor": 0.5},
+    },
+    # half the pairs drawn uniformly (class-balanced labels, as cRT), half by the policy
+    "noise-uniform-half": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.0,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
+    "uniform-half": {
+        "multiplier_rate": "objective",
+        "select_tolerance": 0.0,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
+    # the selection (of the start head as well) within the noise
+    "noise-uniform-half-select": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 1.0,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
+    "noise-select-half-tol": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.5,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
 }
 
 
@@ -209,9 +251,15 @@ def _selmix_settings(case: Case, variant: str) -> dict[str, Any]:
     """finetune's settings for the variant ("init" is the benchmark's, not the library's)."""
     settings = {**VARIANTS[variant], "frozen_backbone": case.frozen}
     init = settings.pop("init", None)
-    min_recall_params = settings.pop("min_recall_params", None)
+    min_recall_params = dict(settings.pop("min_recall_params", None) or {})
     if min_recall_params and case.objective == "min_recall":
-        settings["objective_params"] = dict(min_recall_params)
+        # finetune settings (uniform_mix) and the objective's own (floor)
+        for key in [
+            k for k in min_recall_params if k in selmix.FinetuneConfig.__dataclass_fields__
+        ]:
+            settings[key] = min_recall_params.pop(key)
+        if min_recall_params:
+            settings["objective_params"] = min_recall_params
     if settings.pop("rate", None) == "scaled" and case.objective == "min_recall":
         # w = 50 treats recalls as known to about 2% (500 per class); scale w with the
         # standard error, 1 / sqrt(n)

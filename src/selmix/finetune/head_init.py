@@ -8,7 +8,11 @@ heads are at hand on the same features: post-hoc logit adjustment (the bias shif
 re-trained with class-balanced sampling). ``head_init="auto"`` scores the model's own
 head and both candidates on the validation set for the objective
 (:func:`selmix.selection.objective_score`) and starts from the best; the start the run
-selects from (``select="best"``) is then that head.
+selects from (``select="best"``) is then that head. With a ``select_tolerance``, heads
+whose min recall is within that many standard errors of the best one's tie, and the one
+with the highest mean recall of them starts (:func:`selmix.selection.undominated_index`):
+post-hoc logit adjustment's tau is tuned on the same validation set, so its score there is
+the most optimistic of the three.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 from selmix.finetune.config import HEAD_INIT
 from selmix.models import ModelSplit, split_model
 from selmix.objectives import Objective
-from selmix.selection import objective_score
+from selmix.selection import objective_score, selection_tolerance, undominated_index
 from selmix.views import FrozenFeatures
 
 __all__ = ["HEAD_INIT", "initialise_head"]
@@ -101,8 +105,12 @@ def initialise_head(
         precision=config.precision,
     )  # fmt: skip
 
+    class_counts: list[torch.Tensor] = []
+
     def score_of_current_head() -> Any:
-        return objective_score(objective, view.evaluate(val, soft=False).counts)
+        counts = view.evaluate(val, soft=False).counts
+        class_counts.append(counts.sum(dim=1))
+        return objective_score(objective, counts)
 
     scores = {}
     if method == "auto":
@@ -111,8 +119,16 @@ def initialise_head(
     for name, (head, _) in candidates.items():
         split.head.load_state_dict(head.state_dict())
         scores[name] = score_of_current_head()
-    # the first of the best wins: the model's own head on a tie
-    chosen = max(scores, key=lambda name: scores[name].key) if method == "auto" else method
+    # the first of the best wins: the model's own head on a tie; with a tolerance, the
+    # undominated one among those tied within the noise
+    width = getattr(config, "select_tolerance", 0.0)
+    tolerance = selection_tolerance(objective, class_counts[0], width)
+    names = list(scores)
+    chosen = (
+        names[undominated_index([scores[name] for name in names], tolerance)]
+        if method == "auto"
+        else method
+    )
     if chosen == "model":
         split.head.load_state_dict(original)
     else:
