@@ -45,9 +45,11 @@ def _finetune_options() -> list[Option]:
         Option("export", None, "also write the returned model in its own family: "
                "safetensors (OUT/model.safetensors), state_dict (OUT/model_state_dict.pt), "
                "both with the starting file's keys, hf (OUT/hf/, save_pretrained); "
-               "one or more, comma-separated (e.g. --export safetensors,hf)",
+               "one or more, comma-separated (e.g. --export safetensors,hf); a failed export "
+               "keeps the finished run in OUT and exits 2 naming the failure",
                metavar="{" + ",".join(EXPORT_FORMATS) + "}[,...]"),
-        Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml)",
+        Option("out", None, "output folder (model.pt, log.jsonl, metrics.json, config.yaml); "
+               "the run is written to OUT.partial/ and moved here when complete",
                metavar="DIR", required=True),
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
                "the same settings, data and starting checkpoint (an interrupted run's is in "
