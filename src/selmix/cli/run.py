@@ -169,7 +169,10 @@ def _check_model_takes_data(model: Any, dataset: Any, checkpoint: str) -> None:
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         shape = "x".join(str(size) for size in inputs.shape[1:])
         built = getattr(getattr(model, "config", None), "image_size", None)
-        made_for = f"; it is built for {built}x{built} images" if isinstance(built, int) else ""
+        made_for = (
+            f"; it is built for {built}x{built} images (--image-size {built} resizes them)"
+            if isinstance(built, int) else ""
+        )  # fmt: skip
         raise UsageError(
             f"`checkpoint` {checkpoint!r} cannot take the data's {shape} inputs{made_for}: "
             f"{_one_line(error)[:200]}"
