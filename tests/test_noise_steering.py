@@ -231,3 +231,38 @@ def test_partners_pair_cases_of_one_start_and_validation_size():
     assert pairs["k20-o1-v40-minrec"] == ["k20-o1-v40-mrcov"]
     assert pairs["gauss100-v10-minrec"] == ["gauss100-v10-hmean", "gauss100-v10-mrcov"]
     assert len(pairs) == 14
+
+
+# -- the start head among those tied within the noise ----------------------------------------
+def test_head_init_auto_takes_the_undominated_head_among_those_tied(monkeypatch):
+    import copy
+    import importlib
+
+    from selmix.data import load_data
+    from selmix.finetune import finetune
+    from selmix.models import create_model
+
+    head_init = importlib.import_module("selmix.finetune.head_init")
+    demo = load_data("demo")  # 100 validation images per class: one standard error 0.05
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, in_channels=1)
+    # the candidates' validation scores, in the order they are scored: the tuned post-hoc
+    # head has the best min recall, cRT one 0.02 below it and 0.07 more mean recall
+    made_up = {"model": (0.30, 0.50), "posthoc_la": (0.34, 0.55), "crt": (0.32, 0.62)}
+    settings = {"steps": 1, "feedback_every": 1, "progress": False, "head_init": "auto"}
+    for width, expected in ((0.0, "posthoc_la"), (0.2, "posthoc_la"), (1.0, "crt")):
+        calls = iter(made_up.values())
+        real = head_init.objective_score
+
+        def fake(objective, counts, calls=calls, real=real):
+            value = next(calls, None)
+            if value is None:  # the run's own feedback steps
+                return real(objective, counts)
+            return ObjectiveScore(value[0], tiebreak=value[1])
+
+        monkeypatch.setattr(head_init, "objective_score", fake)
+        run = finetune(copy.deepcopy(model), demo.train, demo.val, "min_recall",
+                       select_tolerance=width, **settings)  # fmt: skip
+        assert run.head_init["head_init"] == expected, width
+        scores = [ObjectiveScore(*v[:1], tiebreak=v[1]) for v in made_up.values()]
+        assert expected == list(made_up)[_direct_choice(scores, width * 0.05)]
