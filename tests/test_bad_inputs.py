@@ -322,7 +322,8 @@ SETUP = {
     "OUT/model_state_dict.pt is a folder": lambda out: (out / "model_state_dict.pt").mkdir(),
     "OUT/hf is a file": lambda out: (out / "hf").write_text("not a folder"),
     "an interrupted run's staging folder, no --overwrite": lambda out: (
-        out.with_name("fresh.partial").mkdir()),
+        out.with_name("fresh.partial").mkdir(),
+        (out.with_name("fresh.partial") / "finetune_state.pt").write_bytes(b"a checkpoint")),
 }
 NEEDS_TRANSFORMERS = {"hf ViT built for 16x16, data 12x12", "hf folder without hf:",
                       "BertModel folder"}  # fmt: skip
@@ -1216,3 +1217,33 @@ def test_the_staging_folder_is_a_sibling_of_out(
     assert staging_path(".") == tmp_path / "run.partial"  # --out . : beside the folder
     with pytest.raises(UsageError, match="`out` must be a folder below"):
         staging_path("/")
+
+
+def test_who_may_use_a_staging_folder(tmp_path: Path) -> None:
+    """A dead run's folder with a checkpoint: resumed, or discarded with --overwrite; one
+    without a checkpoint: cleared by the next run; a live run's on this host: never; one
+    of another host: only by the resume that names it (a job requeued on another node)."""
+    from selmix._io import _HOST
+    from selmix.cli.options import UsageError
+    from selmix.cli.staging import check_out
+
+    out, staging = tmp_path / "run", tmp_path / "run.partial"
+    staging.mkdir()
+    state = staging / "finetune_state.pt"
+    (staging / "config.yaml").write_text("steps: 4\n")
+    check_out(out)  # no checkpoint: nothing to continue
+    state.write_bytes(b"a checkpoint")
+    with pytest.raises(UsageError, match=f"continue it with --resume {state}"):
+        check_out(out)
+    check_out(out, overwrite=True)
+    check_out(out, resume=state)
+    owner = staging / ".selmix-owner"
+    owner.write_text(f"{_HOST}.{os.getppid()}\n")  # alive, on this host
+    for kwargs in ({}, {"overwrite": True}, {"resume": state}):
+        with pytest.raises(UsageError, match="another run is writing"):
+            check_out(out, **kwargs)
+    check_out(out, writer=False)  # a torchrun rank other than 0 writes nothing
+    owner.write_text("elsewhere.12345\n")
+    with pytest.raises(UsageError, match="another run is writing"):
+        check_out(out, overwrite=True)
+    check_out(out, resume=state)

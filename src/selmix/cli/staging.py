@@ -24,6 +24,8 @@ from selmix.cli.run import RUN_FILES
 #: The folders a run writes to ``--out`` (``hf``: ``--export hf``; ``hf.partial``: a
 #: killed export of selmix <= 0.2).
 RUN_FOLDERS = ("hf", "hf.partial")
+#: The checkpoints an interrupted run leaves in its staging folder, to resume from.
+CHECKPOINTS = ("finetune_state.pt", "pretrain_state.pt")
 #: In the staging folder: the host and process writing it (two runs never share one).
 OWNER_FILE = ".selmix-owner"
 
@@ -47,13 +49,14 @@ def _owner(staging: Path) -> tuple[str, int] | None:
         return None
 
 
-def _is_live(staging: Path) -> bool:
+def _is_live(staging: Path, other_hosts: bool = True) -> bool:
+    """Whether a live process writes ``staging``; one on another host sharing the folder
+    cannot be checked and counts as live when ``other_hosts``."""
     owner = _owner(staging)
     if owner is None:
         return False
     host, pid = owner
-    # a run on another host sharing the folder cannot be checked: count it as live
-    return host != _HOST or _process_is_alive(pid)
+    return other_hosts if host != _HOST else _process_is_alive(pid)
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -135,16 +138,19 @@ def check_out(
         )
     if writer and staging.exists():
         resuming_here = resume is not None and Path(resume).resolve().parent == staging.resolve()
-        if _is_live(staging):
+        # a resume names the folder itself: a job requeued on another node continues
+        # the run its killed predecessor left there
+        if _is_live(staging, other_hosts=not resuming_here):
             raise UsageError(
                 f"another run is writing {str(staging)!r} (`out` {str(out)!r}); wait for it or "
                 "choose another --out"
             )
-        if not resuming_here and not overwrite:
+        state = next((staging / name for name in CHECKPOINTS if (staging / name).is_file()), None)
+        # without a checkpoint there is nothing to continue: the next run clears it
+        if state is not None and not resuming_here and not overwrite:
             raise UsageError(
                 f"{str(staging)!r} holds an interrupted run of `out` {str(out)!r}; continue it "
-                f"with --resume {staging / 'finetune_state.pt'} (or pretrain_state.pt), or "
-                "pass --overwrite to discard it"
+                f"with --resume {state}, or pass --overwrite to discard it"
             )
     return out
 
