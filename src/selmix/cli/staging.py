@@ -21,8 +21,8 @@ from selmix._io import _HOST, _process_is_alive
 from selmix.cli.options import UsageError
 from selmix.cli.run import RUN_FILES
 
-#: The folders a run writes to ``--out`` (``hf``: ``--export hf``; ``hf.partial``: a
-#: killed export of selmix <= 0.2).
+#: The folders a run writes to ``--out`` (``hf``: ``--export hf``; ``hf.partial``: what a
+#: killed export left there before exports were staged).
 RUN_FOLDERS = ("hf", "hf.partial")
 #: The checkpoints an interrupted run leaves in its staging folder, to resume from.
 CHECKPOINTS = ("finetune_state.pt", "pretrain_state.pt")
@@ -240,7 +240,11 @@ class Staging:
 
     def commit(self) -> Path:
         """Moves the finished run into ``out``: the earlier run's files are replaced (or
-        removed when this run has none of that name), other files in ``out`` stay."""
+        removed when this run has none of that name), other files in ``out`` stay.
+
+        A new ``out`` is one rename; an existing one gets one rename per entry (each
+        atomic, the whole within milliseconds), as its other files must stay.
+        """
         if not self.write:
             return self.out
         with contextlib.suppress(OSError):
