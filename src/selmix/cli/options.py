@@ -105,8 +105,9 @@ def _data_options(required: bool = True) -> list[Option]:
         Option(
             "val_per_class", None, "size per class of the balanced validation split carved "
             "from the training images; unset: the data source's default (500 for "
-            "fashion-mnist and cifar10; for an image folder without val/, half its smallest "
-            "class, at most 50, refused below 5)",
+            "fashion-mnist and cifar10; for an image folder, features file or ImageNet-LT "
+            "list without a validation split, half the smallest class, at most 50, refused "
+            "below 5)",
             type=int, metavar="N",
         ),
         Option(
