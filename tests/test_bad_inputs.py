@@ -1247,3 +1247,26 @@ def test_who_may_use_a_staging_folder(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="another run is writing"):
         check_out(out, overwrite=True)
     check_out(out, resume=state)
+
+
+def test_ctrl_c_of_a_resume_before_its_own_checkpoint_names_the_one_it_started_from(
+    world: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finetune_module = importlib.import_module("selmix.finetune")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "finetune", interrupted)
+    out, before = _used_out(world, tmp_path)
+    state = out / "finetune_state.pt"
+    argv = _fill(RESUME, world, out)
+    capsys.readouterr()
+    assert main([*argv, *QUIET]) == 130
+    err = capsys.readouterr().err
+    assert f"the checkpoint is '{state}'" in err and err.rstrip().endswith(f"--resume {state}")
+    assert _tree_digest(out) == before
+    assert not (tmp_path / "run.partial").exists()

@@ -272,6 +272,9 @@ def _export(
 def _resume_hint(settings: dict[str, Any], state_path: Path) -> str:
     """Where the checkpoint is and the command that continues the run; or, before the
     first checkpoint, that there is nothing to resume from."""
+    if not state_path.is_file() and settings.get("resume") is not None:
+        # a resumed run without a checkpoint of its own: the one it started from continues it
+        state_path = Path(settings["resume"])
     if not state_path.is_file():
         every = settings.get("checkpoint_every")
         when = f"every {every} steps" if every else "at the end"
