@@ -120,6 +120,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "select_tolerance": 1.0,
         "min_recall_params": {"uniform_mix": 0.5},
     },
+    # the start head chosen within the noise, the best step chosen strictly
+    "noise-head-select": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.0,
+        "head_init_tolerance": 1.0,
+    },
+    "head-select": {
+        "multiplier_rate": "objective",
+        "select_tolerance": 0.0,
+        "head_init_tolerance": 1.0,
+    },
     "noise-select-half-tol": {
         "multiplier_rate": "noise",
         "select_tolerance": 0.5,

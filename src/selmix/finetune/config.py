@@ -237,6 +237,12 @@ class FinetuneConfig(ConfigMixin):
         "of the smallest class) of the best step's tie, and the one with the highest mean "
         "recall is returned (selmix.selection.undominated_index); 0: the strictly best",
     )  # fmt: skip
+    head_init_tolerance: float | None = setting(
+        None, check=Optional(Real(strict=False)), run=True,
+        help="head_init 'auto' with min recall or min head/tail recall: heads whose metric "
+        "is within this many standard errors of the best one's tie, and the one with the "
+        "highest mean recall starts; unset: select_tolerance",
+    )  # fmt: skip
     patience: int | None = setting(
         None, check=Optional(Int(1)), run=True,
         help="stop after this many feedback steps without a better validation score; "

@@ -8,11 +8,11 @@ heads are at hand on the same features: post-hoc logit adjustment (the bias shif
 re-trained with class-balanced sampling). ``head_init="auto"`` scores the model's own
 head and both candidates on the validation set for the objective
 (:func:`selmix.selection.objective_score`) and starts from the best; the start the run
-selects from (``select="best"``) is then that head. With a ``select_tolerance``, heads
-whose min recall is within that many standard errors of the best one's tie, and the one
-with the highest mean recall of them starts (:func:`selmix.selection.undominated_index`):
-post-hoc logit adjustment's tau is tuned on the same validation set, so its score there is
-the most optimistic of the three.
+selects from (``select="best"``) is then that head. With a ``head_init_tolerance``
+(unset: ``select_tolerance``), heads whose min recall is within that many standard errors
+of the best one's tie, and the one with the highest mean recall of them starts
+(:func:`selmix.selection.undominated_index`): post-hoc logit adjustment's tau is tuned on
+the same validation set, so its score there is the most optimistic of the three.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ def initialise_head(
         scores[name] = score_of_current_head()
     # the first of the best wins: the model's own head on a tie; with a tolerance, the
     # undominated one among those tied within the noise
-    width = getattr(config, "select_tolerance", 0.0)
+    width = getattr(config, "head_init_tolerance", None)
+    if width is None:
+        width = getattr(config, "select_tolerance", 0.0)
     tolerance = selection_tolerance(objective, class_counts[0], width)
     names = list(scores)
     chosen = (
