@@ -131,6 +131,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "select_tolerance": 0.0,
         "head_init_tolerance": 1.0,
     },
+    "noise-uniform-head-select": {
+        "multiplier_rate": "noise",
+        "select_tolerance": 0.0,
+        "head_init_tolerance": 1.0,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
+    "uniform-head-select": {
+        "multiplier_rate": "objective",
+        "select_tolerance": 0.0,
+        "head_init_tolerance": 1.0,
+        "min_recall_params": {"uniform_mix": 0.5},
+    },
     "noise-select-half-tol": {
         "multiplier_rate": "noise",
         "select_tolerance": 0.5,
