@@ -604,12 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
-    cases = [c for s in suites for c in SUITES[s]()]
+    every_case = [c for s in suites for c in SUITES[s]()]
     wanted = [w for w in args.cases.split(",") if w]
-    cases = [c for c in cases if not wanted or any(w in c.name for w in wanted)]
+    cases = [c for c in every_case if not wanted or any(w in c.name for w in wanted)]
     if args.render:
         text = render(
-            load_records(args.runs), args.variants, [c.name for c in cases], partners(cases),
+            load_records(args.runs), args.variants, [c.name for c in cases], partners(every_case),
             args.partner_variant,
         )  # fmt: skip
         command = "python benchmarks/versus_baselines.py " + " ".join(
