@@ -60,8 +60,23 @@ TUNED_BATCH = 64
 # SelMix variants: keyword settings of selmix.finetune on top of the library defaults.
 # "before" pins the defaults as they were before issue 22 (each setting that issue 22
 # changed, at its old value), so that the comparison can be rerun after the change.
+
+
+def _issue38(**settings: Any) -> dict[str, Any]:
+    """An issue-38 variant: the issue-22 defaults (w = 50, the strict best step and start
+    head, no uniform pairs) with ``settings`` on top; ``min_recall_params`` apply to the
+    min-recall cases only (finetune settings such as uniform_mix, or the objective's own,
+    such as floor)."""
+    base = {"multiplier_rate": "objective", "select_tolerance": 0.0,
+            "head_init_tolerance": None, "uniform_mix": 0.0}  # fmt: skip
+    return {**base, **settings}
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
+    # the library's defaults of issue 22 (the records `selmix-defaults` were made with them)
+    "defaults": _issue38(),
+    # the library's defaults of issue 38 (uniform-head-select)
+    "defaults-38": {},
     # the library before issue 22: these records are made with PYTHONPATH pointing at the
     # source of commit 5ff6b11 (git worktree add --detach ../selmix-before 5ff6b11)
     "before": {},
@@ -71,83 +86,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-shrinkage": {"shrinkage": "none"},
     "crt-init": {"init": "crt", "head_init": "none", "shrinkage": "none"},
     "rate-scaled": {"rate": "scaled", "head_init": "none", "shrinkage": "none"},
-    # issue 38 candidates on top of the issue-22 defaults (min-recall objectives only):
-    # the multiplier rate from the validation noise, the selection of the undominated step
-    # among those tied within the noise, and a floor of evenly spread weight
-    "noise-rate": {"multiplier_rate": "noise", "select_tolerance": 0.0},
-    "tied-select": {"multiplier_rate": "objective", "select_tolerance": 1.0},
-    "noise-select": {"multiplier_rate": "noise", "select_tolerance": 1.0},
-    "noise-half-select": {"multiplier_rate": "noise", "select_tolerance": 0.5},
-    "noise-floor-select": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 1.0,
-        "min_recall_params": {"floor": 0.3},
-    },
-    "noise-floor": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.0,
-        "min_recall_params": {"floor": 0.3},
-    },
-    "floor": {
-        "multiplier_rate": "objective",
-        "select_tolerance": 0.0,
-        "min_recall_params": {"floor": 0.3},
-    },
-    "noise-floor-half": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.0,
-        "min_recall_params": {"floor": 0.5},
-    },
-    "noise-floor-half-select": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.5,
-        "min_recall_params": {"floor": 0.5},
-    },
-    # half the pairs drawn uniformly (class-balanced labels, as cRT), half by the policy
-    "noise-uniform-half": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.0,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
-    "uniform-half": {
-        "multiplier_rate": "objective",
-        "select_tolerance": 0.0,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
-    # the selection (of the start head as well) within the noise
-    "noise-uniform-half-select": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 1.0,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
-    # the start head chosen within the noise, the best step chosen strictly
-    "noise-head-select": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.0,
-        "head_init_tolerance": 1.0,
-    },
-    "head-select": {
-        "multiplier_rate": "objective",
-        "select_tolerance": 0.0,
-        "head_init_tolerance": 1.0,
-    },
-    "noise-uniform-head-select": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.0,
-        "head_init_tolerance": 1.0,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
-    "uniform-head-select": {
-        "multiplier_rate": "objective",
-        "select_tolerance": 0.0,
-        "head_init_tolerance": 1.0,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
-    "noise-select-half-tol": {
-        "multiplier_rate": "noise",
-        "select_tolerance": 0.5,
-        "min_recall_params": {"uniform_mix": 0.5},
-    },
+    # issue 38 candidates (docs/RESULTS.md): the multiplier rate from the validation noise
+    # (noise), the best step chosen among those tied within the noise (select; with
+    # head_init_tolerance unset the start head too), the start head alone chosen so
+    # (head-select), a floor of evenly spread multiplier weight (floor), half the pairs
+    # drawn uniformly (uniform)
+    "noise-rate": _issue38(multiplier_rate="noise"),
+    "tied-select": _issue38(select_tolerance=1.0),
+    "noise-select": _issue38(multiplier_rate="noise", select_tolerance=1.0),
+    "noise-floor": _issue38(multiplier_rate="noise", min_recall_params={"floor": 0.3}),
+    "floor": _issue38(min_recall_params={"floor": 0.3}),
+    "noise-floor-half": _issue38(multiplier_rate="noise", min_recall_params={"floor": 0.5}),
+    "noise-uniform-half": _issue38(multiplier_rate="noise", min_recall_params={"uniform_mix": 0.5}),
+    "noise-uniform-half-select": _issue38(
+        multiplier_rate="noise", select_tolerance=1.0, min_recall_params={"uniform_mix": 0.5}
+    ),
+    "noise-uniform-half-select-half": _issue38(
+        multiplier_rate="noise", select_tolerance=0.5, min_recall_params={"uniform_mix": 0.5}
+    ),
+    "noise-head-select": _issue38(multiplier_rate="noise", head_init_tolerance=1.0),
+    "head-select": _issue38(head_init_tolerance=1.0),
+    "noise-uniform-head-select": _issue38(
+        multiplier_rate="noise", head_init_tolerance=1.0, min_recall_params={"uniform_mix": 0.5}
+    ),
+    "uniform-head-select": _issue38(
+        head_init_tolerance=1.0, min_recall_params={"uniform_mix": 0.5}
+    ),
 }
 
 

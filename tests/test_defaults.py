@@ -22,7 +22,11 @@ def test_defaults_are_the_robust_ones():
     assert config.feedback_every == 10 and config.normalize_gain is True
     assert config.gain_scale == 3.0 and config.confusion_smoothing == 1.0
     assert config.select == "best"
-    assert (config.soft_confusion, config.uniform_mix, config.multiplier_step) == (False, 0.0, 1.0)
+    assert (config.soft_confusion, config.multiplier_step) == (False, 1.0)
+    # issue 38: unset uniform_mix is 0.5 for min recall (0 for the others, resolve_objective),
+    # the start head chosen among those tied within one standard error, w = 50
+    assert config.uniform_mix is None and config.head_init_tolerance == 1.0
+    assert (config.multiplier_rate, config.select_tolerance) == ("objective", 0.0)
 
 
 def test_paper_preset_fills_what_the_user_did_not_give():

@@ -551,7 +551,11 @@ def test_head_init_auto_takes_the_best_candidate_on_validation(demo, pretrained)
                    head_init="auto", **settings)  # fmt: skip
     scores = run.head_init["scores"]
     assert set(scores) == {"model", "posthoc_la", "crt"}
-    best = max(scores, key=lambda name: (scores[name]["metric"], scores[name]["tiebreak"]))
+    # the best, or (head_init_tolerance, issue 38) the highest mean recall among the heads
+    # whose min recall is within one standard error (0.5 / sqrt(100)) of the best's
+    top = max(scores[name]["metric"] for name in scores)
+    tied = [name for name in scores if scores[name]["metric"] >= top - 0.05]
+    best = max(tied, key=lambda name: (scores[name]["tiebreak"], scores[name]["metric"]))
     assert run.head_init["head_init"] == best
     # the candidates are scored on the raw counts; step 0 logs the chosen one's metrics
     assert run.history[0]["metrics"]["min_recall"] == pytest.approx(scores[best]["metric"])

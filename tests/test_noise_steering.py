@@ -262,7 +262,23 @@ def test_head_init_auto_takes_the_undominated_head_among_those_tied(monkeypatch)
 
         monkeypatch.setattr(head_init, "objective_score", fake)
         run = finetune(copy.deepcopy(model), demo.train, demo.val, "min_recall",
-                       select_tolerance=width, **settings)  # fmt: skip
+                       head_init_tolerance=width, **settings)  # fmt: skip
         assert run.head_init["head_init"] == expected, width
         scores = [ObjectiveScore(*v[:1], tiebreak=v[1]) for v in made_up.values()]
         assert expected == list(made_up)[_direct_choice(scores, width * 0.05)]
+
+
+def test_unset_uniform_mix_is_half_for_min_recall_only():
+    labels = torch.arange(10)
+
+    def resolved(objective: str, **settings) -> float:
+        given = FinetuneConfig.from_dict({"objective": objective, **settings})
+        config, _ = resolve_objective(given, None, labels, 10, labels)
+        return config.uniform_mix
+
+    assert resolved("min_recall") == 0.5
+    assert resolved("min_head_tail_recall") == 0.5
+    assert resolved("mean_recall_min_coverage") == 0.0
+    assert resolved("h_mean") == 0.0
+    assert resolved("min_recall", uniform_mix=0.2) == 0.2
+    assert resolved("min_recall", preset="paper") == 0.0

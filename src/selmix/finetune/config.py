@@ -37,6 +37,8 @@ from selmix.precision import (
 from selmix.timing import parse_duration
 
 SELECT = ("best", "last")
+#: ``uniform_mix`` of the min-recall objectives when unset (issue 38, docs/RESULTS.md).
+MIN_RECALL_UNIFORM_MIX = 0.5
 MULTIPLIER_RATES = ("noise", "objective")
 """Choices of ``multiplier_rate``: from the validation noise, or the objective's own."""
 HEAD_INIT = ("none", "posthoc_la", "crt", "auto")
@@ -206,9 +208,12 @@ class FinetuneConfig(ConfigMixin):
         help="use the validation softmax probabilities (never 0) in the gain's derivative "
         "factor instead of the counts (an alternative to confusion_smoothing)",
     )  # fmt: skip
-    uniform_mix: float = setting(
-        0.0, check=Real(strict=False, high=1.0), run=True,
-        help="share eps of the uniform policy mixed into P: (1 - eps) P + eps / K^2",
+    uniform_mix: float | None = setting(
+        None, check=Optional(Real(strict=False, high=1.0)), run=True,
+        help="share eps of the uniform policy mixed into P: (1 - eps) P + eps / K^2; unset: "
+        f"{MIN_RECALL_UNIFORM_MIX} for min recall and min head/tail recall (half the pairs "
+        "class-balanced, as cRT: the other classes keep their recall while the policy "
+        "lifts the worst), 0 otherwise",
     )  # fmt: skip
     multiplier_step: float = setting(
         1.0, check=Real(high=1.0), run=True,
@@ -238,7 +243,7 @@ class FinetuneConfig(ConfigMixin):
         "recall is returned (selmix.selection.undominated_index); 0: the strictly best",
     )  # fmt: skip
     head_init_tolerance: float | None = setting(
-        None, check=Optional(Real(strict=False)), run=True,
+        1.0, check=Optional(Real(strict=False)), run=True,
         help="head_init 'auto' with min recall or min head/tail recall: heads whose metric "
         "is within this many standard errors of the best one's tie, and the one with the "
         "highest mean recall starts; unset: select_tolerance",
@@ -414,6 +419,8 @@ def resolve_objective(
     * the objective: ``objective`` if given (a name, an :class:`Objective` or a callable),
       else ``config.objective`` with ``config.objective_params``; an objective that uses
       head classes and was given none gets the config's;
+    * ``uniform_mix`` unset: :data:`MIN_RECALL_UNIFORM_MIX` for the min-recall objectives,
+      0 for the others;
     * a min-recall objective built from its name without a ``rate`` in
       ``objective_params``, with ``multiplier_rate="noise"`` and ``val_labels`` given: the
       rate :func:`selmix.objectives.noise_rate` of the validation set's class counts;
@@ -449,6 +456,10 @@ def resolve_objective(
         objective = as_objective(objective)
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
         objective.head_classes = list(head_classes)
+    if getattr(fields, "uniform_mix", 0.0) is None:
+        mix = MIN_RECALL_UNIFORM_MIX if isinstance(objective, MinRecall) else 0.0
+        config = config.replace(uniform_mix=mix)
+        fields = config
     noise = getattr(fields, "multiplier_rate", "objective") == "noise"
     if noise and by_name and val_labels is not None and isinstance(objective, MinRecall):
         if "rate" not in fields.objective_params:
