@@ -546,6 +546,37 @@ def verdicts(rows: list[dict[str, Any]], variants: list[str]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- one run's course
+
+
+def trace(case: Case, variant: str, seed: int = 0, every: int = 200) -> list[str]:
+    """One SelMix run's feedback steps every ``every`` steps: its validation score (the
+    pooled min recall for min recall), validation and test min / mean recall, and the start
+    head ``head_init`` chose; nothing is saved."""
+    start = start_of(case.start)
+    model, train, val, test = start.inputs(case)
+    settings = _selmix_settings(case, variant)
+    if settings.pop("init", None) == "crt":
+        model = run_baseline("crt", model, train, val, case.objective, seed=seed).model
+    lines = [f"{case.name} {variant} s{seed}: step, score, val min / mean, test min / mean"]
+
+    def callback(record: dict[str, Any]) -> None:
+        if record["step"] % every:
+            return
+        measured = evaluate(model, test).metrics()  # the head is trained in place
+        head = f" (start: {record['head_init']['head_init']})" if "head_init" in record else ""
+        lines.append(
+            f"{record['step']:5d} {100 * record['score']['metric']:5.1f} "
+            f"{100 * record['metrics']['min_recall']:5.1f} / "
+            f"{100 * record['metrics']['mean_recall']:5.1f} "
+            f"{100 * measured['min_recall']:5.1f} / {100 * measured['mean_recall']:5.1f}{head}"
+        )
+
+    selmix.finetune(model, train, val, case.objective, progress=False, seed=seed,
+                    callback=callback, **settings)  # fmt: skip
+    return lines
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -558,6 +589,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-baselines", action="store_true", help="SelMix runs only")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trace", action="store_true",
+                        help="print each case's run (--variant, --seeds) every 200 steps: "
+                        "validation score, validation and test min / mean recall; no "
+                        "records")  # fmt: skip
     parser.add_argument("--render", metavar="MD", default=None,
                         help="write the table of the saved records, run nothing")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["before", "defaults"],
@@ -573,6 +608,12 @@ def main(argv: list[str] | None = None) -> None:
     every_case = [c for s in suites for c in SUITES[s]()]
     wanted = [w for w in args.cases.split(",") if w]
     cases = [c for c in every_case if not wanted or any(w in c.name for w in wanted)]
+    if args.trace:
+        for case in cases:
+            for variant in args.variant:
+                for seed in args.seeds:
+                    print("\n".join(trace(case, variant, seed)), flush=True)
+        return
     if args.render:
         text = render(
             load_records(args.runs), args.variants, [c.name for c in cases], partners(every_case),
