@@ -32,8 +32,10 @@ def tiny_model():
 
 def test_update_computes_the_gain_and_policy_of_the_validation_confusion():
     data, model = tiny_data(), tiny_model()
+    # uniform_mix=0: the policy alone (min recall mixes in half uniform pairs by default)
     feedback = SelMixFeedback("min_recall", data.labels, objective_params={"rate": 20.0},
-                              gain_scale=5.0, confusion_smoothing=1.0, lam_min=0.5)  # fmt: skip
+                              gain_scale=5.0, confusion_smoothing=1.0, lam_min=0.5,
+                              uniform_mix=0.0)  # fmt: skip
     record = feedback.update(model, data, step=7)
 
     evaluation = evaluate(model, data)
@@ -141,8 +143,11 @@ def test_selmix_feedback_has_the_fine_tuning_defaults():
 
 def test_the_stabilisers_reach_selmix_feedback():
     data, model = tiny_data(), tiny_model()
-    plain = SelMixFeedback("min_recall", data.labels, seed=0)
+    plain = SelMixFeedback("min_recall", data.labels, seed=0, uniform_mix=0.0)
     mixed = SelMixFeedback("min_recall", data.labels, seed=0, uniform_mix=0.5)
+    # unset: 0.5 for min recall, 0 for the others (as selmix.finetune)
+    assert SelMixFeedback("min_recall", data.labels).uniform_mix == 0.5
+    assert SelMixFeedback("h_mean", data.labels).uniform_mix == 0.0
     plain.update(model, data)
     mixed.update(model, data)
     K = plain.num_classes

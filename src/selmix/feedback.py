@@ -47,8 +47,14 @@ from selmix.estimates import SHRINKAGE, pools_classes, shrunk_confusion
 from selmix.evaluate import Evaluation, evaluate
 from selmix.gain import gain_matrix
 from selmix.metrics import all_metrics
-from selmix.objectives import Objective, as_objective, get_objective
-from selmix.policy import POLICIES, effective_pairs, mixup_distribution, policy_entropy
+from selmix.objectives import MinRecall, Objective, as_objective, get_objective
+from selmix.policy import (
+    MIN_RECALL_UNIFORM_MIX,
+    POLICIES,
+    effective_pairs,
+    mixup_distribution,
+    policy_entropy,
+)
 from selmix.sampler import PairSampler
 
 __all__ = ["FeedbackResult", "MixupPairs", "SelMixFeedback", "feedback_step", "smoothed_confusion"]
@@ -158,7 +164,8 @@ class SelMixFeedback:
             the multipliers and the gain (0 is the paper).
         soft_confusion: use the validation softmax probabilities in the gain's derivative
             factor instead of the counts.
-        uniform_mix: share eps of the uniform policy mixed into P.
+        uniform_mix: share eps of the uniform policy mixed into P; None: 0.5 for min recall
+            and min head/tail recall, 0 otherwise (as ``selmix.finetune``).
         multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
         shrinkage: ``"auto"`` pulls each class's row of the counts towards the pooled
             classes (:func:`selmix.estimates.shrunk_confusion`) for objectives of per-class
@@ -190,7 +197,7 @@ class SelMixFeedback:
         lam_min: float = 0.6,
         confusion_smoothing: float = 1.0,
         soft_confusion: bool = False,
-        uniform_mix: float = 0.0,
+        uniform_mix: float | None = None,
         multiplier_step: float = 1.0,
         shrinkage: str = "auto",
         head_classes: Sequence[int] | None = None,
@@ -217,6 +224,8 @@ class SelMixFeedback:
             "confusion_smoothing", confusion_smoothing, strict=False
         )
         self.soft_confusion = check_bool("soft_confusion", soft_confusion)
+        if uniform_mix is None:
+            uniform_mix = MIN_RECALL_UNIFORM_MIX if isinstance(self.objective, MinRecall) else 0.0
         self.uniform_mix = check_in_range("uniform_mix", uniform_mix, 0.0, 1.0)
         self.multiplier_step = check_in_range("multiplier_step", multiplier_step, 0.0, 1.0)
         if self.multiplier_step == 0:

@@ -18,6 +18,11 @@ __all__ = [
 
 POLICIES = ("selmix", "uniform", "greedy")
 
+#: ``uniform_mix`` of the min-recall objectives when unset (issue 38, docs/RESULTS.md): half
+#: the pairs drawn uniformly (class-balanced labels, as cRT) keep the other classes' recall
+#: while the policy lifts the worst.
+MIN_RECALL_UNIFORM_MIX = 0.5
+
 
 class StationaryPointWarning(UserWarning):
     """No mixup pair has a positive gain: the objective is at a first-order stationary point."""

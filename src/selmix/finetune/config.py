@@ -28,7 +28,7 @@ from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-expor
 from selmix.metrics import infer_head_classes
 from selmix.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
 from selmix.objectives import MinRecall, Objective, as_objective, get_objective, noise_rate
-from selmix.policy import POLICIES
+from selmix.policy import MIN_RECALL_UNIFORM_MIX, POLICIES
 from selmix.precision import (
     channels_last_setting,
     precision_setting,
@@ -37,8 +37,6 @@ from selmix.precision import (
 from selmix.timing import parse_duration
 
 SELECT = ("best", "last")
-#: ``uniform_mix`` of the min-recall objectives when unset (issue 38, docs/RESULTS.md).
-MIN_RECALL_UNIFORM_MIX = 0.5
 MULTIPLIER_RATES = ("noise", "objective")
 """Choices of ``multiplier_rate``: from the validation noise, or the objective's own."""
 HEAD_INIT = ("none", "posthoc_la", "crt", "auto")
