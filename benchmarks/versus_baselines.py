@@ -581,6 +581,7 @@ def trace(case: Case, variant: str, seed: int = 0, every: int = 200) -> list[str
 
 
 def main(argv: list[str] | None = None) -> None:
+    global RUNS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="versus", choices=[*SUITES, "all"])
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
@@ -600,9 +601,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partner-variant", default="defaults",
                         help="--render: the variant whose other-objective runs are checked "
                         "for dominating a min-recall run when the variant has none")  # fmt: skip
+    parser.add_argument("--records", type=Path, default=None,
+                        help=f"where runs are written and read (default: {RUNS}), e.g. a "
+                        "folder of extra seeds kept out of the suite's table")  # fmt: skip
     parser.add_argument("--runs", nargs="+", type=Path, default=None,
                         help="record folders read by --render (default: the suite's)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.records is not None:
+        RUNS = args.records
     torch.set_num_threads(args.threads)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     every_case = [c for s in suites for c in SUITES[s]()]
