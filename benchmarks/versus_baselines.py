@@ -252,6 +252,9 @@ def _selmix_settings(case: Case, variant: str) -> dict[str, Any]:
         # standard error, 1 / sqrt(n)
         settings["objective_params"] = {"rate": 50 * (case.val_per_class / 500) ** 0.5}
     if not case.frozen:
+        # the layout the committed runs had ("auto" measures the machine and may pick
+        # channels-last, and the numbers then differ a little)
+        settings.setdefault("channels_last", False)
         head_first = selmix.FinetuneConfig.from_dict(settings).head_first
         settings.update(steps=head_first + TUNED_BACKBONE_STEPS, batch_size=TUNED_BATCH)
         settings.setdefault("head_first_steps", head_first)
