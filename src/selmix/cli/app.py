@@ -14,7 +14,7 @@ from selmix.cli.baseline import _cmd_baseline
 from selmix.cli.demo import _cmd_demo
 from selmix.cli.evaluate import _cmd_evaluate
 from selmix.cli.finetune import _cmd_finetune
-from selmix.cli.options import EXIT_USAGE, PROG
+from selmix.cli.options import EXIT_USAGE, PROG, _one_line
 from selmix.cli.parser import _build_parser, resolve_settings
 from selmix.cli.pretrain import _cmd_pretrain
 from selmix.cli.run import _ARGV, _Interrupted
@@ -31,14 +31,6 @@ _RUNNERS: dict[str, Callable[[dict[str, Any]], int]] = {
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return "out of memory" in text or "DefaultCPUAllocator" in text
-
-
-def _one_line(error: BaseException | str) -> str:
-    if isinstance(error, KeyError) and error.args:
-        text = str(error.args[0])
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from selmix.cli.options import (
     _config_from,
     _config_options,
     _data_options,
+    _one_line,
     _start_model_options,
 )
 from selmix.cli.outcome import _load_model_data, _note_preprocessing, _verdict
@@ -256,7 +257,6 @@ def _export(
 ) -> tuple[list[Path], str | None]:
     """Exports ``model`` into the staging folder; a failed export is dropped (the finished
     run is kept without it) and returned as one line."""
-    from selmix.cli.app import _one_line
     from selmix.export import EXPORT_FILES, export_model
 
     if not formats:

@@ -163,3 +163,11 @@ def _common_options(device: str = "auto") -> list[Option]:
         Option("seed", 0, "random seed (model initialisation, data split, sampling)", type=int),
         Option("device", device, f"where to run: {DEVICE_HELP}", metavar="DEVICE"),
     ]
+
+
+def _one_line(error: BaseException | str) -> str:
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selmix.cli.options import _STREAM_ARGUMENT, PROG, UsageError
+from selmix.cli.options import _STREAM_ARGUMENT, PROG, UsageError, _one_line
 
 if TYPE_CHECKING:
     from selmix.models.loading import LoadedModel
@@ -128,6 +128,7 @@ def _check_split_labels(splits: Any) -> None:
     import torch
 
     from selmix._validation import check_labels
+    from selmix.devices import to_host
 
     num_classes = _num_classes(splits)
     check_labels("train", splits.train.labels, num_classes)
@@ -138,7 +139,7 @@ def _check_split_labels(splits: Any) -> None:
         ("val", splits.val, "add images of them to the val/ folder, or remove val/ and carve "
          "the validation set from train/ with --val-per-class"),
     ):  # fmt: skip
-        present = torch.bincount(torch.as_tensor(dataset.labels).long().cpu(),
+        present = torch.bincount(to_host(torch.as_tensor(dataset.labels)).long(),
                                  minlength=num_classes)  # fmt: skip
         missing = (present == 0).nonzero().flatten().tolist()
         if missing:
@@ -155,7 +156,6 @@ def _check_model_takes_data(model: Any, dataset: Any, checkpoint: str) -> None:
     sizes before ``--out`` is touched, not the library's error in the middle of the run."""
     import torch
 
-    from selmix.cli.app import _one_line
 
     inputs, _ = dataset.batch(list(range(min(2, len(dataset)))))
     parameter = next(iter(model.parameters()), None)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix.devices import state_to_host
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 from selmix.selection import ObjectiveScore, undominated_index
 
@@ -92,7 +93,7 @@ class _BestSoFar:
 
 
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return state_to_host(model)
 
 
 def _dominates(a: ObjectiveScore, b: ObjectiveScore) -> bool:

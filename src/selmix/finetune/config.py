@@ -22,6 +22,7 @@ from selmix._config import (
     setting,
 )
 from selmix._validation import check_head_classes
+from selmix.devices import to_host
 from selmix.estimates import SHRINKAGE
 from selmix.evaluate import DEVICE_HELP
 from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
@@ -461,7 +462,9 @@ def resolve_objective(
     noise = getattr(fields, "multiplier_rate", "objective") == "noise"
     if noise and by_name and val_labels is not None and isinstance(objective, MinRecall):
         if "rate" not in fields.objective_params:
-            counts = torch.bincount(torch.as_tensor(val_labels).long().cpu(), minlength=num_classes)
+            counts = torch.bincount(
+                to_host(torch.as_tensor(val_labels)).long(), minlength=num_classes
+            )
             objective.rate = noise_rate(objective.recall_spread(counts.clamp_min(1)))
     config = config.replace(
         objective=objective.name,
