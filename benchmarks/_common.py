@@ -4,7 +4,7 @@
   the exact data split it was trained on (from the ``config.yaml`` beside it).
 * :class:`FeatureSet` and :func:`feature_space` turn a model into "identity backbone +
   linear head" over features computed once (by the library's frozen view,
-  :class:`selmix.views.FrozenFeatures`), so that every frozen-backbone method (SelMix,
+  :class:`selmix.engine.views.FrozenFeatures`), so that every frozen-backbone method (SelMix,
   uniform and greedy mixup, post-hoc logit adjustment, cRT, logit-adjusted fine-tuning)
   shares one feature extraction instead of redoing it per run.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from selmix import load_model, split_model
 from selmix.data import DataSplits, load_data
-from selmix.views import FrozenFeatures
+from selmix.engine.views import FrozenFeatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -136,7 +136,7 @@ class FeatureSpace:
 
 def feature_space(model: nn.Module, data: Any, device: str = "cpu") -> FeatureSpace:
     """Extracts the features of ``data.train/val/test`` once (eval mode, no augmentation),
-    with the library's frozen view (:class:`selmix.views.FrozenFeatures`)."""
+    with the library's frozen view (:class:`selmix.engine.views.FrozenFeatures`)."""
     split = split_model(model)
     model.eval()
     num_classes = split.head.out_features
@@ -172,7 +172,7 @@ def format_metric(column: str, values: list[float]) -> str:
 
 def machine_line(threads: int) -> str:
     """The CPU (model, cores, bf16 / AMX flags), torch and the thread count of a run."""
-    from selmix.hardware import machine_description
+    from selmix.engine.hardware import machine_description
 
     return f"{machine_description()}, {threads} torch thread(s)"
 

@@ -66,9 +66,9 @@ from _common import (  # noqa: E402
 )
 from _paper import PAPER_TABLE3  # noqa: E402
 from selmix import finetune  # noqa: E402
-from selmix._io import _process_is_alive, atomic_write_text  # noqa: E402
+from selmix._io import process_is_alive, atomic_write_text  # noqa: E402
 from selmix.baselines import run_baseline  # noqa: E402
-from selmix.evaluate import evaluate  # noqa: E402
+from selmix.engine.evaluate import evaluate  # noqa: E402
 from selmix.finetune import HEAD_FIRST_STEPS  # noqa: E402
 
 START = "benchmarks/models/cifar10_lt_resnet32_mislas_s0"
@@ -191,7 +191,7 @@ def claim(path: Path) -> bool:
             holder = int(path.read_text() or 0)
         except ValueError:
             holder = None
-        if holder is not None and _process_is_alive(holder):
+        if holder is not None and process_is_alive(holder):
             return False
         path.unlink(missing_ok=True)
         return claim(path)

@@ -53,7 +53,7 @@ from _common import (  # noqa: E402
     write_payload,
 )
 from selmix.baselines import run_baseline  # noqa: E402
-from selmix.evaluate import evaluate  # noqa: E402
+from selmix.engine.evaluate import evaluate  # noqa: E402
 from selmix.finetune import finetune  # noqa: E402
 
 OBJECTIVES = {

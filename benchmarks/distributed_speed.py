@@ -84,7 +84,7 @@ def _time_steps(
 
 
 def _worker(rank: int, world_size: int, port: int, out: str, options: dict[str, int]) -> None:
-    from selmix.distributed import init_from_env
+    from selmix.engine.distributed import init_from_env
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

@@ -74,13 +74,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from selmix.core.policy import StationaryPointWarning
 from selmix.data import load_data
+from selmix.engine.hardware import machine_description, resolve_hardware, sample_shape
+from selmix.engine.precision import resolve_precision
+from selmix.engine.pretrain import pretrain
 from selmix.finetune import FinetuneConfig, Trainer
-from selmix.hardware import machine_description, resolve_hardware, sample_shape
 from selmix.models import create_model
-from selmix.policy import StationaryPointWarning
-from selmix.precision import resolve_precision
-from selmix.pretrain import pretrain
 
 BATCH_SIZE = 128
 EVAL_BATCH = 512  # the automatic eval batch of these 32-pixel models, used for every timing
@@ -228,11 +228,11 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     measurements: dict[str, Callable[[], tuple[float, float]]] = {
         "selmix": lambda: timed(selmix.train_step, device, args.steps),
         "plain": lambda: timed(plain, device, args.steps),
-        "feedback": lambda: timed(selmix.feedback, device),
+        "feedback": lambda: timed(selmix.engine.feedback, device),
         "frozen": lambda: timed(frozen.train_step, device, frozen_steps),
         "frozen_feedback": lambda: timed(frozen.feedback, device),
         "sampler": lambda: timed(
-            lambda: selmix.sampler.sample(selmix.distribution, BATCH_SIZE),
+            lambda: selmix.core.sampler.sample(selmix.distribution, BATCH_SIZE),
             torch.device("cpu"),
             SAMPLER_DRAWS,
         ),
@@ -357,7 +357,7 @@ def measure_precision(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     base = variants[0]
     # what `auto` (precision and layout) chooses for this model, measured here beside the
-    # fixed settings (selmix.hardware; not cached, so that this run measures it)
+    # fixed settings (selmix.engine.hardware; not cached, so that this run measures it)
     auto = resolve_hardware(
         model, sample_shape(data.train), device, "auto", "auto", batch_size=BATCH_SIZE,
         use_cache=False, report=lambda line: print(line, file=sys.stderr, flush=True),
@@ -725,7 +725,7 @@ def main() -> None:
             *precision_table(result, args),
             "",
             f"`auto` here (precision and channels_last both auto, {BATCH_SIZE}-image training "
-            "steps timed by selmix.hardware in this run): "
+            "steps timed by selmix.engine.hardware in this run): "
             + result["auto"].describe(("auto", "auto")).removeprefix("selmix hardware: "),
         ]
     if frozen_results:

@@ -1,4 +1,4 @@
-"""Speed and peak memory of `selmix.gain_matrix` (docs/maths.md section 3).
+"""Speed and peak memory of `selmix.core.gain_matrix` (docs/maths.md section 3).
 
 Times one gain matrix (median of --repeats calls after a warm-up) for K in {10, 100, 1000}
 and d in {64, 512, 2048}, for the objectives mean_recall, h_mean and mean_recall_min_coverage
@@ -100,7 +100,7 @@ def median_seconds(function, repeats: int, device: str, warmup: bool = True):
 def reference_gain_k4(objective, confusion, prototypes, head, mix=MIX):
     """The K^4 formulation: fill dA_ij[q, l] pair by pair, then contract with d psi / dA."""
     num_classes = prototypes.shape[0]
-    grad_a = selmix.confusion_gradient(objective, confusion).to(prototypes)
+    grad_a = selmix.core.confusion_gradient(objective, confusion).to(prototypes)
     weight = head.weight.detach()
     bias = None if head.bias is None else head.bias.detach()
     beta = 0.0 if bias is None else 1.0
@@ -165,7 +165,7 @@ def run_single(num_classes: int, dim: int, name: str, device: str) -> dict:
     confusion, prototypes, head = make_inputs(num_classes, dim, device)
     objective = make_objective(name, confusion)
     start = time.perf_counter()
-    gains = selmix.gain_matrix(objective, confusion, prototypes, head, mix=MIX)
+    gains = selmix.core.gain_matrix(objective, confusion, prototypes, head, mix=MIX)
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.startswith("cuda"):
@@ -227,7 +227,7 @@ def main() -> None:
     on_cuda = args.device.startswith("cuda")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        f"# selmix.gain_matrix speed ({args.device}, float32)",
+        f"# selmix.core.gain_matrix speed ({args.device}, float32)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s) of "
         f"{os.cpu_count()} cores, load average at start {load:.2f}; median of {args.repeats} "
@@ -262,7 +262,7 @@ def main() -> None:
                 def gain(
                     objective=objective, confusion=confusion, prototypes=prototypes, head=head
                 ):
-                    return selmix.gain_matrix(objective, confusion, prototypes, head, mix=MIX)
+                    return selmix.core.gain_matrix(objective, confusion, prototypes, head, mix=MIX)
 
                 seconds, cpu_seconds, actual = median_seconds(gain, args.repeats, args.device)
                 cpu = "-" if on_cuda else format_seconds(cpu_seconds)

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from _common import load_start, machine_line, percent_cell
-from selmix.evaluate import evaluate
+from selmix.core.mixing import CutMix, InputMixup, list_mixups, register_mixup
+from selmix.engine.evaluate import evaluate
 from selmix.finetune import finetune
-from selmix.mixing import CutMix, InputMixup, list_mixups, register_mixup
 
 STARTS = "benchmarks/models/fmnist_lt_small_cnn_ce_s{seed}"
 #: (row name, mixup setting, policy); the *_mixed_labels mixes are registered below

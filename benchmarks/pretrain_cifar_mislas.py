@@ -56,12 +56,12 @@ import yaml
 from PIL import Image
 
 from selmix import create_model
-from selmix.checkpoint import save_model
 from selmix.data import load_cifar10, long_tail_counts, long_tail_split
-from selmix.evaluate import evaluate
-from selmix.hardware import machine_description
-from selmix.precision import configure_threads
-from selmix.pretrain import PretrainConfig, pretrain
+from selmix.engine.evaluate import evaluate
+from selmix.engine.hardware import machine_description
+from selmix.engine.precision import configure_threads
+from selmix.engine.pretrain import PretrainConfig, pretrain
+from selmix.models.checkpoint import save_model
 
 HEAD_CLASSES = list(range(9))  # as the other CIFAR-10-LT starting model
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selmix  # noqa: E402
 from _common import feature_space  # noqa: E402
 from _robust_cases import CASES, Case, load_case_data, load_start  # noqa: E402
-from selmix.evaluate import evaluate  # noqa: E402
+from selmix.engine.evaluate import evaluate  # noqa: E402
 
 # Suite presets: the library preset (FinetuneConfig.preset) the run starts from, then keyword
 # overrides, "common" for every case and "frozen" / "tuned" by backbone mode (the case sets

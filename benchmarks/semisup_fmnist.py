@@ -58,6 +58,7 @@ import torch
 
 from selmix import split_model
 from selmix.baselines import classifier_retraining
+from selmix.core.metrics import min_coverage
 from selmix.data import (
     UNLABELLED_DISTRIBUTIONS,
     load_fashion_mnist,
@@ -65,16 +66,15 @@ from selmix.data import (
     semi_supervised_split,
     unlabelled_distribution,
 )
-from selmix.evaluate import evaluate
-from selmix.finetune import finetune
-from selmix.metrics import min_coverage
-from selmix.models import create_model
-from selmix.semisup import (
+from selmix.engine.evaluate import evaluate
+from selmix.engine.semisup import (
     FixMatchConfig,
     fixmatch_pretrain,
     pseudo_label_report,
 )
-from selmix.views import FeatureCache, FrozenFeatures
+from selmix.engine.views import FeatureCache, FrozenFeatures
+from selmix.finetune import finetune
+from selmix.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -198,7 +198,7 @@ def child_run(tree: Path, stream: bool, limit: int, steps: int, batch: int, froz
 def memory_only(args: argparse.Namespace, began: float) -> None:
     """The peak resident memory of the default frozen-backbone run, streamed and in memory
     (the issue-27 configuration: the whole tree, small_cnn, 224-pixel crops)."""
-    from selmix.hardware import machine_description
+    from selmix.engine.hardware import machine_description
 
     runs = []
     for eval_batch in args.memory_eval_batch:
@@ -220,7 +220,7 @@ def memory_only(args: argparse.Namespace, began: float) -> None:
         f"validation); `selmix.finetune` with the frozen backbone, small_cnn, "
         f"{args.memory_steps} steps of 128 pairs, {args.crop}-pixel crops when streamed "
         "(2 workers). Evaluation batch: the default (`eval_batch_size` unset: sized from the "
-        "activations and the memory, selmix.memory) or as given.",
+        "activations and the memory, selmix.engine.memory) or as given.",
         "",
         "| path | eval_batch_size | main process peak RSS (MB) | largest worker peak RSS "
         "(MB) | run (s) |",
@@ -246,7 +246,7 @@ def memory_only(args: argparse.Namespace, began: float) -> None:
 
 
 def main() -> None:
-    from selmix.hardware import machine_description
+    from selmix.engine.hardware import machine_description
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", type=Path, default=Path("/tmp/selmix-stream-tree"))

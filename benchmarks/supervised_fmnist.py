@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from selmix.data import load_data
-from selmix.evaluate import evaluate
+from selmix.engine.evaluate import evaluate
+from selmix.engine.pretrain import pretrain
 from selmix.finetune import finetune
 from selmix.models import create_model
-from selmix.pretrain import pretrain
 
 DATA = "fashion-mnist:../shared/data/fashion-mnist"
 COLUMNS = ("mean_recall", "min_recall", "g_mean", "h_mean", "min_coverage")

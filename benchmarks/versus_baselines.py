@@ -4,7 +4,7 @@ For every case (a start, a validation size, a backbone mode and an objective) it
 the same start: SelMix (a *variant*: the library defaults, or named settings), cRT,
 post-hoc logit adjustment (tau tuned on the validation set for the objective) and
 logit-adjusted fine-tuning of the head. Every method is scored by the case's objective
-metric (:func:`selmix.selection.objective_score`'s metric; mean recall s.t. coverage as
+metric (:func:`selmix.core.selection.objective_score`'s metric; mean recall s.t. coverage as
 ``mean recall - max(0, 1 - K min_cov / alpha)``) on the validation set the run saw and on
 the test set, so the table shows both the lead over the baselines and the
 validation-to-test gap of the selected model.
@@ -49,8 +49,8 @@ import _versus_cases as versus  # noqa: E402
 import selmix  # noqa: E402
 from _common import feature_space, machine_line  # noqa: E402
 from selmix.baselines import run_baseline  # noqa: E402
-from selmix.evaluate import evaluate  # noqa: E402
-from selmix.metrics import all_metrics  # noqa: E402
+from selmix.core.metrics import all_metrics  # noqa: E402
+from selmix.engine.evaluate import evaluate  # noqa: E402
 
 RUNS = Path("benchmarks/records/versus")
 ALPHA = 0.95

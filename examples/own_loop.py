@@ -1,7 +1,7 @@
 """SelMix inside a plain PyTorch training loop that you own.
 
 Everything here is ordinary PyTorch: your model, your optimiser, your loop. SelMix adds two
-calls (:class:`selmix.feedback.SelMixFeedback`):
+calls (:class:`selmix.engine.feedback.SelMixFeedback`):
 
 * ``feedback.update(model, val)`` every ``feedback_every`` steps: evaluates the validation
   set, updates the objective's multipliers, the gain matrix and the mixup policy P;
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import selmix
 from selmix.data import load_data
-from selmix.feedback import SelMixFeedback
+from selmix.engine.feedback import SelMixFeedback
 
 
 def train_plain(model: torch.nn.Module, train: Any, epochs: int, seed: int) -> None:

@@ -1,7 +1,7 @@
 """Your own mixing operation under the SelMix policy: a saliency-guided CutMix.
 
 SelMix decides *which classes* are mixed (the pairs (i, j) come from the gain matrix); how
-two samples are mixed is a :class:`selmix.mixing.MixupOperation`, a callable
+two samples are mixed is a :class:`selmix.core.mixing.MixupOperation`, a callable
 ``(first, second, lam, generator) -> MixedBatch``. This example writes one in the spirit
 of SaliencyMix (Uddin et al., 2020): the box cut from x2 is centred on x2's most salient
 pixel instead of a random one, so the pasted patch holds the object of class j rather
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import selmix
+from selmix.core.mixing import MixedBatch, box_mask, register_mixup
 from selmix.data import load_data
-from selmix.mixing import MixedBatch, box_mask, register_mixup
 
 
 class SaliencyCutMix:

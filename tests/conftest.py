@@ -69,7 +69,7 @@ def device(pytestconfig: pytest.Config) -> str:
 
 @pytest.fixture(autouse=True, scope="session")
 def _hardware_cache(tmp_path_factory):
-    # selmix.hardware caches its measured "auto" choices; tests (and the CLI processes they
+    # selmix.engine.hardware caches its measured "auto" choices; tests (and the CLI processes they
     # start, which inherit the environment) keep theirs out of the user's cache
     previous = os.environ.get("SELMIX_CACHE_DIR")
     os.environ["SELMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("selmix-cache"))
@@ -88,7 +88,7 @@ def _run_on_the_test_device(device, request, monkeypatch):
         yield
         return
     # the module, not the function `selmix.evaluate` that the package exports
-    original = importlib.import_module("selmix.evaluate").resolve_device
+    original = importlib.import_module("selmix.engine.evaluate").resolve_device
 
     def on_test_device(requested=None):
         if requested is None or str(requested) in ("auto", "cpu"):

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix.checkpoint import load_checkpoint, save_model
 from selmix.cli import main
 from selmix.models import create_model
+from selmix.models.checkpoint import load_checkpoint, save_model
 
 torch.set_num_threads(1)
 QUIET = ["--set", "progress=false"]
@@ -399,7 +399,8 @@ def _log_steps(path: Path) -> list[int]:
 def test_checkpoint_every_has_a_default_and_a_flag(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from selmix.finetune import CHECKPOINT_EVERY, FinetuneConfig, Trainer
+    from selmix.engine.config import CHECKPOINT_EVERY
+    from selmix.finetune import FinetuneConfig, Trainer
 
     assert FinetuneConfig().checkpoint_every == CHECKPOINT_EVERY
     out = tmp_path / "run"
@@ -419,7 +420,7 @@ def test_checkpoint_every_has_a_default_and_a_flag(
 
 
 def test_resume_leaves_no_duplicate_log_records(world: dict[str, Path], tmp_path: Path) -> None:
-    from selmix.checkpoint import save_checkpoint
+    from selmix.models.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     shutil.copytree(world["good"], out)
@@ -486,7 +487,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     finetune_module = importlib.import_module("selmix.finetune")
-    from selmix.checkpoint import save_checkpoint
+    from selmix.models.checkpoint import save_checkpoint
 
     def interrupted_after_a_checkpoint(*args: object, config: object, **kwargs: object) -> None:
         save_checkpoint(config.checkpoint_path, {"format": "selmix-finetune-v1"})
@@ -1027,13 +1028,13 @@ def test_a_failed_export_keeps_the_finished_run_and_says_so_in_one_line(
 ) -> None:
     import errno
 
-    import selmix.export
+    import selmix.models.export
 
     def refused(model: object, folder: Path, formats: list[str], source: object) -> None:
         (Path(folder) / "model_state_dict.pt").write_bytes(b"half an export")
         raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
-    monkeypatch.setattr(selmix.export, "export_model", refused)
+    monkeypatch.setattr(selmix.models.export, "export_model", refused)
     out, before = _used_out(world, tmp_path)
     (out / "hf").mkdir()  # an earlier run's export
     (out / "hf" / "config.json").write_text("{}")
@@ -1102,12 +1103,12 @@ def test_a_read_only_earlier_export_is_refused_before_the_run(
 def test_a_live_run_writing_the_staging_folder_is_not_disturbed(
     world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from selmix._io import _HOST
+    from selmix._io import HOSTNAME
 
     out, before = _used_out(world, tmp_path)
     staging = tmp_path / "run.partial"
     staging.mkdir()
-    (staging / ".selmix-owner").write_text(f"{_HOST}.{os.getppid()}\n")  # a live process
+    (staging / ".selmix-owner").write_text(f"{HOSTNAME}.{os.getppid()}\n")  # a live process
     capsys.readouterr()
     assert main(_finetune_argv(world, out)) == 2
     err = capsys.readouterr().err
@@ -1154,7 +1155,7 @@ def test_pretrain_and_baseline_failing_into_a_used_out_leave_the_earlier_run(
         raise failure("stopped")
 
     # the modules, not the functions of the same name that `selmix` exports
-    module = importlib.import_module("selmix.pretrain" if command == "pretrain" else
+    module = importlib.import_module("selmix.engine.pretrain" if command == "pretrain" else
                                      "selmix.baselines")  # fmt: skip
     monkeypatch.setattr(module, command, fails)
     out, before = _used_out(world, tmp_path)
@@ -1223,7 +1224,7 @@ def test_who_may_use_a_staging_folder(tmp_path: Path) -> None:
     """A dead run's folder with a checkpoint: resumed, or discarded with --overwrite; one
     without a checkpoint: cleared by the next run; a live run's on this host: never; one
     of another host: only by the resume that names it (a job requeued on another node)."""
-    from selmix._io import _HOST
+    from selmix._io import HOSTNAME
     from selmix.cli.options import UsageError
     from selmix.cli.staging import check_out
 
@@ -1238,7 +1239,7 @@ def test_who_may_use_a_staging_folder(tmp_path: Path) -> None:
     check_out(out, overwrite=True)
     check_out(out, resume=state)
     owner = staging / ".selmix-owner"
-    owner.write_text(f"{_HOST}.{os.getppid()}\n")  # alive, on this host
+    owner.write_text(f"{HOSTNAME}.{os.getppid()}\n")  # alive, on this host
     for kwargs in ({}, {"overwrite": True}, {"resume": state}):
         with pytest.raises(UsageError, match="another run is writing"):
             check_out(out, **kwargs)

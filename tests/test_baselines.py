@@ -33,10 +33,10 @@ from selmix.baselines import (
     run_baseline,
     smoothed_cross_entropy,
 )
+from selmix.core.objectives import get_objective
 from selmix.data import ImageTensorDataset
-from selmix.evaluate import evaluate
+from selmix.engine.evaluate import evaluate
 from selmix.models import create_model
-from selmix.objectives import get_objective
 
 K = 4
 DIM = 8
@@ -709,7 +709,7 @@ def test_baseline_config_runs_the_same_as_the_function_options(data, ce_model):
     train, val = data["train"], data["val"]
     result = baseline("crt", ce_model, train, val, epochs=2, seed=1)
     assert isinstance(result.config, BaselineConfig) and result.config.epochs == 2
-    assert result.config.head_classes == selmix.metrics.infer_head_classes(train.labels, K)
+    assert result.config.head_classes == selmix.core.metrics.infer_head_classes(train.labels, K)
     direct = classifier_retraining(ce_model, train, val, epochs=2, seed=1)
     for key, value in direct.state_dict().items():
         assert torch.equal(result.model.state_dict()[key], value), key

@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from selmix import _io
-from selmix.checkpoint import (
+from selmix.models import create_model
+from selmix.models.checkpoint import (
     load_checkpoint,
     load_model,
     require_keys,
@@ -26,7 +27,6 @@ from selmix.checkpoint import (
     write_json,
     write_yaml,
 )
-from selmix.models import create_model
 
 torch.set_num_threads(1)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -40,9 +40,9 @@ def _dead_pid() -> int:
 
 def test_save_removes_leftovers_of_killed_saves_but_not_live_ones(tmp_path: Path) -> None:
     target = tmp_path / "finetune_state.pt"
-    dead = tmp_path / f".finetune_state.pt.{_io._HOST}.{_dead_pid()}.0123abcd.tmp"
+    dead = tmp_path / f".finetune_state.pt.{_io.HOSTNAME}.{_dead_pid()}.0123abcd.tmp"
     old_style = tmp_path / ".finetune_state.pt.k2j4_x9q"  # tempfile.mkstemp, selmix <= 0.1.0
-    live = tmp_path / f".finetune_state.pt.{_io._HOST}.{os.getppid()}.0123abcd.tmp"
+    live = tmp_path / f".finetune_state.pt.{_io.HOSTNAME}.{os.getppid()}.0123abcd.tmp"
     other_host = tmp_path / f".finetune_state.pt.elsewhere.{_dead_pid()}.0123abcd.tmp"
     other_file = tmp_path / ".model.pt.k2j4_x9q"
     for path in (dead, old_style, live, other_host, other_file):
@@ -68,7 +68,7 @@ def test_a_killed_save_leaves_the_old_file_and_the_next_save_cleans_up(tmp_path:
             real_write(handle, bytes(data[:10]))
             os.kill(os.getpid(), signal.SIGKILL)
         os.write = write_then_die
-        from selmix.checkpoint import save_checkpoint
+        from selmix.models.checkpoint import save_checkpoint
         save_checkpoint({str(target)!r}, {{"step": 2}})
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
@@ -140,7 +140,7 @@ def test_a_real_write_failure_file_size_limit_is_one_line(tmp_path: Path) -> Non
         import resource, signal, sys
         sys.path.insert(0, {SRC!r})
         import torch
-        from selmix.checkpoint import save_checkpoint
+        from selmix.models.checkpoint import save_checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
         try:

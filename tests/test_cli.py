@@ -162,9 +162,9 @@ def test_cli_and_api_resolve_the_same_head_tail_run(
 ) -> None:
     import torch
 
-    from selmix.checkpoint import load_checkpoint, load_model
     from selmix.data import load_data
     from selmix.finetune import finetune
+    from selmix.models.checkpoint import load_checkpoint, load_model
 
     settings = {"steps": 4, "feedback_every": 2, "batch_size": 8, "seed": 3}
     out = tmp_path / "cli"
@@ -291,8 +291,8 @@ def test_python_dash_m_help() -> None:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small_cnn checkpoint for 5 classes (the tree has 3)."""
-    from selmix.checkpoint import save_model
     from selmix.models import create_model
+    from selmix.models.checkpoint import save_model
 
     path = tmp_path_factory.mktemp("other") / "five.pt"
     save_model(path, create_model("small_cnn", 5, in_channels=3), {})

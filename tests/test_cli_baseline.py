@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from selmix.baselines import class_log_prior
-from selmix.checkpoint import load_model
 from selmix.cli import main
 from selmix.data import load_data
+from selmix.models.checkpoint import load_model
 
 # a 242-image long-tailed training set (100 down to 1 per class) and 10 per class to validate
 DATA_OPTIONS = {"imbalance": 100, "max_per_class": 100, "val_per_class": 10}

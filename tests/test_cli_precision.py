@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from selmix.checkpoint import load_model
 from selmix.cli import main, resolve_settings
+from selmix.models.checkpoint import load_model
 from test_cli import COLOURS, QUIET, _write_tree
 
 
@@ -52,7 +52,7 @@ def test_pretrain_resume_of_a_missing_file_is_one_line(data_args, tmp_path, caps
 
 
 def test_interrupted_pretraining_resumes_bit_identically(data_args, tmp_path, monkeypatch):
-    pretrain_module = sys.modules["selmix.pretrain"]  # (selmix.pretrain is the function)
+    pretrain_module = sys.modules["selmix.engine.pretrain"]  # (selmix.pretrain is the function)
 
     common = ["--model", "small_cnn", "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
               "--precision", "bf16", *QUIET]  # fmt: skip

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from selmix.cli import UsageError, resolve_settings
+from selmix.core.objectives import get_objective
+from selmix.core.selection import best_index, objective_score
 from selmix.finetune import PRESETS, FinetuneConfig
-from selmix.objectives import get_objective
-from selmix.selection import best_index, objective_score
 
 BASE = ["finetune", "--data", "demo", "--checkpoint", "m.pt", "--out", "o"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from selmix.devices import HOST, state_to_host, to_host
-from selmix.evaluate import Evaluation, summarize
+from selmix.engine.evaluate import Evaluation, summarize
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selmix"
 
@@ -21,15 +21,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selmix"
 #: the run's device goes through ``selmix.devices.to_host``.
 HOST_DATA = {
     "selmix/_validation.py": {"check_labels": "labels"},
-    "selmix/metrics.py": {"infer_head_classes": "training labels"},
-    "selmix/mixing.py": {"second_labels": "labels and the pairs' indices"},
-    "selmix/sampler.py": {"__init__": "training labels"},
-    "selmix/feedback.py": {"__init__": "training labels"},
+    "selmix/core/metrics.py": {"infer_head_classes": "training labels"},
+    "selmix/core/mixing.py": {"second_labels": "labels and the pairs' indices"},
+    "selmix/core/sampler.py": {"__init__": "training labels"},
+    "selmix/engine/feedback.py": {"__init__": "training labels"},
     "selmix/finetune/trainer.py": {"__init__": "training and validation labels"},
     "selmix/finetune/head_init.py": {"_candidate_heads": "training labels"},
     "selmix/finetune/run_state.py": {"_labels_digest": "labels (their fingerprint)"},
-    "selmix/semisup.py": {"fixmatch_pretrain": "the labelled set's labels"},
-    "selmix/distributed.py": {"__init__": "shard indices", "_positions": "indices"},
+    "selmix/engine/semisup.py": {"fixmatch_pretrain": "the labelled set's labels"},
+    "selmix/engine/distributed.py": {"__init__": "shard indices", "_positions": "indices"},
     "selmix/baselines/crt.py": {"label_aware_smoothing": "a user's class counts"},
     "selmix/baselines/posthoc.py": {"class_log_prior": "a user's prior"},
 }
@@ -132,10 +132,10 @@ def test_a_run_checkpointed_on_one_device_resumes_on_the_other(
 ):
     import copy
 
-    from selmix.checkpoint import load_checkpoint
     from selmix.data import load_demo
     from selmix.finetune import finetune
     from selmix.models import create_model
+    from selmix.models.checkpoint import load_checkpoint
 
     demo = load_demo()
     train = demo.train.subset(torch.arange(0, len(demo.train.labels), 8))

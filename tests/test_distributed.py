@@ -1,7 +1,7 @@
 """Fine-tuning across processes: 2 CPU ranks (gloo) on a tiny synthetic long-tailed set.
 
 One launch of two spawned processes (the environment ``torchrun`` would give them, read by
-:func:`selmix.distributed.init_from_env`) runs every distributed scenario, writes what
+:func:`selmix.engine.distributed.init_from_env`) runs every distributed scenario, writes what
 each rank saw to files, and the parent process compares them:
 
 * DDP and the frozen-backbone hook average gradients exactly: the 2-rank gradient of two
@@ -32,19 +32,19 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from selmix.checkpoint import load_checkpoint
 from selmix.data import ImageTensorDataset
-from selmix.distributed import (
+from selmix.engine.distributed import (
     DatasetShard,
     DistributedContext,
     init_from_env,
     run_on_main,
     shard_bounds,
 )
-from selmix.evaluate import evaluate, extract_features
-from selmix.finetune import FinetuneConfig, Trainer, _MixupForward
+from selmix.engine.evaluate import evaluate, extract_features
+from selmix.engine.views import MixupForward, predict_logits
+from selmix.finetune import FinetuneConfig, Trainer
 from selmix.models import create_model
-from selmix.views import predict_logits
+from selmix.models.checkpoint import load_checkpoint
 
 WORLD_SIZE = 2
 NUM_CLASSES = 4
@@ -101,7 +101,7 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A briefly pre-trained starting model (mean test recall about 0.83), saved to a file."""
-    from selmix.pretrain import pretrain
+    from selmix.engine.pretrain import pretrain
 
     torch.manual_seed(0)
     data = _make_data()
@@ -178,10 +178,10 @@ def _gradient_check(context: DistributedContext, start: dict[str, torch.Tensor])
     part = slice(16 * context.rank, 16 * (context.rank + 1))
 
     reference = _model(start).eval()
-    F.cross_entropy(_MixupForward(reference.features, reference.head)(first, second, lam),
+    F.cross_entropy(MixupForward(reference.features, reference.head)(first, second, lam),
                     labels).backward()  # fmt: skip
     model = _model(start).eval()
-    wrapped = context.wrap(_MixupForward(model.features, model.head))
+    wrapped = context.wrap(MixupForward(model.features, model.head))
     F.cross_entropy(wrapped(first[part], second[part], lam[part]), labels[part]).backward()
     ddp = max(
         float((a.grad - b.grad).abs().max())
@@ -461,7 +461,7 @@ def test_run_on_main_without_a_context_just_calls() -> None:
 
 
 def test_single_process_and_torchrun_contexts_are_collectives() -> None:
-    from selmix.collective import Collective, SingleProcess
+    from selmix.engine.collective import Collective, SingleProcess
 
     single = SingleProcess()
     assert isinstance(single, Collective)

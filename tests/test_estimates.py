@@ -1,12 +1,12 @@
-"""The empirical-Bayes estimate of C (selmix.estimates) against simulated recalls."""
+"""The empirical-Bayes estimate of C (selmix.core.estimates) against simulated recalls."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from selmix.estimates import empirical_bayes_strength, shrinkage_prior, shrunk_confusion
-from selmix.feedback import SelMixFeedback, smoothed_confusion
+from selmix.core.estimates import empirical_bayes_strength, shrinkage_prior, shrunk_confusion
+from selmix.engine.feedback import SelMixFeedback, smoothed_confusion
 
 
 def _binomial_counts(recalls: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:

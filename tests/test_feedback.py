@@ -1,4 +1,4 @@
-"""Tests of selmix.feedback.SelMixFeedback, the feedback step for a loop the user owns."""
+"""Tests of selmix.engine.feedback.SelMixFeedback, the feedback step for a loop the user owns."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selmix import evaluate, finetune, gain_matrix, get_objective, mixup_distribution
+from selmix import evaluate, finetune, get_objective
+from selmix.core import gain_matrix, mixup_distribution
 from selmix.data.formats import FeatureTensorDataset
-from selmix.feedback import SelMixFeedback
-from selmix.finetune import sgd_cosine, smoothed_confusion
+from selmix.engine.feedback import SelMixFeedback, smoothed_confusion
+from selmix.engine.optim import split_sgd_cosine as sgd_cosine
 from selmix.models import create_model, split_model
 
 torch.set_num_threads(1)

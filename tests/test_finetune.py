@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import selmix
-from selmix.checkpoint import load_checkpoint
 from selmix.data import ImageTensorDataset, load_data
-from selmix.evaluate import evaluate
+from selmix.engine.evaluate import evaluate
+from selmix.engine.pretrain import pretrain
 from selmix.finetune import FinetuneConfig, finetune
 from selmix.models import create_model
-from selmix.pretrain import pretrain
+from selmix.models.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_config_rejects_bad_values():
 
 
 def test_confusion_smoothing_makes_zero_recall_classes_visible():
-    from selmix.finetune import smoothed_confusion
+    from selmix.engine.feedback import smoothed_confusion
 
     counts = torch.tensor([[50, 0, 0], [0, 40, 10], [5, 5, 0]])  # class 2 is never right
     generator = torch.Generator().manual_seed(0)
@@ -262,11 +262,11 @@ def test_confusion_smoothing_makes_zero_recall_classes_visible():
     raw = smoothed_confusion(counts, 0.0)
     assert torch.allclose(raw, counts.double() / counts.sum())
     objective.update(raw)
-    blind = selmix.gain_matrix(objective, raw, prototypes, head)
+    blind = selmix.core.gain_matrix(objective, raw, prototypes, head)
     smoothed = smoothed_confusion(counts, 1.0)
     assert torch.allclose(smoothed, (counts + 1).double() / (counts.sum() + 9))
     objective.update(smoothed)
-    seeing = selmix.gain_matrix(objective, smoothed, prototypes, head)
+    seeing = selmix.core.gain_matrix(objective, smoothed, prototypes, head)
     # without smoothing the worst class's row of the gain is numerically zero
     assert blind[2].abs().max() < 1e-4
     assert seeing[2].max() > 100 * blind[2].abs().max()
@@ -274,7 +274,7 @@ def test_confusion_smoothing_makes_zero_recall_classes_visible():
 
 
 def test_config_resolution_order_and_type():
-    from selmix.pretrain import PretrainConfig
+    from selmix.engine.pretrain import PretrainConfig
 
     resolved = FinetuneConfig.resolve({"steps": 5, "lr_head": 0.1}, {"steps": 7})
     assert (resolved.steps, resolved.lr_head) == (7, 0.1)
@@ -352,7 +352,7 @@ def test_resume_keeps_the_best_so_far(demo, pretrained, tmp_path, monkeypatch):
 def test_objective_instance_parameters_are_recorded(demo, pretrained, tmp_path):
     result = finetune(
         copy.deepcopy(pretrained), small(demo.train, 10), small(demo.val, 5),
-        selmix.objectives.MinRecall(rate=20), steps=2, feedback_every=1, batch_size=8,
+        selmix.core.objectives.MinRecall(rate=20), steps=2, feedback_every=1, batch_size=8,
         frozen_backbone=True, progress=False,
     )  # fmt: skip
     assert result.config.objective == "min_recall"
@@ -376,7 +376,7 @@ def test_head_tail_objective_uses_the_given_head_classes(demo, pretrained):
         copy.deepcopy(pretrained), small(demo.train, 10), small(demo.val, 5),
         "min_head_tail_recall", steps=1, batch_size=8, frozen_backbone=True, progress=False,
     )  # fmt: skip
-    expected = selmix.metrics.infer_head_classes(small(demo.train, 10).labels, 10)
+    expected = selmix.core.metrics.infer_head_classes(small(demo.train, 10).labels, 10)
     assert inferred.config.head_classes == expected == inferred.objective.head_classes
 
 
@@ -500,10 +500,10 @@ def test_uniform_mix_and_multiplier_step_reach_the_feedback(demo, pretrained):
 def test_small_validation_warns_for_per_class_objectives_only(demo, pretrained):
     few = small(demo.val, 10)  # 10 per class: below SMALL_VALIDATION
     settings = {"steps": 2, "feedback_every": 1, "progress": False}
-    with pytest.warns(selmix.SmallValidationWarning, match="10 samples of its smallest class"):
+    with pytest.warns(selmix.core.SmallValidationWarning, match="10 samples of its smallest class"):
         finetune(copy.deepcopy(pretrained), demo.train, few, "min_recall", **settings)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", selmix.SmallValidationWarning)
+        warnings.simplefilter("error", selmix.core.SmallValidationWarning)
         finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall", **settings)
         finetune(copy.deepcopy(pretrained), demo.train, few, "mean_recall_min_coverage", **settings)
         finetune(copy.deepcopy(pretrained), demo.train, small(demo.val, 60), "min_recall",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from selmix.core.selection import ObjectiveScore
+from selmix.engine.config import PRESETS, FinetuneConfig
 from selmix.finetune.best import _BestSoFar
-from selmix.finetune.config import PRESETS, FinetuneConfig
 from selmix.finetune.monitor import DIVERGENCE_FACTOR, _check_finite, _LossMonitor
 from selmix.finetune.run_state import data_fingerprint
-from selmix.selection import ObjectiveScore
 
 
 class _Labelled:

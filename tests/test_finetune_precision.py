@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix.checkpoint import load_checkpoint
-from selmix.evaluate import resolve_device
-from selmix.feedback import SelMixFeedback, feedback_step
-from selmix.finetune import FinetuneConfig, Trainer, _LinearHeadStep, finetune
+from selmix.engine.evaluate import resolve_device
+from selmix.engine.feedback import SelMixFeedback, feedback_step
+from selmix.engine.optim import split_sgd_cosine
+from selmix.finetune import FinetuneConfig, Trainer, finetune
+from selmix.finetune.head_step import _LinearHeadStep
 from selmix.models import create_model, split_model
-from selmix.optim import split_sgd_cosine
+from selmix.models.checkpoint import load_checkpoint
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 
@@ -265,7 +266,7 @@ def test_closed_form_is_used_only_for_a_plain_linear_head():
 def test_trainer_and_selmix_feedback_share_feedback_step(monkeypatch):
     data = tiny_set()
     calls = []
-    feedback_module = sys.modules["selmix.feedback"]
+    feedback_module = sys.modules["selmix.engine.feedback"]
     finetune_module = sys.modules["selmix.finetune.trainer"]
 
     def spy(*args, **kwargs):

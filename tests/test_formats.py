@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from selmix.core.metrics import head_mask
 from selmix.data import load_data
 from selmix.data.formats import (
     FeatureTensorDataset,
@@ -21,7 +22,6 @@ from selmix.data.formats import (
     load_stl10_unlabelled,
     read_image_list,
 )
-from selmix.metrics import head_mask
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,7 @@ The reference does literally what the gain means: for every pair (i, j) it takes
 step (autograd, +eta and -eta) on the cross-entropy of the mixed prototype
 z = m mu_i + (1 - m) mu_j with label i, moves the confusion matrix's softmax parameters by the
 change of the logits at the prototypes, and differentiates the objective by a central
-difference. Nothing in it uses the closed form or ``selmix.confusion_gradient``.
+difference. Nothing in it uses the closed form or ``selmix.core.confusion_gradient``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import selmix
-from selmix import confusion_gradient, gain_matrix, get_objective, list_objectives
+from selmix import get_objective, list_objectives
+from selmix.core import confusion_gradient, gain_matrix
 
 MIX = 0.8
 F64 = torch.float64
@@ -347,7 +348,7 @@ def test_the_gain_ranks_pairs_that_help_the_worst_class():
     worst = int(np.argmin(np.diag(confusion.numpy()) / confusion.numpy().sum(axis=1)))
     best_row = int(np.unravel_index(np.argmax(gains), gains.shape)[0])
     assert best_row == worst
-    assert selmix.mixup_distribution(torch.from_numpy(gains))[worst].sum() > 0.5
+    assert selmix.core.mixup_distribution(torch.from_numpy(gains))[worst].sum() > 0.5
 
 
 # -- classes at zero: the soft confusion matrix in the derivative factor -----------------------
@@ -380,7 +381,7 @@ def test_zero_diagonal_entry_gets_positive_gain_with_soft_confusion():
     # the soft factor makes its pairs the ones with the largest, positive gain
     assert with_soft[2].max() > 0
     assert int(with_soft.flatten().argmax()) // 3 == 2
-    policy = selmix.mixup_distribution(with_soft, scale=3.0, normalize_gain=True)
+    policy = selmix.core.mixup_distribution(with_soft, scale=3.0, normalize_gain=True)
     assert float(policy[2].sum()) > 0.5
 
 
@@ -412,5 +413,5 @@ def test_zero_diagonal_entry_gets_positive_gain_with_pseudo_count():
     gain = gain_matrix(objective, smoothed, prototypes, head, 0.8)
     assert gain[2].max() > 0
     assert int(gain.flatten().argmax()) // 3 == 2
-    policy = selmix.mixup_distribution(gain, scale=3.0, normalize_gain=True)
+    policy = selmix.core.mixup_distribution(gain, scale=3.0, normalize_gain=True)
     assert float(policy[2].sum()) > 0.5

@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from selmix import hardware
-from selmix.finetune import finetune
-from selmix.hardware import (
+from selmix.engine import hardware
+from selmix.engine.hardware import (
     CLEAR_SPEEDUP,
     cache_dir,
     candidates,
@@ -19,8 +18,9 @@ from selmix.hardware import (
     resolve_hardware,
     time_settings,
 )
+from selmix.engine.precision import to_channels_last
+from selmix.finetune import finetune
 from selmix.models import create_model
-from selmix.precision import to_channels_last
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 

@@ -1,4 +1,4 @@
-"""Tests of selmix.loggers: TensorBoard logging of the feedback records."""
+"""Tests of selmix.engine.loggers: TensorBoard logging of the feedback records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from selmix import finetune
 from selmix.data.formats import FeatureTensorDataset
-from selmix.loggers import TensorBoardLogger, gain_image
+from selmix.engine.loggers import TensorBoardLogger, gain_image
 from selmix.models import create_model
 
 torch.set_num_threads(1)

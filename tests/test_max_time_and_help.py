@@ -14,11 +14,11 @@ import torch
 
 from selmix._config import settings_of
 from selmix.cli import main
+from selmix.core.objectives import get_objective, list_objectives
 from selmix.data import load_data
+from selmix.engine.timing import parse_duration
 from selmix.finetune import FinetuneConfig, finetune
 from selmix.models import create_model
-from selmix.objectives import get_objective, list_objectives
-from selmix.timing import parse_duration
 
 torch.set_num_threads(1)
 # the module, not the function `selmix.finetune` that shadows the package's name
@@ -89,7 +89,7 @@ def test_durations_are_seconds_or_lightning_strings() -> None:
 
 
 def test_cli_max_time_says_it_stopped(tmp_path: Path, capsys) -> None:
-    from selmix.checkpoint import save_model
+    from selmix.models.checkpoint import save_model
 
     torch.manual_seed(0)
     save_model(tmp_path / "start.pt", create_model("small_cnn", 10, in_channels=1), {})

@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from selmix import memory
-from selmix.evaluate import evaluate
-from selmix.finetune import finetune
-from selmix.memory import (
+from selmix.engine import memory
+from selmix.engine.evaluate import evaluate
+from selmix.engine.memory import (
     MAX_EVAL_BATCH,
     ActivationProfile,
     activation_profile,
@@ -15,6 +14,7 @@ from selmix.memory import (
     eval_batch_size,
     resolve_eval_batch_size,
 )
+from selmix.finetune import finetune
 from selmix.models import create_model
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 

@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 import selmix
-from selmix import metrics
+from selmix.core import metrics
 
 ALL_METRIC_KEYS = {
     "mean_recall",
@@ -215,7 +215,7 @@ def test_counts_and_normalised_matrix_give_identical_metrics():
 def test_metric_tracker_over_batches_equals_one_shot():
     num_classes = 5
     labels, preds = random_predictions(num_classes, 403, 17)
-    tracker = selmix.MetricTracker(num_classes, head_classes=[0, 1])
+    tracker = selmix.core.MetricTracker(num_classes, head_classes=[0, 1])
     for start in range(0, labels.size, 64):
         stop = start + 64
         tracker.update(torch.from_numpy(preds[start:stop]), torch.from_numpy(labels[start:stop]))
@@ -291,7 +291,7 @@ def test_rejects_fewer_than_two_classes():
     with pytest.raises(ValueError, match=r"`num_classes` must be >= 2, got 1"):
         metrics.confusion_matrix(torch.tensor([0, 0]), torch.tensor([0, 0]), 1)
     with pytest.raises(ValueError, match="num_classes"):
-        selmix.MetricTracker(1)
+        selmix.core.MetricTracker(1)
     with pytest.raises(ValueError, match="num_classes"):
         metrics.head_mask(1)
     with pytest.raises(ValueError, match="K >= 2"):

@@ -1,4 +1,4 @@
-"""Other mixups under the SelMix policy (selmix.mixing; issue 25): input mixup and CutMix.
+"""Other mixups under the SelMix policy (selmix.core.mixing; issue 25): input mixup and CutMix.
 
 The operations alone (what they mix, the box and its area, the lambda range, the loss
 weights), then in a run: the head-first phase mixes features and the backbone phase the
@@ -23,10 +23,7 @@ import torch.nn.functional as F
 import yaml
 
 import selmix
-from selmix.checkpoint import load_checkpoint, save_model
-from selmix.distributed import init_from_env
-from selmix.finetune import FinetuneConfig, Trainer, finetune
-from selmix.mixing import (
+from selmix.core.mixing import (
     CutMix,
     InputMixup,
     MixedBatch,
@@ -39,7 +36,10 @@ from selmix.mixing import (
     register_mixup,
     second_labels,
 )
+from selmix.engine.distributed import init_from_env
+from selmix.finetune import FinetuneConfig, Trainer, finetune
 from selmix.models import create_model
+from selmix.models.checkpoint import load_checkpoint, save_model
 from test_distributed import (  # noqa: F401 - one_thread is an autouse fixture
     NUM_CLASSES,
     RUN,
@@ -68,7 +68,7 @@ def data() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def start_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The briefly pre-trained start of tests/test_distributed.py, saved to a file."""
-    from selmix.pretrain import pretrain
+    from selmix.engine.pretrain import pretrain
 
     torch.manual_seed(0)
     model = create_model("small_cnn", NUM_CLASSES, in_channels=1)

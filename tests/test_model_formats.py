@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 import selmix
-from selmix.checkpoint import load_checkpoint
 from selmix.cli import main
 from selmix.data import load_data
+from selmix.models.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 QUIET = ["--set", "progress=false"]
@@ -256,7 +256,7 @@ def test_class_count_is_read_from_the_head_when_the_data_does_not_give_it(tmp_pa
 
 
 def test_a_data_parallel_prefix_is_found_and_put_back(tmp_path: Path) -> None:
-    from selmix.export import original_state_dict
+    from selmix.models.export import original_state_dict
     from selmix.models.loading import load_start_model
 
     start = selmix.create_model("small_cnn", 3)

@@ -438,7 +438,7 @@ def test_hugging_face_model_built_directly_splits_and_reloads_from_its_state_dic
     """The route for a model that did not come from the registry (e.g. pre-trained)."""
     transformers = pytest.importorskip("transformers")
     from selmix import load_model, save_model
-    from selmix.checkpoint import load_checkpoint
+    from selmix.models.checkpoint import load_checkpoint
 
     config = transformers.ConvNextConfig(num_labels=3, **HF_MODELS["hf_convnext"])
     model = transformers.ConvNextForImageClassification(config)

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from selmix.finetune.best import _BestSoFar
-from selmix.finetune.config import FinetuneConfig, resolve_objective
-from selmix.objectives import MinHeadTailRecall, MinRecall, get_objective, noise_rate
-from selmix.selection import (
+from selmix.core.objectives import MinHeadTailRecall, MinRecall, get_objective, noise_rate
+from selmix.core.selection import (
     ObjectiveScore,
     best_index,
     selection_tolerance,
     undominated_index,
 )
+from selmix.engine.config import FinetuneConfig, resolve_objective
+from selmix.finetune.best import _BestSoFar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

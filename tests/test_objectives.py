@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import selmix
-from selmix import metrics
-from selmix.objectives import get_objective, list_objectives
+from selmix.core import metrics
+from selmix.core.objectives import get_objective, list_objectives
 
 MULTIPLIER_OBJECTIVES = [
     "min_recall",
@@ -323,7 +323,7 @@ def test_unknown_objective_lists_known_names():
     for name in list_objectives():
         assert re.search(rf"\b{re.escape(name)}\b", str(info.value)), name
     with pytest.raises(ValueError, match="h_mean_min_coverage"):
-        selmix.as_objective("worst_recall")
+        selmix.core.as_objective("worst_recall")
 
 
 @pytest.mark.parametrize(
@@ -366,9 +366,9 @@ def soft_min_recall(confusion: torch.Tensor, temperature: float = 30.0) -> torch
 
 
 def test_user_callable_via_as_objective():
-    objective = selmix.as_objective(soft_min_recall)
+    objective = selmix.core.as_objective(soft_min_recall)
     assert isinstance(objective, selmix.Objective)
-    assert selmix.as_objective(objective) is objective
+    assert selmix.core.as_objective(objective) is objective
     confusion = tensor(COUNTS4).requires_grad_(True)
     value = objective(confusion)
     recall = np_recall(COUNTS4)
@@ -377,7 +377,7 @@ def test_user_callable_via_as_objective():
     assert objective.num_classes == 4 and objective.multipliers is None
     (grad,) = torch.autograd.grad(value, confusion)
     assert torch.isfinite(grad).all() and grad.abs().max() > 0
-    lam = selmix.as_objective(lambda c: c.diagonal().sum() / c.sum())
+    lam = selmix.core.as_objective(lambda c: c.diagonal().sum() / c.sum())
     assert float(lam(tensor(COUNTS3))) == pytest.approx(np.trace(COUNTS3) / COUNTS3.sum())
 
 
@@ -387,25 +387,25 @@ def test_user_callable_in_gain_matrix_equals_the_built_in_objective():
     head = nn.Linear(dim, num_classes).double()
     prototypes = 2 * torch.randn(num_classes, dim, dtype=torch.float64, generator=generator)
     confusion = tensor(COUNTS4)
-    built_in = selmix.gain_matrix("mean_recall", confusion, prototypes, head)
-    by_lambda = selmix.gain_matrix(
+    built_in = selmix.core.gain_matrix("mean_recall", confusion, prototypes, head)
+    by_lambda = selmix.core.gain_matrix(
         lambda c: (c.diagonal() / c.sum(dim=1)).mean(), confusion, prototypes, head
     )
     torch.testing.assert_close(by_lambda, built_in, rtol=1e-12, atol=1e-14)
     assert built_in.abs().max() > 1e-3
-    soft = selmix.gain_matrix(soft_min_recall, confusion, prototypes, head)
+    soft = selmix.core.gain_matrix(soft_min_recall, confusion, prototypes, head)
     assert torch.isfinite(soft).all()
     assert not torch.allclose(soft, built_in, rtol=1e-3)
 
 
 def test_bad_callables():
     with pytest.raises(TypeError, match="objective"):
-        selmix.as_objective(42)
-    vector = selmix.as_objective(lambda c: c.diagonal())
+        selmix.core.as_objective(42)
+    vector = selmix.core.as_objective(lambda c: c.diagonal())
     with pytest.raises(TypeError, match="scalar"):
         vector(tensor(COUNTS3))
     with pytest.raises(ValueError, match="does not depend"):
-        selmix.confusion_gradient(lambda c: torch.tensor(1.0), tensor(COUNTS3))
+        selmix.core.confusion_gradient(lambda c: torch.tensor(1.0), tensor(COUNTS3))
 
 
 def test_register_objective_rejects_a_duplicate_name():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import selmix
-from selmix import effective_pairs, mixup_distribution, policy_entropy
+from selmix.core import effective_pairs, mixup_distribution, policy_entropy
 
 
 def random_gain(num_classes: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_greedy_policy_is_one_hot_at_argmax():
 @pytest.mark.parametrize("gain", [-torch.rand(4, 4) - 0.01, torch.zeros(3, 3)])
 def test_no_positive_gain_falls_back_to_uniform_with_a_warning(gain):
     num_classes = gain.shape[0]
-    with pytest.warns(selmix.StationaryPointWarning, match="stationary point"):
+    with pytest.warns(selmix.core.StationaryPointWarning, match="stationary point"):
         distribution = mixup_distribution(gain)
     torch.testing.assert_close(
         distribution, torch.full((num_classes, num_classes), 1 / num_classes**2)

@@ -8,12 +8,10 @@ import math
 import pytest
 import torch
 
-import selmix.precision as precision_module
-from selmix.checkpoint import load_model
+import selmix.engine.precision as precision_module
 from selmix.data import ImageTensorDataset
-from selmix.models import create_model
-from selmix.optim import WarmupCosine, sgd_cosine
-from selmix.precision import (
+from selmix.engine.optim import WarmupCosine, sgd_cosine
+from selmix.engine.precision import (
     autocast,
     configure_threads,
     default_threads,
@@ -22,7 +20,9 @@ from selmix.precision import (
     resolve_precision,
     to_channels_last,
 )
-from selmix.pretrain import PretrainConfig, pretrain
+from selmix.engine.pretrain import PretrainConfig, pretrain
+from selmix.models import create_model
+from selmix.models.checkpoint import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ SETTINGS = {"epochs": 3, "batch_size": 32, "lr": 0.05, "mixup_alpha": 1.0,
 # -- resolve_precision ------------------------------------------------------------------
 @pytest.mark.parametrize("fast", [True, False])
 def test_auto_without_a_model_ignores_the_cpu_flags(monkeypatch, fast):
-    # flags do not predict the speed (selmix.hardware measures it); unmeasured: fp32
+    # flags do not predict the speed (selmix.engine.hardware measures it); unmeasured: fp32
     monkeypatch.setattr(precision_module, "cpu_has_fast_bf16", lambda: fast)
     assert resolve_precision("auto", "cpu") == "fp32"
 
@@ -309,7 +309,7 @@ def test_resume_may_change_the_thread_count_and_progress(tmp_path):
 
 
 def test_resume_from_a_plain_model_file_is_refused(tmp_path):
-    from selmix.checkpoint import save_model
+    from selmix.models.checkpoint import save_model
 
     path = save_model(tmp_path / "m.pt", tiny_model())
     with pytest.raises(ValueError, match="not a selmix pre-training checkpoint"):
@@ -320,7 +320,7 @@ def test_resume_from_a_plain_model_file_is_refused(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fixmatch_runs_in_the_precision_and_is_reproducible(precision):
     from selmix.data import UnlabelledDataset
-    from selmix.semisup import fixmatch_pretrain
+    from selmix.engine.semisup import fixmatch_pretrain
 
     labelled = tiny_set(24)
     generator = torch.Generator().manual_seed(3)
@@ -349,7 +349,7 @@ def test_fixmatch_runs_in_the_precision_and_is_reproducible(precision):
 
 def test_fixmatch_rejects_fp16_on_cpu():
     from selmix.data import UnlabelledDataset
-    from selmix.semisup import fixmatch_pretrain
+    from selmix.engine.semisup import fixmatch_pretrain
 
     pool = UnlabelledDataset(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), 0.5, 0.25, 3)
     with pytest.raises(ValueError, match="`precision` 'fp16' needs a CUDA device"):

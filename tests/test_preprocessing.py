@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix.checkpoint import load_checkpoint
 from selmix.cli import main
 from selmix.data import load_data
-from selmix.preprocessing import (
+from selmix.models.checkpoint import load_checkpoint
+from selmix.models.preprocessing import (
     hf_preprocessing,
     model_preprocessing,
     resolve_preprocessing,
@@ -169,8 +169,8 @@ def test_a_model_without_preprocessing_keeps_the_data_statistics(
 @pytest.mark.parametrize("stream", ["memory", "disk"])
 def test_mixed_image_sizes_run_with_image_size(tmp_path: Path, stream: str, capsys) -> None:
     mixed = write_tree(tmp_path / "mixed", [(16, 16), (24, 12), (10, 20)])
-    from selmix.checkpoint import save_model
     from selmix.models import create_model
+    from selmix.models.checkpoint import save_model
 
     save_model(tmp_path / "start.pt", create_model("small_cnn", 3, in_channels=3),
                {"classes": ["class_0", "class_1", "class_2"]})  # fmt: skip

@@ -161,10 +161,10 @@ def test_maths_page_points_at_functions_that_exist():
 
 
 def test_maths_reference_resolver_reports_what_is_missing():
-    assert _resolve("gain.py", "gain_matrix") is None
-    assert _resolve("feedback.py", "SelMixFeedback.sample_pairs") is None
+    assert _resolve("core/gain.py", "gain_matrix") is None
+    assert _resolve("engine/feedback.py", "SelMixFeedback.sample_pairs") is None
     assert "no such file" in _resolve("nowhere.py", "f")
-    assert "not defined" in _resolve("gain.py", "no_such_function")
+    assert "not defined" in _resolve("core/gain.py", "no_such_function")
 
 
 def test_maths_page_quotes_the_papers_rows_the_benchmarks_print():

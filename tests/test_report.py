@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selmix.metrics import all_metrics
+from selmix.core.metrics import all_metrics
 from selmix.report import format_metrics_table, format_per_class_table, write_report
 
 pytest.importorskip("matplotlib")

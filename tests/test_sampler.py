@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from selmix.sampler import ClassPools, PairSampler
+from selmix.core.sampler import ClassPools, PairSampler
 
 
 def _chi_square_upper(dof: int) -> float:

@@ -8,8 +8,8 @@ import torch
 # _one_thread is test_precision's autouse fixture (one torch thread); importing it applies it here
 from tests.test_precision import SETTINGS, _one_thread, tiny_model, tiny_set  # noqa: F401
 
-from selmix.optim import WarmupStep, sgd_step
-from selmix.pretrain import PretrainConfig, pretrain, step_milestones
+from selmix.engine.optim import WarmupStep, sgd_step
+from selmix.engine.pretrain import PretrainConfig, pretrain, step_milestones
 
 
 def test_step_factor_warms_up_then_cuts_at_each_milestone():
@@ -108,7 +108,7 @@ def test_a_cosine_checkpoint_does_not_resume_as_step(tmp_path):
 
 
 def test_a_checkpoint_from_before_the_setting_resumes_as_cosine(tmp_path):
-    from selmix.checkpoint import load_checkpoint, save_checkpoint
+    from selmix.models.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "run.pt"
     _interrupted(path, **SETTINGS)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selmix.checkpoint import load_model
 from selmix.data import (
     UNLABELLED_DISTRIBUTIONS,
     ImageTensorDataset,
@@ -21,10 +20,8 @@ from selmix.data import (
     semi_supervised_split,
     unlabelled_distribution,
 )
-from selmix.finetune import FinetuneConfig, Trainer, finetune
-from selmix.models import create_model
-from selmix.pretrain import logit_adjustment, pretrain
-from selmix.semisup import (
+from selmix.engine.pretrain import logit_adjustment, pretrain
+from selmix.engine.semisup import (
     FixMatchConfig,
     cutout,
     fixmatch_loss,
@@ -33,6 +30,9 @@ from selmix.semisup import (
     pseudo_labels,
     strong_augment,
 )
+from selmix.finetune import FinetuneConfig, Trainer, finetune
+from selmix.models import create_model
+from selmix.models.checkpoint import load_model
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(
@@ -322,7 +322,7 @@ def small_semi_supervised(fmnist: ImageTensorDataset, seed: int = 0):
 
 
 @needs_fashion_mnist
-@pytest.mark.filterwarnings("ignore::selmix.policy.StationaryPointWarning")
+@pytest.mark.filterwarnings("ignore::selmix.core.policy.StationaryPointWarning")
 def test_hidden_labels_never_reach_training(fmnist):
     data = small_semi_supervised(fmnist)
     pool = data.unlabelled.subset(torch.arange(64))
@@ -369,7 +369,7 @@ def test_hidden_labels_never_reach_training(fmnist):
 
 
 @needs_fashion_mnist
-@pytest.mark.filterwarnings("ignore::selmix.policy.StationaryPointWarning")
+@pytest.mark.filterwarnings("ignore::selmix.core.policy.StationaryPointWarning")
 def test_pseudo_labels_are_refreshed_at_feedback(fmnist):
     data = small_semi_supervised(fmnist)
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from selmix.checkpoint import load_checkpoint
 from selmix.data import (
     DatasetAdapter,
     ImageTensorDataset,
@@ -20,6 +19,7 @@ from selmix.data import (
 )
 from selmix.finetune import finetune
 from selmix.models import create_model
+from selmix.models.checkpoint import load_checkpoint
 
 CLASSES = ("ant", "bee", "cat")
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from selmix.engine.timing import FEEDBACK_SHARE, PhaseTimings, backbone_feedback_every
 from selmix.finetune import FinetuneConfig, check_resume, finetune
 from selmix.models import create_model
-from selmix.timing import FEEDBACK_SHARE, PhaseTimings, backbone_feedback_every
 from test_precision import _one_thread, tiny_set  # noqa: F401 - _one_thread is an autouse fixture
 
 

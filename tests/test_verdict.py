@@ -16,14 +16,13 @@ from PIL import Image
 
 from selmix.cli import main
 from selmix.report import (
-    HIGHLIGHTED_MULTIPLIERS,
-    _plot_multipliers,
     format_metrics_table,
     format_start,
     format_verdict,
     objective_metric,
     write_report,
 )
+from selmix.report.html import HIGHLIGHTED_MULTIPLIERS, _plot_multipliers
 
 torch.set_num_threads(1)
 K = 10
@@ -145,8 +144,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 noise = rng.normal(0, 40, (12, 12, 3))
                 pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{index}.png")
-    from selmix.checkpoint import save_model
     from selmix.models import create_model
+    from selmix.models.checkpoint import save_model
 
     torch.manual_seed(0)
     save_model(root.parent / "start.pt", create_model("small_cnn", 3, in_channels=3), {})

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from selmix.data import ImageTensorDataset
-from selmix.evaluate import evaluate
+from selmix.engine.evaluate import evaluate
+from selmix.engine.views import FrozenFeatures
 from selmix.models import split_model
-from selmix.views import FrozenFeatures
 
 
 def _model_and_data(num_classes: int = 4) -> tuple[nn.Module, ImageTensorDataset]:

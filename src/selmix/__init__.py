@@ -1,142 +1,51 @@
-"""selmix: Selective Mixup Fine-Tuning for the metric you care about on long-tailed data."""
+"""selmix: Selective Mixup Fine-Tuning for the metric you care about on long-tailed data.
 
-from selmix.baselines import (
-    BASELINES,
-    DEFAULT_TAUS,
-    BaselineConfig,
-    BaselineResult,
-    ClassBalancedSampler,
-    ObjectiveScore,
-    PosthocResult,
-    baseline,
-    best_index,
-    class_log_prior,
-    classifier_retraining,
-    label_aware_smoothing,
-    list_baselines,
-    logit_adjusted_finetune,
-    mislas_stage2,
-    objective_score,
-    posthoc_logit_adjustment,
-    run_baseline,
-)
-from selmix.checkpoint import load_model, save_model
-from selmix.estimates import SmallValidationWarning, shrunk_confusion
-from selmix.evaluate import Evaluation, evaluate
-from selmix.feedback import FeedbackResult, SelMixFeedback, feedback_step
-from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
-from selmix.gain import confusion_gradient, gain_matrix
-from selmix.metrics import (
-    MetricTracker,
-    accuracy,
-    all_metrics,
-    confusion_matrix,
-    g_mean,
-    h_mean,
-    head_mask,
-    mean_recall,
-    min_coverage,
-    min_head_tail_coverage,
-    min_head_tail_recall,
-    min_recall,
-    per_class_coverage,
-    per_class_recall,
-)
-from selmix.mixing import MixedBatch, MixupOperation, list_mixups, register_mixup
-from selmix.models import create_model, list_models, register_model, split_model
-from selmix.objectives import (
+The public API is the names below; the rest lives in the subpackages, which show the layers:
+:mod:`selmix.core` (the maths), :mod:`selmix.data`, :mod:`selmix.models`,
+:mod:`selmix.engine` (the machinery of a run), :mod:`selmix.baselines`,
+:mod:`selmix.finetune` (the SelMix run), :mod:`selmix.report` and :mod:`selmix.cli`.
+"""
+
+from selmix._version import __version__
+from selmix.baselines import baseline, list_baselines
+from selmix.core import (
     Objective,
-    as_objective,
+    all_metrics,
     get_objective,
     list_objectives,
+    register_mixup,
     register_objective,
 )
-from selmix.optim import sgd_cosine, warmup_cosine
-from selmix.policy import (
-    StationaryPointWarning,
-    effective_pairs,
-    mixup_distribution,
-    policy_entropy,
-)
-from selmix.precision import configure_threads, resolve_precision
-from selmix.pretrain import PretrainConfig, PretrainResult, pretrain
-from selmix.semisup import FixMatchConfig, FixMatchResult, fixmatch_pretrain
-
-__version__ = "0.1.0"
+from selmix.data import load_data
+from selmix.engine.evaluate import Evaluation, evaluate
+from selmix.engine.pretrain import PretrainConfig, pretrain
+from selmix.finetune import FinetuneConfig, FinetuneResult, Trainer, finetune
+from selmix.models import create_model, list_models, register_model, split_model
+from selmix.models.checkpoint import load_model, save_model
 
 __all__ = [
     "Evaluation",
-    "FixMatchConfig",
-    "FixMatchResult",
-    "fixmatch_pretrain",
     "FinetuneConfig",
     "FinetuneResult",
-    "MetricTracker",
+    "Objective",
     "PretrainConfig",
-    "PretrainResult",
     "Trainer",
+    "__version__",
+    "all_metrics",
+    "baseline",
     "create_model",
     "evaluate",
     "finetune",
+    "get_objective",
+    "list_baselines",
     "list_models",
+    "list_objectives",
+    "load_data",
     "load_model",
     "pretrain",
+    "register_mixup",
     "register_model",
+    "register_objective",
     "save_model",
     "split_model",
-    "shrunk_confusion",
-    "Objective",
-    "SmallValidationWarning",
-    "StationaryPointWarning",
-    "accuracy",
-    "all_metrics",
-    "as_objective",
-    "confusion_gradient",
-    "confusion_matrix",
-    "effective_pairs",
-    "g_mean",
-    "gain_matrix",
-    "get_objective",
-    "h_mean",
-    "head_mask",
-    "list_objectives",
-    "mean_recall",
-    "min_coverage",
-    "min_head_tail_coverage",
-    "min_head_tail_recall",
-    "min_recall",
-    "mixup_distribution",
-    "per_class_coverage",
-    "per_class_recall",
-    "policy_entropy",
-    "register_objective",
-    "BASELINES",
-    "DEFAULT_TAUS",
-    "BaselineConfig",
-    "BaselineResult",
-    "ClassBalancedSampler",
-    "ObjectiveScore",
-    "PosthocResult",
-    "baseline",
-    "best_index",
-    "class_log_prior",
-    "classifier_retraining",
-    "label_aware_smoothing",
-    "list_baselines",
-    "logit_adjusted_finetune",
-    "mislas_stage2",
-    "objective_score",
-    "posthoc_logit_adjustment",
-    "run_baseline",
-    "FeedbackResult",
-    "SelMixFeedback",
-    "configure_threads",
-    "feedback_step",
-    "resolve_precision",
-    "sgd_cosine",
-    "warmup_cosine",
-    "MixedBatch",
-    "MixupOperation",
-    "list_mixups",
-    "register_mixup",
 ]

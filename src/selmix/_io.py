@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -27,7 +29,8 @@ __all__ = [
     "write_yaml",
 ]
 
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+#: This machine's name as it goes into temporary and owner file names.
+HOSTNAME = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 # `.{target}.{host}.{pid}.{random}.tmp`, written by this module
 _OURS = re.compile(r"^(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 # `.{target}.{8 characters}`, written by tempfile.mkstemp in selmix <= 0.1.0
@@ -35,10 +38,10 @@ _MKSTEMP = re.compile(r"^[A-Za-z0-9_]{8}$")
 
 
 def _temporary_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return target.with_name(f".{target.name}.{HOSTNAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _process_is_alive(pid: int) -> bool:
+def process_is_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -74,7 +77,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
         rest = path.name[len(prefix) :]
         ours = _OURS.match(rest)
         if ours:
-            stale = ours["host"] == _HOST and not _process_is_alive(int(ours["pid"]))
+            stale = ours["host"] == HOSTNAME and not process_is_alive(int(ours["pid"]))
         else:
             stale = bool(_MKSTEMP.match(rest))
         if stale and path.is_file():
@@ -143,6 +146,5 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> Path:
 
 def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     """Writes ``data`` as YAML (``yaml.safe_dump``, keys in insertion order) atomically."""
-    import yaml
 
     return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

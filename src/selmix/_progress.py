@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
+from tqdm.auto import tqdm
+
 __all__ = ["progress_bar", "progress_enabled"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -135,7 +137,6 @@ def progress_bar(
         if total is None:
             total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
     if progress_enabled(enabled, stream):
-        from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, file=stream, initial=initial, **tqdm_kwargs)
     quiet = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in _TRUE

@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from selmix._io import write_json
+from selmix.data import load_data
+from selmix.engine.evaluate import evaluate
+from selmix.engine.precision import configure_threads
+from selmix.engine.pretrain import PretrainConfig, pretrain
+from selmix.finetune import FinetuneConfig, finetune
+from selmix.models import create_model
+from selmix.models.checkpoint import save_model
+from selmix.report import format_metrics_table, format_start, format_verdict, write_report
 
 __all__ = ["DEMO_OBJECTIVES", "demo_settings", "run_demo"]
 
@@ -88,7 +98,7 @@ def run_demo(
         progress: show progress bars.
         verbose: print what happens and the final table.
         threads: torch CPU threads during the demo (restored afterwards); None: the
-            default of :func:`selmix.precision.configure_threads` (``OMP_NUM_THREADS`` if
+            default of :func:`selmix.engine.precision.configure_threads` (``OMP_NUM_THREADS`` if
             set, else the physical cores this process may use). On a small machine busy
             with other work pass 1 (two threads on two busy cores ran 4x slower).
 
@@ -98,9 +108,7 @@ def run_demo(
         ``report`` (path of ``index.html``), ``metrics_path``,
         ``model_path`` (the pre-trained model), ``settings`` and ``wall_time_s``.
     """
-    import torch
 
-    from selmix.precision import configure_threads
 
     previous = torch.get_num_threads()
     configure_threads(threads)
@@ -122,15 +130,7 @@ def _run_demo(
     progress: bool,
     verbose: bool,
 ) -> dict[str, Any]:
-    import torch
 
-    from selmix.checkpoint import save_model
-    from selmix.data import load_data
-    from selmix.evaluate import evaluate
-    from selmix.finetune import FinetuneConfig, finetune
-    from selmix.models import create_model
-    from selmix.pretrain import PretrainConfig, pretrain
-    from selmix.report import format_metrics_table, format_start, format_verdict, write_report
 
     def say(message: str) -> None:
         if verbose:

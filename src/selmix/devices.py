@@ -9,7 +9,7 @@ the few host-side places it names):
   there (NCCL reduces CUDA tensors only).
 * **Leaving it, through** :func:`to_host` **only**:
 
-  - an evaluation's summed totals (:meth:`selmix.evaluate.Evaluation.from_sums`): K x K
+  - an evaluation's summed totals (:meth:`selmix.engine.evaluate.Evaluation.from_sums`): K x K
     counts and K x d class means. The feedback's maths on them (the estimate, the
     multipliers, the policy) is small, and the pair sampler it feeds draws from the run's
     CPU generator, so that one seed gives the same pairs on every device;
@@ -55,7 +55,7 @@ def to_host(value: T) -> T:
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
         return type(value)(*(to_host(item) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(to_host(item) for item in value)  # type: ignore[call-arg]
+        return type(value)(to_host(item) for item in value)
     return value
 
 

@@ -12,7 +12,7 @@
   instance-balanced sampling under SelMix fine-tuning's optimiser (SGD with momentum, weight
   decay, cosine decay, batch norm frozen), i.e. SelMix's fine-tuning without the mixup.
 
-:func:`objective_score` (from :mod:`selmix.selection`, re-exported here) is the post-hoc
+:func:`objective_score` (from :mod:`selmix.core.selection`, re-exported here) is the post-hoc
 baseline's rule for tau, the same rule that picks fine-tuning's best step.
 :func:`baseline` runs one by name with a :class:`BaselineConfig` (as :func:`selmix.finetune`
 runs SelMix with a :class:`selmix.FinetuneConfig`); :func:`run_baseline` runs one by name
@@ -53,7 +53,7 @@ from selmix.baselines.registry import (
     list_baselines,
     run_baseline,
 )
-from selmix.selection import ObjectiveScore, best_index, objective_score
+from selmix.core.selection import ObjectiveScore, best_index, objective_score
 
 __all__ = [
     "BASELINES",

@@ -15,11 +15,11 @@ from torch import nn
 from selmix._validation import (
     check_labels,
 )
-from selmix.evaluate import as_batch_dataset
-from selmix.finetune.config import FinetuneConfig
+from selmix.core.objectives import Objective
+from selmix.engine.config import FinetuneConfig
+from selmix.engine.evaluate import as_batch_dataset
+from selmix.engine.views import FrozenFeatures
 from selmix.models import ModelSplit, split_model
-from selmix.objectives import Objective
-from selmix.views import FrozenFeatures
 
 ObjectiveLike = Objective | Callable[[torch.Tensor], torch.Tensor] | str
 # one smoothing for every class, or (head, tail) of label-aware smoothing

@@ -29,13 +29,13 @@ from selmix.baselines._common import (
     _reset_linear,
     _sgd_step,
 )
-from selmix.evaluate import as_batch_dataset, resolve_device
-from selmix.optim import split_sgd_cosine as sgd_cosine
-from selmix.precision import (
+from selmix.core.sampler import ClassPools
+from selmix.engine.evaluate import as_batch_dataset, resolve_device
+from selmix.engine.optim import split_sgd_cosine as sgd_cosine
+from selmix.engine.precision import (
     resolve_precision,
     to_channels_last,
 )
-from selmix.sampler import ClassPools
 
 
 class ClassBalancedSampler:
@@ -201,7 +201,7 @@ def classifier_retraining(
         callback: called after each epoch with ``{"epoch", "loss", "val"}`` (``val`` is
             :func:`selmix.all_metrics` of the validation set, or None).
         progress: show a progress bar (:func:`selmix._progress.progress_bar`).
-        precision: the feature extraction's autocast (:mod:`selmix.precision`); the head
+        precision: the feature extraction's autocast (:mod:`selmix.engine.precision`); the head
             trains in float32 on float32 features.
         channels_last: convert the copied backbone to the channels-last layout.
         label_smoothing: 0 (plain cross-entropy, the default), a float eps in [0, 1) for

@@ -24,15 +24,15 @@ from selmix.baselines._common import (
     _frozen_training_features,
     _sgd_step,
 )
-from selmix.evaluate import resolve_device
-from selmix.optim import split_sgd_cosine as sgd_cosine
-from selmix.precision import (
+from selmix.engine.evaluate import resolve_device
+from selmix.engine.optim import split_sgd_cosine as sgd_cosine
+from selmix.engine.precision import (
     autocast,
     grad_scaler,
     resolve_precision,
     to_channels_last,
 )
-from selmix.pretrain import logit_adjustment
+from selmix.engine.pretrain import logit_adjustment
 
 
 def logit_adjusted_finetune(
@@ -61,7 +61,7 @@ def logit_adjusted_finetune(
 
     The loss is ``CE(f(x) + tau * log(prior), y)`` with the training prior (the loss of
     :func:`selmix.pretrain` with ``loss="logit_adjusted"``, from
-    :func:`selmix.pretrain.logit_adjustment`); batches are drawn uniformly from the
+    :func:`selmix.engine.pretrain.logit_adjustment`); batches are drawn uniformly from the
     training samples with replacement (instance-balanced). Everything else is SelMix
     fine-tuning's: batch norm frozen (the model stays in eval mode), SGD with momentum and
     weight decay over a head group and a backbone group, a cosine decay to 0 over

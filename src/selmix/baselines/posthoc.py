@@ -16,15 +16,15 @@ from selmix._validation import (
     check_positive,
 )
 from selmix.baselines._common import ObjectiveLike, _copied_split
+from selmix.core.metrics import all_metrics, confusion_matrix
+from selmix.core.objectives import as_objective
+from selmix.core.selection import ObjectiveScore, best_index, objective_score
 from selmix.devices import to_host
-from selmix.evaluate import as_batch_dataset, resolve_device
-from selmix.metrics import all_metrics, confusion_matrix
-from selmix.objectives import as_objective
-from selmix.precision import (
+from selmix.engine.evaluate import as_batch_dataset, resolve_device
+from selmix.engine.precision import (
     resolve_precision,
 )
-from selmix.selection import ObjectiveScore, best_index, objective_score
-from selmix.views import FrozenFeatures
+from selmix.engine.views import FrozenFeatures
 
 # The post-hoc tau grid: 0 (the model as it is) to 3 in steps of 0.25.
 DEFAULT_TAUS: tuple[float, ...] = tuple(0.25 * i for i in range(13))
@@ -127,14 +127,14 @@ def posthoc_logit_adjustment(
         prior: the training class counts or class prior, Tensor[K] or a sequence, or the
             training set itself (its labels are counted).
         val: the validation set; every class must be present.
-        objective: name, :class:`~selmix.objectives.Objective` or callable of C that tau is
+        objective: name, :class:`~selmix.core.objectives.Objective` or callable of C that tau is
             tuned for (see :func:`objective_score` for the rule).
         taus: the grid of taus (>= 0); default :data:`DEFAULT_TAUS` (0 to 3 by 0.25).
         device: where to compute; the returned model is left there.
         batch_size: batch size of the feature extraction.
         features, head: an explicit split of ``model`` (see :func:`selmix.split_model`).
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``: the feature
-            extraction's autocast (:mod:`selmix.precision`); the logits are float32.
+            extraction's autocast (:mod:`selmix.engine.precision`); the logits are float32.
 
     Returns:
         A :class:`PosthocResult` with the adjusted model, the chosen tau and the

@@ -36,14 +36,15 @@ from selmix.baselines.crt import classifier_retraining
 from selmix.baselines.logit_adjusted import logit_adjusted_finetune
 from selmix.baselines.mislas import mislas_stage2
 from selmix.baselines.posthoc import _check_taus, posthoc_logit_adjustment
-from selmix.evaluate import DEVICE_HELP, as_batch_dataset, resolve_device
-from selmix.models import split_model
-from selmix.precision import (
+from selmix.engine.config import resolve_objective
+from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, resolve_device
+from selmix.engine.precision import (
     channels_last_setting,
     configure_threads,
     precision_setting,
     threads_setting,
 )
+from selmix.models import split_model
 
 _ALL = ("posthoc_la", "crt", "la_finetune", "mislas_stage2")
 
@@ -351,7 +352,6 @@ def baseline(
     Returns:
         A :class:`BaselineResult` whose ``config`` is the resolved configuration.
     """
-    from selmix.finetune.config import resolve_objective
 
     check_choice("method", method, list_baselines())
     config = BaselineConfig.resolve(config, overrides)

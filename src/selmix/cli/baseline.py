@@ -72,10 +72,10 @@ def _warn_ignored_settings(settings: dict[str, Any], options: list[Option]) -> N
 
 def _cmd_baseline(settings: dict[str, Any]) -> int:
     from selmix.baselines import BaselineConfig, baseline
-    from selmix.checkpoint import save_model
-    from selmix.evaluate import evaluate
+    from selmix.core.objectives import get_objective
+    from selmix.engine.evaluate import evaluate
     from selmix.finetune import resolve_objective
-    from selmix.objectives import get_objective
+    from selmix.models.checkpoint import save_model
     from selmix.report import format_metrics_table
 
     method = settings["method"]

@@ -29,7 +29,7 @@ def _evaluate_options() -> list[Option]:
 
 
 def _cmd_evaluate(settings: dict[str, Any]) -> int:
-    from selmix.evaluate import evaluate
+    from selmix.engine.evaluate import evaluate
     from selmix.report import format_metrics_table, format_per_class_table
 
     _check_early(settings)

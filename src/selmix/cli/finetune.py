@@ -36,8 +36,8 @@ from selmix.cli.staging import Staging, check_out
 
 
 def _finetune_options() -> list[Option]:
-    from selmix.export import EXPORT_FORMATS
     from selmix.finetune import FinetuneConfig
+    from selmix.models.export import EXPORT_FORMATS
 
     return _data_options() + _start_model_options() + [
         Option("checkpoint", None, "model to start from: model.pt of `selmix pretrain`, a "
@@ -102,10 +102,10 @@ def _check_tensorboard(directory: str | None) -> None:
 
 
 def _cmd_finetune(settings: dict[str, Any]) -> int:
-    from selmix.checkpoint import load_checkpoint, save_model
-    from selmix.collective import SingleProcess, evaluate_across
-    from selmix.distributed import init_from_env
-    from selmix.export import check_export_formats
+    from selmix.core.objectives import get_objective
+    from selmix.engine.collective import SingleProcess, evaluate_across
+    from selmix.engine.distributed import init_from_env
+    from selmix.engine.timing import parse_duration
     from selmix.finetune import (
         FinetuneConfig,
         check_resume,
@@ -113,9 +113,9 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         finetune,
         resolve_objective,
     )
-    from selmix.objectives import get_objective
+    from selmix.models.checkpoint import load_checkpoint, save_model
+    from selmix.models.export import check_export_formats
     from selmix.report import format_metrics_table, format_start
-    from selmix.timing import parse_duration
 
     # fail fast, before any data is read: every setting, the objective, the files
     config = _config_from(FinetuneConfig, settings, _finetune_options())
@@ -257,7 +257,7 @@ def _export(
 ) -> tuple[list[Path], str | None]:
     """Exports ``model`` into the staging folder; a failed export is dropped (the finished
     run is kept without it) and returned as one line."""
-    from selmix.export import EXPORT_FILES, export_model
+    from selmix.models.export import EXPORT_FILES, export_model
 
     if not formats:
         return [], None

@@ -136,7 +136,7 @@ def _data_options(required: bool = True) -> list[Option]:
 def _start_model_options() -> list[Option]:
     """--model and ckpt_prefix: a starting model from a state dict, safetensors, Lightning
     or Hugging Face file (selmix.models.loading), and whose preprocessing the data get."""
-    from selmix.preprocessing import PREPROCESSING_CHOICES
+    from selmix.models.preprocessing import PREPROCESSING_CHOICES
 
     return [
         Option("model", None, "architecture of a --checkpoint state dict (.pt/.pth), "
@@ -157,7 +157,7 @@ def _start_model_options() -> list[Option]:
 
 
 def _common_options(device: str = "auto") -> list[Option]:
-    from selmix.evaluate import DEVICE_HELP
+    from selmix.engine.evaluate import DEVICE_HELP
 
     return [
         Option("seed", 0, "random seed (model initialisation, data split, sampling)", type=int),

@@ -13,9 +13,9 @@ from selmix.cli.run import _load_data
 
 def _load_model_data(settings: dict[str, Any]) -> tuple[Any, Any]:
     """The data splits in the starting model's preprocessing (``settings["preprocessing"]``,
-    :func:`selmix.preprocessing.resolve_preprocessing`), and that preprocessing; rank 0
+    :func:`selmix.models.preprocessing.resolve_preprocessing`), and that preprocessing; rank 0
     prints which it is in one line."""
-    from selmix.preprocessing import resolve_preprocessing
+    from selmix.models.preprocessing import resolve_preprocessing
 
     preprocessing = resolve_preprocessing(
         settings["preprocessing"], settings["checkpoint"], settings.get("model"),

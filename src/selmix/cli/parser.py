@@ -72,7 +72,7 @@ def _epilog(command: str, options: list[Option]) -> str:
 
         lines.append("models: " + ", ".join(list_models()))
     if command in ("finetune", "baseline"):
-        from selmix.objectives import list_objectives
+        from selmix.core.objectives import list_objectives
 
         lines.append("objectives: " + ", ".join(list_objectives()))
     if any(option.key == "objective_params" for option in options):
@@ -94,7 +94,7 @@ def _objective_params_lines() -> list[str]:
     defaults), and what each means."""
     import textwrap
 
-    from selmix.objectives import get_objective, list_objectives
+    from selmix.core.objectives import get_objective, list_objectives
 
     by_keys: dict[tuple[str, ...], list[str]] = {}
     for name in list_objectives():
@@ -121,7 +121,7 @@ def _yaml_inline(value: Any) -> str:
 
 def _build_parser(show_defaults: bool) -> _Parser:
     """The parser; without ``show_defaults`` only explicitly given options are set."""
-    from selmix import __version__
+    from selmix._version import __version__
 
     parser = _Parser(
         prog=PROG,

@@ -23,7 +23,7 @@ from selmix.cli.staging import Staging, check_out
 
 
 def _pretrain_options() -> list[Option]:
-    from selmix.pretrain import PretrainConfig
+    from selmix.engine.pretrain import PretrainConfig
 
     return _data_options() + [
         Option("model", None, "registry model name (see the list below), timm:NAME for any "
@@ -45,11 +45,11 @@ def _pretrain_options() -> list[Option]:
 def _cmd_pretrain(settings: dict[str, Any]) -> int:
     import torch
 
-    from selmix.checkpoint import save_model
-    from selmix.evaluate import evaluate
+    from selmix.engine.evaluate import evaluate
+    from selmix.engine.pretrain import PretrainConfig, pretrain
     from selmix.models import create_model
+    from selmix.models.checkpoint import save_model
     from selmix.models.registry import check_model_name
-    from selmix.pretrain import PretrainConfig, pretrain
     from selmix.report import format_metrics_table
 
     try:  # the names `selmix finetune --model` takes, checked before the data loads

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def _load_data(settings: dict[str, Any], preprocessing: Any = None) -> Any:
-    """The data splits; ``preprocessing`` (:class:`selmix.preprocessing.Preprocessing`), when
+    """The data splits; ``preprocessing`` (:class:`selmix.models.preprocessing.Preprocessing`), when
     given, sets the image size and the normalisation instead of ``image_size`` and the
     data's statistics."""
     from selmix.data import load_data
@@ -72,7 +72,7 @@ def _head_classes(settings: dict[str, Any], splits: Any) -> list[int] | None:
     """The configured head classes (checked against the data's K), or the 90% most
     frequent training classes."""
     from selmix._validation import check_head_classes
-    from selmix.metrics import infer_head_classes
+    from selmix.core.metrics import infer_head_classes
 
     num_classes = _num_classes(splits)
     if settings.get("head_classes") is not None:
@@ -99,7 +99,7 @@ def _model_meta(splits: Any, settings: dict[str, Any], command: str) -> dict[str
 
 def _load_start_model(settings: dict[str, Any], splits: Any) -> LoadedModel:
     """The starting model, its meta and where it came from."""
-    from selmix.evaluate import resolve_device
+    from selmix.engine.evaluate import resolve_device
     from selmix.models.loading import class_name_difference, load_start_model
 
     device = resolve_device(settings["device"])

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from selmix._io import _HOST, _process_is_alive
+from selmix._io import HOSTNAME, process_is_alive
 from selmix.cli.options import UsageError
 from selmix.cli.run import RUN_FILES
 
@@ -56,7 +56,7 @@ def _is_live(staging: Path, other_hosts: bool = True) -> bool:
     if owner is None:
         return False
     host, pid = owner
-    return other_hosts if host != _HOST else _process_is_alive(pid)
+    return other_hosts if host != HOSTNAME else process_is_alive(pid)
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -210,7 +210,7 @@ class Staging:
             raise OSError(
                 error.errno, f"cannot create {str(self.path)!r} for `out`: {error.strerror}"
             ) from None
-        (self.path / OWNER_FILE).write_text(f"{_HOST}.{os.getpid()}\n")
+        (self.path / OWNER_FILE).write_text(f"{HOSTNAME}.{os.getpid()}\n")
         if not continuing:
             for name in carry:
                 if (self.out / name).is_file():

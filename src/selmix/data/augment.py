@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -139,7 +140,6 @@ class PILToUint8:
         self.size = size
 
     def __call__(self, image: object) -> Tensor:
-        import numpy as np
         from PIL import Image
 
         if self.size is not None and image.size != (self.size[1], self.size[0]):  # type: ignore[attr-defined]

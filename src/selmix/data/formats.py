@@ -31,6 +31,7 @@ from torch import Tensor
 from selmix._validation import check_int
 from selmix.data.base import BatchDataset
 from selmix.data.readers import read_cifar_batch, read_data_pickle
+from selmix.data.semisup_split import UnlabelledDataset
 from selmix.data.streaming import WorkerPool, seeded_items, to_device
 from selmix.data.tensor_dataset import ImageTensorDataset, channel_stats
 
@@ -335,7 +336,7 @@ def load_cifar100(root: str | os.PathLike, train: bool = True) -> ImageTensorDat
 
 def _cifar100_source(location: str, cache_dir: Any = None) -> Source:
     # 50 of each class's 500 images are held out, so the default long tail starts at
-    # N_1 = 450 with a disjoint balanced validation set (the clean variant of MATH.md s. 7)
+    # N_1 = 450 with a disjoint balanced validation set (the clean variant of docs/maths.md s. 7)
     return Source(
         train=load_cifar100(location, train=True),
         test=load_cifar100(location, train=False),
@@ -410,7 +411,6 @@ def load_stl10_unlabelled(
         An :class:`~selmix.data.UnlabelledDataset` (10 classes, no hidden labels), for
         ``finetune(..., unlabelled=...)``.
     """
-    from selmix.data.semisup_split import UnlabelledDataset
 
     images = _read_stl10_images(_stl10_folder(root) / "unlabeled_X.bin", memory_map=True)
     return UnlabelledDataset(images, mean, std, 10, classes=STL10_CLASSES, padding=12)

@@ -1,4 +1,7 @@
-"""Long-tailed class counts and seeded, disjoint train/validation splits (MATH.md section 7)."""
+"""Long-tailed class counts and seeded, disjoint train/validation splits.
+
+The long tail is that of docs/maths.md section 7.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Semi-supervised splits: a long-tailed labelled set, an unlabelled pool and a balanced
-validation set, disjoint and drawn from one training set (MATH.md section 7).
+validation set, disjoint and drawn from one training set (docs/maths.md section 7).
 
 The unlabelled pool's class distribution is one of the paper's four settings (App. H):
 
@@ -40,7 +40,7 @@ __all__ = [
 
 UNLABELLED_DISTRIBUTIONS = ("matched", "uniform", "inverted", "unknown")
 
-# Unlabelled M_1 of the paper's settings with labelled N_1 = 1500 (MATH.md section 7).
+# Unlabelled M_1 of the paper's settings with labelled N_1 = 1500 (docs/maths.md section 7).
 _PAPER_UNLABELLED_MAX = {"matched": 3000, "uniform": 3000, "inverted": 30}
 
 

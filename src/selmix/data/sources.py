@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from selmix._validation import check_int, check_positive
+from selmix.core.estimates import SMALL_VALIDATION
 from selmix.data.formats import FORMATS  # features, cifar100, stl10, imagenet-lt
 from selmix.data.image_folder import (
     _cached_decode,
@@ -94,7 +95,7 @@ _SPEC_PREFIXES = ("fashion-mnist", "cifar10", "imagefolder")
 def carved_val_per_class(sizes: Tensor, classes: Sequence[str] | None = None) -> int:
     """The default validation images per class carved from a training split without its
     own validation set: half the smallest class (it keeps as many to train on), at most
-    :data:`selmix.estimates.SMALL_VALIDATION` (50, where the per-class estimates SelMix
+    :data:`selmix.core.estimates.SMALL_VALIDATION` (50, where the per-class estimates SelMix
     steers by stop being noisy).
 
     Args:
@@ -105,7 +106,6 @@ def carved_val_per_class(sizes: Tensor, classes: Sequence[str] | None = None) ->
         ValueError: the smallest class cannot spare :data:`MIN_CARVED_VAL_PER_CLASS`
             images; the message names it and ``val_per_class``.
     """
-    from selmix.estimates import SMALL_VALIDATION
 
     smallest = int(sizes.min())
     per_class = min(SMALL_VALIDATION, smallest // 2)
@@ -355,7 +355,7 @@ def load_data(
     training set is then drawn from the rest: with ``imbalance``, class k keeps
     ``long_tail_counts(N_1, K, imbalance)[k]`` samples with ``N_1 = max_per_class`` or, by
     default, the smallest number of samples any class has left (4500 for CIFAR-10 with 500
-    held out, the clean CIFAR-10-LT of MATH.md section 7); without it, every remaining
+    held out, the clean CIFAR-10-LT of docs/maths.md section 7); without it, every remaining
     sample is kept (at most ``max_per_class`` per class). The test set is the official one.
 
     With ``unlabelled_max_per_class`` (M_1), an unlabelled pool with
@@ -381,7 +381,7 @@ def load_data(
             ``(H, W)``, so trees of mixed sizes load; None keeps the images' own size.
         normalization: ``(mean, std)``, per channel in [0, 1] units, that every split is
             normalised with instead of the training images' statistics (a pretrained
-            model's own, see :mod:`selmix.preprocessing`); None: the data's.
+            model's own, see :mod:`selmix.models.preprocessing`); None: the data's.
 
     Returns:
         DataSplits(train, val, test, unlabelled, classes).

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix.core.selection import ObjectiveScore, undominated_index
 from selmix.devices import state_to_host
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.selection import ObjectiveScore, undominated_index
 
 
 def _score_of(state: dict[str, Any]) -> ObjectiveScore:
@@ -22,8 +21,8 @@ def _score_of(state: dict[str, Any]) -> ObjectiveScore:
 class _BestSoFar:
     """The best feedback step so far by validation score, with a CPU copy of its weights.
 
-    With a ``tolerance`` (:func:`selmix.selection.selection_tolerance`) and scores with a
-    tie-break, the best is :func:`selmix.selection.undominated_index` over the steps so far:
+    With a ``tolerance`` (:func:`selmix.core.selection.selection_tolerance`) and scores with a
+    tie-break, the best is :func:`selmix.core.selection.undominated_index` over the steps so far:
     among the steps whose metric is within ``tolerance`` of the highest, the highest
     tie-break. It keeps the weights of the steps that can still be that step: those within
     ``tolerance`` of the highest metric and not dominated by another (a step with both a

@@ -7,11 +7,11 @@ heads are at hand on the same features: post-hoc logit adjustment (the bias shif
 ``-tau log prior``, tau tuned on the validation set for the objective) and cRT (the head
 re-trained with class-balanced sampling). ``head_init="auto"`` scores the model's own
 head and both candidates on the validation set for the objective
-(:func:`selmix.selection.objective_score`) and starts from the best; the start the run
+(:func:`selmix.core.selection.objective_score`) and starts from the best; the start the run
 selects from (``select="best"``) is then that head. With a ``head_init_tolerance``
 (unset: ``select_tolerance``), heads whose min recall is within that many standard errors
 of the best one's tie, and the one with the highest mean recall of them starts
-(:func:`selmix.selection.undominated_index`): post-hoc logit adjustment's tau is tuned on
+(:func:`selmix.core.selection.undominated_index`): post-hoc logit adjustment's tau is tuned on
 the same validation set, so its score there is the most optimistic of the three.
 """
 
@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from selmix.finetune.config import HEAD_INIT
+from selmix.baselines.crt import classifier_retraining
+from selmix.baselines.posthoc import posthoc_logit_adjustment
+from selmix.core.objectives import Objective
+from selmix.core.selection import objective_score, selection_tolerance, undominated_index
+from selmix.engine.config import HEAD_INIT
+from selmix.engine.views import FrozenFeatures
 from selmix.models import ModelSplit, split_model
-from selmix.objectives import Objective
-from selmix.selection import objective_score, selection_tolerance, undominated_index
-from selmix.views import FrozenFeatures
 
 __all__ = ["HEAD_INIT", "initialise_head"]
 
@@ -42,8 +44,6 @@ def _candidate_heads(
 ) -> dict[str, tuple[nn.Linear, dict[str, Any]]]:
     """The re-balanced heads to consider, with what each reports."""
     # the baselines import the fine-tuning settings: imported here, not at module level
-    from selmix.baselines.crt import classifier_retraining
-    from selmix.baselines.posthoc import posthoc_logit_adjustment
 
     heads: dict[str, tuple[nn.Linear, dict[str, Any]]] = {}
     options = {"device": config.device, "features": split.features, "head": split.head}
@@ -123,7 +123,7 @@ def initialise_head(
     # undominated one among those tied within the noise
     width = getattr(config, "head_init_tolerance", None)
     if width is None:
-        width = getattr(config, "select_tolerance", 0.0)
+        width = getattr(config, "select_tolerance", None) or 0.0
     tolerance = selection_tolerance(objective, class_counts[0], width)
     names = list(scores)
     chosen = (

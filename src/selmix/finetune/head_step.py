@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix.collective import Collective
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
+from selmix.engine.collective import Collective
+from selmix.engine.views import FrozenFeatures
 
 
 class _LinearHeadStep:
@@ -58,7 +58,6 @@ class _LinearHeadStep:
 def _closed_form_head_step(view: Any, collective: Collective) -> _LinearHeadStep | None:
     """The closed-form head step where it is exact: a frozen backbone and a plain
     ``nn.Linear`` head (no subclass, no hooks, trainable weights)."""
-    from selmix.views import FrozenFeatures
 
     head = view.split.head
     if not isinstance(view, FrozenFeatures) or type(head) is not nn.Linear:

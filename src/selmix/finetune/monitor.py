@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from selmix._io import atomic_write_text
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
 
 #: The training loss is reported as diverging above this multiple of
 #: ``max(first step's loss, log K)`` (log K: the loss of a uniform guess).

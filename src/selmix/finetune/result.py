@@ -10,13 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from selmix.checkpoint import (
+from selmix.core.objectives import Objective
+from selmix.engine.config import SELECT, FinetuneConfig
+from selmix.engine.evaluate import Evaluation, evaluate
+from selmix.models.checkpoint import (
     save_model,
 )
-from selmix.evaluate import Evaluation, evaluate
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.finetune.config import SELECT, FinetuneConfig
-from selmix.objectives import Objective
 
 
 @dataclass
@@ -42,9 +41,9 @@ class FinetuneResult:
             candidates (:func:`selmix.finetune.head_init.initialise_head`); None when the
             model's own head was kept without a comparison.
         timings: wall time of training and feedback per phase
-            (:class:`selmix.timing.PhaseTimings`).
+            (:class:`selmix.engine.timing.PhaseTimings`).
         hardware: what ``auto`` precision and layout resolved to
-            (:class:`selmix.hardware.HardwareChoice`).
+            (:class:`selmix.engine.hardware.HardwareChoice`).
         stop_reason: ``"max_time"`` when the wall-clock budget ended the run before
             ``config.steps`` (the model is then the best, or last, step so far); else None.
     """

@@ -10,12 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from selmix.checkpoint import (
+from selmix.core.mixing import FEATURE
+from selmix.engine.config import FinetuneConfig, plain_data
+from selmix.models.checkpoint import (
     require_keys,
 )
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.finetune.config import FinetuneConfig, _plain
-from selmix.mixing import FEATURE
 
 
 def _weights_are_finite(model: nn.Module) -> bool:
@@ -105,7 +104,7 @@ def check_resume(
     if data is not None and saved_data is not None:
         for key in sorted(set(saved_data) | set(data)):
             before, now = saved_data.get(key), data.get(key)
-            if _plain(before) != _plain(now):
+            if plain_data(before) != plain_data(now):
                 changed.append(f"{key} data: {_describe_set(before)} -> {_describe_set(now)}")
     if changed:
         # one line listing everything that differs, settings, data and start alike

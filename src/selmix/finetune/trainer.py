@@ -1,4 +1,4 @@
-"""The SelMix fine-tuning loop: :class:`Trainer` and :func:`finetune` (MATH.md section 5,
+"""The SelMix fine-tuning loop: :class:`Trainer` and :func:`finetune` (docs/maths.md section 5,
 paper Alg. 1; the package docstring of :mod:`selmix.finetune` describes the loop)."""
 
 from __future__ import annotations
@@ -14,19 +14,32 @@ from torch import nn
 
 from selmix._progress import progress_bar
 from selmix._validation import check_labels
-from selmix.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
+from selmix.core.estimates import warn_if_small_validation
+from selmix.core.metrics import all_metrics
+from selmix.core.mixing import get_mixup, mixed_cross_entropy, second_labels
+from selmix.core.objectives import (
+    Objective,
 )
-from selmix.collective import Collective, SingleProcess
+from selmix.core.policy import effective_pairs, policy_entropy
+from selmix.core.sampler import PairSampler
+from selmix.core.selection import ObjectiveScore, objective_score, selection_tolerance
 from selmix.devices import state_to_host, to_host
-from selmix.estimates import warn_if_small_validation
-from selmix.evaluate import Evaluation, as_batch_dataset
-from selmix.feedback import feedback_step
+from selmix.engine.collective import Collective, SingleProcess
+from selmix.engine.config import FinetuneConfig, plain_data, resolve_objective
+from selmix.engine.evaluate import Evaluation, as_batch_dataset
+from selmix.engine.feedback import feedback_step
+from selmix.engine.hardware import resolve_for_run
+from selmix.engine.loggers import TensorBoardLogger
+from selmix.engine.memory import resolve_eval_batch_size
+from selmix.engine.optim import split_sgd_cosine
+from selmix.engine.precision import (
+    configure_threads,
+    grad_scaler,
+    to_channels_last,
+)
+from selmix.engine.timing import PhaseTimings, backbone_feedback_every, parse_duration
+from selmix.engine.views import FrozenFeatures, FullBackbone, PairPools, make_view
 from selmix.finetune.best import _BestSoFar
-from selmix.finetune.config import FinetuneConfig, _plain, resolve_objective
 from selmix.finetune.head_init import initialise_head
 from selmix.finetune.head_step import _closed_form_head_step, _scaled_step
 from selmix.finetune.monitor import (
@@ -39,24 +52,13 @@ from selmix.finetune.monitor import (
 )
 from selmix.finetune.result import FinetuneResult
 from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
-from selmix.hardware import resolve_for_run
-from selmix.memory import resolve_eval_batch_size
-from selmix.metrics import all_metrics
-from selmix.mixing import get_mixup, mixed_cross_entropy, second_labels
-from selmix.objectives import (
-    Objective,
+from selmix.models import split_model
+from selmix.models.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
 )
-from selmix.optim import split_sgd_cosine
-from selmix.policy import effective_pairs, policy_entropy
-from selmix.precision import (
-    configure_threads,
-    grad_scaler,
-    to_channels_last,
-)
-from selmix.sampler import PairSampler
-from selmix.selection import ObjectiveScore, objective_score, selection_tolerance
-from selmix.timing import PhaseTimings, backbone_feedback_every, parse_duration
-from selmix.views import FrozenFeatures, FullBackbone, PairPools, make_view
 
 
 def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
@@ -99,7 +101,7 @@ class Trainer:
         features, head: an explicit split of ``model``.
         callback: called with each feedback record, plus the gain matrix under ``"gain"``
             (Tensor[K, K]; the logged record has no gain).
-        distributed: the run's :class:`selmix.collective.Collective` (default: one process).
+        distributed: the run's :class:`selmix.engine.collective.Collective` (default: one process).
         identity: plain data naming what the run was made from beyond its settings and
             data (e.g. the data source and the starting checkpoint); stored in the
             checkpoints, and a resume must match it (:func:`check_resume`).
@@ -120,7 +122,6 @@ class Trainer:
         identity: dict[str, Any] | None = None,
         initialise_head_weights: bool = True,
     ) -> None:
-        from selmix.models import split_model
 
         self.collective = distributed or SingleProcess()
         self.split = split_model(model, features=features, head=head)
@@ -140,7 +141,7 @@ class Trainer:
         self.device = self.collective.process_device(config.device)
         configure_threads(config.threads)
         self.model = model.to(self.device)
-        # "auto" precision and layout are measured here (selmix.hardware); the resolved
+        # "auto" precision and layout are measured here (selmix.engine.hardware); the resolved
         # values are recorded: "auto" resumes only where it resolves alike
         self.hardware = resolve_for_run(
             self.model, self.train, self.device, config.precision, config.channels_last,
@@ -174,7 +175,7 @@ class Trainer:
             config.seed + 1_000_003 * self.collective.rank
         )
         self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
-        # None: feature mixup, done by the views (selmix.mixing)
+        # None: feature mixup, done by the views (selmix.core.mixing)
         self.mixup_operation = get_mixup(config.mixup)
         self.pseudo_labels: torch.Tensor | None = None
         self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
@@ -186,7 +187,7 @@ class Trainer:
             selection_tolerance(self.objective, val_counts, config.select_tolerance)
         )
         self.losses = _LossMonitor(self.num_classes, self.collective.is_main)
-        self.identity = None if identity is None else _plain(dict(identity))
+        self.identity = None if identity is None else plain_data(dict(identity))
         self.data = data_fingerprint(self.train, self.val, self.unlabelled)
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
@@ -302,7 +303,7 @@ class Trainer:
             "score": score.to_dict(),
             "best_step": self.best.step,
             "metrics": all_metrics(evaluation.confusion, self.config.head_classes),
-            "multipliers": _plain(self.objective.multipliers),
+            "multipliers": plain_data(self.objective.multipliers),
             "max_gain": float(gain.max()),
             "policy_entropy": policy_entropy(self.distribution),
             "effective_pairs": effective_pairs(self.distribution),
@@ -333,7 +334,7 @@ class Trainer:
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
         elif self.mixup_operation is not None and self.view.trains_backbone:
-            # an input-space mix (selmix.mixing); the head-first phase mixes features
+            # an input-space mix (selmix.core.mixing); the head-first phase mixes features
             assert isinstance(self.view, FullBackbone)  # the view that trains the backbone
             logits, weight = self.view.mixed_input_logits(
                 first, second, from_second, lam, self.generator, self.mixup_operation
@@ -552,10 +553,10 @@ def finetune(
             whose current pseudo-label is j).
         features, head: an explicit split of the model.
         resume: a checkpoint written by a previous run with the same settings and data
-            (its path, or the dict :func:`selmix.checkpoint.load_checkpoint` returned).
+            (its path, or the dict :func:`selmix.models.checkpoint.load_checkpoint` returned).
         callback: called with each feedback record and its gain matrix (``"gain"``).
-        distributed: a :class:`selmix.collective.Collective`, e.g. the
-            :class:`selmix.distributed.DistributedContext` of a torchrun process.
+        distributed: a :class:`selmix.engine.collective.Collective`, e.g. the
+            :class:`selmix.engine.distributed.DistributedContext` of a torchrun process.
         identity: what the run was made from beyond its settings and data, checked on
             resume (see :class:`Trainer`).
         **overrides: any :class:`FinetuneConfig` field, e.g. ``steps=2000, device="cuda"``.
@@ -569,7 +570,6 @@ def finetune(
     config = FinetuneConfig.resolve(config, overrides)
     logger = None
     if config.tensorboard_dir and (distributed is None or distributed.is_main):
-        from selmix.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(config.tensorboard_dir)
         callback = _both(callback, logger)

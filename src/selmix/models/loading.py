@@ -18,7 +18,7 @@ one line naming the file: the first key or shape that does not match, both shape
 count that disagrees with the data, an optional package that is missing.
 
 :class:`ModelSource` records where the weights came from (the key prefix and the file's
-entries that are not the model's), so :mod:`selmix.export` writes the fine-tuned model back
+entries that are not the model's), so :mod:`selmix.models.export` writes the fine-tuned model back
 in the same layout.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from selmix.models.checkpoint import load_checkpoint, load_model
+from selmix.models.registry import create_model
+from selmix.models.split import split_model
 
 __all__ = [
     "HF_PREFIX",
@@ -89,7 +94,6 @@ class LoadedModel(NamedTuple):
 
 
 def _require(package: str, extra: str, what: str) -> Any:
-    import importlib
 
     try:
         return importlib.import_module(package)
@@ -124,7 +128,6 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         FileNotFoundError: no file at ``path``.
         ValueError: the file is unreadable or holds no state dict (one line naming it).
     """
-    from selmix.checkpoint import load_checkpoint
 
     path = Path(path)
     if path.suffix in SAFETENSORS_SUFFIXES:
@@ -281,7 +284,6 @@ def build_architecture(name: str, num_classes: int, in_channels: int = 3) -> nn.
         The model, carrying ``selmix_spec`` so that :func:`selmix.save_model` /
         :func:`selmix.load_model` round-trip it.
     """
-    from selmix.models.registry import create_model
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"`model` must be a model name, got {name!r}")
@@ -290,7 +292,6 @@ def build_architecture(name: str, num_classes: int, in_channels: int = 3) -> nn.
 
 def _head_key(model: nn.Module) -> str | None:
     """The state-dict key of the model's head weight (``fc.weight``), or None."""
-    from selmix.models.split import split_model
 
     try:
         _, head = split_model(model)
@@ -511,7 +512,6 @@ def _load_start_model(
     ckpt_prefix: str | None,
     device: str | torch.device,
 ) -> LoadedModel:
-    from selmix.checkpoint import load_checkpoint, load_model
 
     if text.startswith(HF_PREFIX):
         if model is not None:

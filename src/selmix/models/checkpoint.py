@@ -20,6 +20,7 @@ from torch import nn
 
 from selmix._io import atomic_write_bytes, atomic_write_text, write_json, write_yaml
 from selmix.devices import to_host
+from selmix.models import create_model
 
 __all__ = [
     "atomic_write_bytes",
@@ -178,7 +179,6 @@ def load_model(
     Returns:
         ``(model, meta)``.
     """
-    from selmix.models import create_model
 
     state = load_checkpoint(path)
     if state.get("format") != "selmix-model-v1":

@@ -1,4 +1,4 @@
-"""Metrics of a K x K confusion matrix (MATH.md section 1), as pure functions.
+"""Metrics of a K x K confusion matrix (docs/maths.md section 1), as pure functions.
 
 ``C[y, p]`` is the share of samples with label ``y`` predicted as ``p``; every function
 accepts counts as well, because each metric is invariant to the matrix's total.
@@ -232,7 +232,7 @@ def min_head_tail_coverage(
 def all_metrics(
     confusion: torch.Tensor, head_classes: torch.Tensor | list[int] | None = None
 ) -> dict[str, Any]:
-    """Every metric of MATH.md section 1, as plain Python numbers (fractions in [0, 1]).
+    """Every metric of docs/maths.md section 1, as plain Python numbers (fractions in [0, 1]).
 
     Args:
         confusion: Tensor[K, K] of counts or fractions.

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from selmix._io import atomic_write_text
+from selmix.engine.precision import _physical_cores, autocast, resolve_precision
+from selmix.models.split import output_tensor
 
 __all__ = [
     "CLEAR_SPEEDUP",
@@ -116,7 +121,6 @@ def machine_description(device: str | torch.device = "cpu") -> str:
             f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, "
             f"torch {torch.__version__}"
         )
-    from selmix.precision import _physical_cores
 
     flags = cpu_flags()
     yes = {True: "yes", False: "no"}
@@ -233,8 +237,6 @@ def time_settings(
     Returns:
         ``{(precision, channels_last): median seconds per step}``.
     """
-    from selmix.models.split import output_tensor
-    from selmix.precision import autocast
 
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
@@ -353,7 +355,6 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, key: str, record: dict[str, Any]) -> None:
-    from selmix._io import atomic_write_text
 
     try:
         data = _read_cache(path)
@@ -384,7 +385,7 @@ def resolve_hardware(
         model: the model the run trains (not changed).
         input_shape: one sample's shape.
         device: the run's device.
-        precision: ``"auto"`` or a precision (:data:`selmix.precision.PRECISIONS`).
+        precision: ``"auto"`` or a precision (:data:`selmix.engine.precision.PRECISIONS`).
         channels_last: ``"auto"``, True or False.
         batch_size: images per timed step (at most the run's batch).
         train: time training steps, else inference passes (a frozen backbone).
@@ -398,7 +399,6 @@ def resolve_hardware(
     Raises:
         ValueError: an unknown precision or layout, or ``"fp16"`` off CUDA.
     """
-    from selmix.precision import resolve_precision
 
     if channels_last != "auto" and not isinstance(channels_last, bool):
         raise TypeError(f"`channels_last` must be True, False or 'auto', got {channels_last!r}")
@@ -447,7 +447,6 @@ def resolve_hardware(
 
 
 def _print_line(line: str) -> None:
-    import sys
 
     print(line, file=sys.stdout, flush=True)
 

@@ -5,7 +5,7 @@ your mixed precision, your logging, another framework), the two things SelMix ad
 
 1. every few steps, a *feedback* step: evaluate the validation set (confusion matrix C and
    class-mean features), update the objective's multipliers, compute the gain matrix and
-   from it the mixup distribution P over class pairs (MATH.md section 5);
+   from it the mixup distribution P over class pairs (docs/maths.md section 5);
 2. every step, draw the batch as pairs ``(x1 of class i, x2 of class j)`` with
    ``(i, j) ~ P``, mix their *features* with ``lam ~ U[lam_min, 1]`` and take a step on the
    cross-entropy of ``head(lam g(x1) + (1 - lam) g(x2))`` with label i.
@@ -42,20 +42,21 @@ from selmix._validation import (
     check_int,
     check_positive,
 )
-from selmix.devices import to_host
-from selmix.estimates import SHRINKAGE, pools_classes, shrunk_confusion
-from selmix.evaluate import Evaluation, evaluate
-from selmix.gain import gain_matrix
-from selmix.metrics import all_metrics
-from selmix.objectives import MinRecall, Objective, as_objective, get_objective
-from selmix.policy import (
+from selmix.core.estimates import SHRINKAGE, pools_classes, shrunk_confusion
+from selmix.core.gain import gain_matrix
+from selmix.core.metrics import all_metrics
+from selmix.core.objectives import MinRecall, Objective, as_objective, get_objective
+from selmix.core.policy import (
     MIN_RECALL_UNIFORM_MIX,
     POLICIES,
     effective_pairs,
     mixup_distribution,
     policy_entropy,
 )
-from selmix.sampler import PairSampler
+from selmix.core.sampler import PairSampler
+from selmix.devices import to_host
+from selmix.engine.evaluate import Evaluation, evaluate
+from selmix.models import split_model
 
 __all__ = ["FeedbackResult", "MixupPairs", "SelMixFeedback", "feedback_step", "smoothed_confusion"]
 
@@ -66,7 +67,7 @@ def smoothed_confusion(
     """The estimate of C from validation counts: Tensor[K, K] float64 summing to 1.
 
     ``(counts + pseudo_count) / total``, then, with ``pool``, every row pulled towards the
-    pooled classes (:func:`selmix.estimates.shrunk_confusion`).
+    pooled classes (:func:`selmix.core.estimates.shrunk_confusion`).
     """
     smoothed = counts.double() + pseudo_count
     if pool:
@@ -99,7 +100,7 @@ def feedback_step(
     """The feedback computation of SelMix: counts -> estimate -> multipliers -> gain -> P.
 
     The one implementation that :class:`selmix.Trainer` and :class:`SelMixFeedback` both
-    call (MATH.md section 5). Everything runs outside autocast, in float32 / float64.
+    call (docs/maths.md section 5). Everything runs outside autocast, in float32 / float64.
 
     Args:
         objective: the objective; its multipliers are updated in place.
@@ -168,7 +169,7 @@ class SelMixFeedback:
             and min head/tail recall, 0 otherwise (as ``selmix.finetune``).
         multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
         shrinkage: ``"auto"`` pulls each class's row of the counts towards the pooled
-            classes (:func:`selmix.estimates.shrunk_confusion`) for objectives of per-class
+            classes (:func:`selmix.core.estimates.shrunk_confusion`) for objectives of per-class
             recalls (min recall, H-mean, G-mean), ``"on"`` for every objective, ``"none"``
             never.
 
@@ -268,7 +269,6 @@ class SelMixFeedback:
         Returns:
             The record (see :meth:`update_from_evaluation`).
         """
-        from selmix.models import split_model
 
         split = split_model(model, features=features, head=head)
         owner = model if model is not None else nn.ModuleList([split.features, split.head])
@@ -291,7 +291,7 @@ class SelMixFeedback:
         Returns:
             ``{"step", "objective", "metrics", "multipliers", "max_gain", "policy_entropy",
             "effective_pairs", "gain"}``: the fields of ``finetune``'s log records and the
-            gain matrix (Tensor[K, K], e.g. for :class:`selmix.loggers.TensorBoardLogger`).
+            gain matrix (Tensor[K, K], e.g. for :class:`selmix.engine.loggers.TensorBoardLogger`).
         """
         if evaluation.counts.shape != (self.num_classes, self.num_classes):
             raise ValueError(

@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix.engine.hardware import sample_shape
+from selmix.engine.precision import evaluation_mode
+
 __all__ = [
     "EVAL_MEMORY_BUDGET",
     "MAX_EVAL_BATCH",
@@ -152,7 +155,6 @@ def activation_profile(
         device: where the pass runs (the model's device).
         precision: a resolved precision (bf16 activations take half the bytes).
     """
-    from selmix.precision import evaluation_mode
 
     shape = tuple(int(size) for size in input_shape)
     samples = 2
@@ -229,7 +231,6 @@ def resolve_eval_batch_size(
     Raises:
         MemoryError: a batch that cannot fit, in one line naming the setting to lower.
     """
-    from selmix.hardware import sample_shape
 
     if isinstance(dataset_or_shape, (tuple, list, torch.Size)):
         shape = [int(size) for size in dataset_or_shape]

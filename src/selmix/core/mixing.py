@@ -6,7 +6,7 @@ choice, the fine-tuning setting ``mixup``:
 
 * ``"feature"`` (the paper's method, the default): the features are mixed,
   ``lam g(x1) + (1 - lam) g(x2)`` with ``lam ~ U[lam_min, 1]``, and the loss is the
-  cross-entropy with label i. The views do this themselves (:mod:`selmix.views`); it is
+  cross-entropy with label i. The views do this themselves (:mod:`selmix.engine.views`); it is
   not a :class:`MixupOperation`.
 * ``"input"``: the images are mixed, ``lam x1 + (1 - lam) x2`` (:class:`InputMixup`).
 * ``"cutmix"``: a box of x2 is pasted into x1, its area drawn as in CutMix (Yun et al.,
@@ -301,7 +301,7 @@ def check_mixed_batch(mixed: Any, first: Tensor, operation: Any) -> MixedBatch:
     """
     if not isinstance(mixed, MixedBatch):
         raise TypeError(
-            f"mixup operation {operation!r} must return a selmix.mixing.MixedBatch, got "
+            f"mixup operation {operation!r} must return a selmix.core.mixing.MixedBatch, got "
             f"{type(mixed).__name__}"
         )
     batch = first.shape[0]
@@ -333,7 +333,7 @@ def second_labels(
 ) -> Tensor:
     """Label j of each pair: the training label of x2, or its pseudo-label where x2 is
     unlabelled. LongTensor[B] on the CPU (all arguments as in
-    :meth:`selmix.views.ModelView.mixed_logits`)."""
+    :meth:`selmix.engine.views.ModelView.mixed_logits`)."""
     labels = torch.as_tensor(train_labels).long().cpu()
     second = second.long().cpu()
     from_unlabelled = from_unlabelled.bool().cpu()

@@ -2,7 +2,7 @@
 
 A :class:`ModelView` is what the :class:`selmix.Trainer` (and the baselines) see of the
 model: evaluate a data set, predict its labels, the logits of a batch of mixed pairs, and
-whether the backbone trains. Both views run on a :class:`selmix.collective.Collective`, so
+whether the backbone trains. Both views run on a :class:`selmix.engine.collective.Collective`, so
 the same code serves one process and ``torchrun``.
 
 * :class:`FrozenFeatures`: the backbone never changes, so each data set's features are
@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from selmix.collective import Collective, SingleProcess, evaluate_across
+from selmix.core.mixing import check_mixed_batch
 from selmix.devices import to_host
-from selmix.evaluate import Evaluation, class_sums, extract_features, prediction_sums
-from selmix.precision import autocast, evaluation_mode
+from selmix.engine.collective import Collective, SingleProcess, evaluate_across
+from selmix.engine.evaluate import Evaluation, class_sums, extract_features, prediction_sums
+from selmix.engine.precision import autocast, evaluation_mode
 
 if TYPE_CHECKING:
     from selmix.models import ModelSplit
@@ -355,7 +356,7 @@ class MixupForward(nn.Module):
         self, first: torch.Tensor, second: torch.Tensor | None = None, lam: Any = None
     ) -> torch.Tensor:
         if second is None:
-            # inputs mixed before the backbone (selmix.mixing): one pass, then the head
+            # inputs mixed before the backbone (selmix.core.mixing): one pass, then the head
             return self.head(self.features(first))
         both = self.features(torch.cat([first, second]))
         first_features, second_features = both[: first.shape[0]], both[first.shape[0] :]
@@ -375,7 +376,7 @@ class FullBackbone(_PairMixing):
         precision: a resolved precision: the training forward pass runs under its
             autocast (:meth:`mixed_logits` may return bf16 / fp16 logits: take the loss
             of ``logits.float()``), evaluation and prediction under
-            :func:`selmix.precision.evaluation_mode`.
+            :func:`selmix.engine.precision.evaluation_mode`.
     """
 
     trains_backbone = True
@@ -432,12 +433,11 @@ class FullBackbone(_PairMixing):
         operation: Callable[..., Any],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the pairs mixed in input space by ``operation`` (a
-        :class:`selmix.mixing.MixupOperation`) and its weights of label i.
+        :class:`selmix.core.mixing.MixupOperation`) and its weights of label i.
 
         Arguments as in :meth:`mixed_logits` (``lam``: Tensor[B] or Tensor[B, 1]); the
         images are drawn (and augmented) as there, then mixed, then one forward pass.
         """
-        from selmix.mixing import check_mixed_batch
 
         if self.pools is None:
             raise ValueError("this view was made without `pools`: it cannot draw pairs")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from selmix._validation import check_confusion
-from selmix.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
+from selmix.core.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
 
 __all__ = [
     "SHRINKAGE",

@@ -2,8 +2,8 @@
 
 :class:`Collective` is the interface; :class:`SingleProcess` passes everything through (one
 process, the whole data set, no communication) and
-:class:`selmix.distributed.DistributedContext` implements it over ``torch.distributed``.
-The :class:`selmix.Trainer` and the model views (:mod:`selmix.views`) always hold one, so
+:class:`selmix.engine.distributed.DistributedContext` implements it over ``torch.distributed``.
+The :class:`selmix.Trainer` and the model views (:mod:`selmix.engine.views`) always hold one, so
 they never test whether they run distributed.
 """
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from selmix._validation import check_int
-from selmix.checkpoint import capture_rng_state
-from selmix.evaluate import Evaluation, evaluate, resolve_device
+from selmix.engine.evaluate import Evaluation, evaluate, resolve_device
+from selmix.models.checkpoint import capture_rng_state
 
 __all__ = ["Collective", "SingleProcess", "evaluate_across"]
 
@@ -74,7 +74,7 @@ class Collective(Protocol):
         ...
 
     def gather_rng_states(self, generator: torch.Generator) -> list[dict[str, Any]]:
-        """Every process's RNG state (:func:`selmix.checkpoint.capture_rng_state`)."""
+        """Every process's RNG state (:func:`selmix.models.checkpoint.capture_rng_state`)."""
         ...
 
     def local_batch_size(self, global_batch: int) -> int:

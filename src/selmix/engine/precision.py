@@ -9,7 +9,7 @@ One ``precision`` setting runs a model's forward passes under ``torch.autocast``
   path and an fp16 CPU run would only be slower and less accurate).
 * ``"auto"``: measured. A run times a few steps of its model at its input size in each
   precision (and memory layout) and keeps fp32 unless another is clearly faster
-  (:func:`selmix.hardware.resolve_hardware`; cached per machine, model and input shape).
+  (:func:`selmix.engine.hardware.resolve_hardware`; cached per machine, model and input shape).
   CPU flags do not predict it: on two AVX-512-bf16 CPUs bf16 ran a ResNet-32 step 2x and
   1.09x as fast as fp32. :func:`resolve_precision` alone, without a model to time, resolves
   ``"auto"`` to bf16 on a CUDA device that supports it and to fp32 elsewhere.
@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix._config import Choice, FlagOrAuto, Int, Optional, setting
+
 __all__ = [
     "PRECISIONS",
     "autocast",
@@ -61,7 +63,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def precision_setting(default: str = "fp32", **metadata: Any) -> Any:
     """The ``precision`` field of a run configuration (see :func:`selmix._config.setting`;
     ``metadata`` adds ``run``, ``flag``, ``extra``)."""
-    from selmix._config import Choice, setting
 
     return setting(
         default, check=Choice(PRECISIONS), **metadata,
@@ -74,7 +75,6 @@ def precision_setting(default: str = "fp32", **metadata: Any) -> Any:
 
 def threads_setting(**metadata: Any) -> Any:
     """The ``threads`` field of a run configuration."""
-    from selmix._config import Int, Optional, setting
 
     return setting(
         None, check=Optional(Int(1)), metavar="N", **metadata,
@@ -85,9 +85,8 @@ def threads_setting(**metadata: Any) -> Any:
 
 def channels_last_setting(default: bool | str = "auto", **metadata: Any) -> Any:
     """The ``channels_last`` field of a run configuration: True, False or ``"auto"``
-    (measured, :func:`selmix.hardware.resolve_hardware`; the layout changes no result
+    (measured, :func:`selmix.engine.hardware.resolve_hardware`; the layout changes no result
     beyond float rounding, so ``"auto"`` is the default)."""
-    from selmix._config import FlagOrAuto, setting
 
     return setting(
         default, check=FlagOrAuto(), **metadata,
@@ -119,7 +118,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """The concrete precision of a run: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     Without a model to time, ``"auto"`` is bf16 on a CUDA device with bf16 and fp32
-    elsewhere; runs resolve it by measuring (:func:`selmix.hardware.resolve_hardware`).
+    elsewhere; runs resolve it by measuring (:func:`selmix.engine.hardware.resolve_hardware`).
 
     Args:
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
@@ -140,7 +139,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         return precision
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # CPU flags do not tell whether bf16 is faster (selmix.hardware measures it)
+    # CPU flags do not tell whether bf16 is faster (selmix.engine.hardware measures it)
     return "fp32"
 
 

@@ -22,20 +22,19 @@ from selmix._config import (
     setting,
 )
 from selmix._validation import check_head_classes
+from selmix.core.estimates import SHRINKAGE
+from selmix.core.metrics import infer_head_classes
+from selmix.core.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
+from selmix.core.objectives import MinRecall, Objective, as_objective, get_objective, noise_rate
+from selmix.core.policy import MIN_RECALL_UNIFORM_MIX, POLICIES
 from selmix.devices import to_host
-from selmix.estimates import SHRINKAGE
-from selmix.evaluate import DEVICE_HELP
-from selmix.feedback import smoothed_confusion as smoothed_confusion  # re-exported (old name)
-from selmix.metrics import infer_head_classes
-from selmix.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
-from selmix.objectives import MinRecall, Objective, as_objective, get_objective, noise_rate
-from selmix.policy import MIN_RECALL_UNIFORM_MIX, POLICIES
-from selmix.precision import (
+from selmix.engine.evaluate import DEVICE_HELP
+from selmix.engine.precision import (
     channels_last_setting,
     precision_setting,
     threads_setting,
 )
-from selmix.timing import parse_duration
+from selmix.engine.timing import parse_duration
 
 SELECT = ("best", "last")
 MULTIPLIER_RATES = ("noise", "objective")
@@ -55,7 +54,7 @@ HEAD_FIRST_STEPS = 2000
 
 #: Named sets of settings (``FinetuneConfig.preset``), applied under the user's own values.
 #: ``"defaults"`` changes nothing: the field defaults are the robust defaults of
-#: docs/DESIGN.md. ``"paper"`` is the paper's supervised recipe (MATH.md sections 5-6: the
+#: docs/DESIGN.md. ``"paper"`` is the paper's supervised recipe (docs/maths.md sections 5-6: the
 #: whole model fine-tuned, E = 50, s = 10 on the raw gain, no smoothing, 2k steps of B = 128,
 #: lr_W = 3e-3, lr_g = 3e-4) with the last step returned.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -171,7 +170,7 @@ class FinetuneConfig(ConfigMixin):
         None, check=Optional(Int(1)), run=True, metavar="STEPS",
         help="steps between feedback steps while the whole model trains; unset: the "
         "smallest multiple of feedback_every that keeps feedback near 15% of the phase's "
-        "time (selmix.timing.backbone_feedback_every, from the validation size and "
+        "time (selmix.engine.timing.backbone_feedback_every, from the validation size and "
         "batch_size; the paper: 50)",
     )  # fmt: skip
     lam_min: float = setting(
@@ -182,7 +181,7 @@ class FinetuneConfig(ConfigMixin):
         help="how a pair is mixed: 'feature' (the paper: features, label i), 'input' (the "
         "images, lam x1 + (1 - lam) x2), 'cutmix' (a box of x2 of area 1 - lam pasted into "
         "x1), or a name given to selmix.register_mixup; all but 'feature' need "
-        "frozen_backbone off and mix features in the head-first phase (selmix.mixing)",
+        "frozen_backbone off and mix features in the head-first phase (selmix.core.mixing)",
     )  # fmt: skip
     confusion_smoothing: float = setting(
         1.0, check=Real(strict=False), run=True, flag=True,
@@ -198,7 +197,7 @@ class FinetuneConfig(ConfigMixin):
     shrinkage: str = setting(
         "auto", check=Choice(SHRINKAGE), run=True, flag=True,
         help="pool the classes' validation estimates (empirical Bayes, "
-        "selmix.estimates.shrunk_confusion) to steer and to select the best step: 'auto' "
+        "selmix.core.estimates.shrunk_confusion) to steer and to select the best step: 'auto' "
         "for objectives of per-class recalls (min recall, H-mean, G-mean), 'on' always, "
         "'none' never (the paper)",
     )  # fmt: skip
@@ -222,7 +221,7 @@ class FinetuneConfig(ConfigMixin):
         "objective", check=Choice(MULTIPLIER_RATES), run=True,
         help="the rate w of the min-recall objectives' multipliers softmax(-w * recall) "
         "when objective_params gives none: 'noise' sets it from the validation set's size "
-        "so that classes within their noise share the weight (selmix.objectives.noise_rate; "
+        "so that classes within their noise share the weight (selmix.core.objectives.noise_rate; "
         "16 at 40 samples of the smallest class), 'objective' keeps the objective's "
         "(w = 50, the paper)",
     )  # fmt: skip
@@ -239,7 +238,7 @@ class FinetuneConfig(ConfigMixin):
         help="with select 'best' and min recall or min head/tail recall: steps whose metric "
         "is within this many of its standard errors (0.5 / sqrt(n) for n validation samples "
         "of the smallest class) of the best step's tie, and the one with the highest mean "
-        "recall is returned (selmix.selection.undominated_index); 0: the strictly best",
+        "recall is returned (selmix.core.selection.undominated_index); 0: the strictly best",
     )  # fmt: skip
     head_init_tolerance: float | None = setting(
         1.0, check=Optional(Real(strict=False)), run=True,
@@ -261,7 +260,8 @@ class FinetuneConfig(ConfigMixin):
     eval_batch_size: int | None = setting(
         None, check=Optional(Int(1)), metavar="N",
         help="batch size of evaluation and feature extraction; unset: sized from the input "
-        "size, the model's activations and the memory available (selmix.memory; at most 512)",
+        "size, the model's activations and the memory available "
+        "(selmix.engine.memory; at most 512)",
     )  # fmt: skip
     seed: int = setting(
         0, help="random seed (model initialisation, data split, sampling)", check=Seed(),
@@ -290,10 +290,8 @@ class FinetuneConfig(ConfigMixin):
         None, help="where resume checkpoints go (written atomically)", cli=False
     )
     # every 200 steps: 5 checkpoints in a default run, each resumable bit-identically. A
-    # checkpoint holds about three copies of the weights (model, momentum, best): for
-    # ResNet-32 5.5 MiB written in 32 ms against 1.47 s per B = 128 step on one CPU thread,
-    # 0.01% of the time (benchmarks/checkpoint_cost.py); a GPU step of ~10 ms would make it
-    # ~2%, still cheap for at most 200 steps lost to a kill
+    # checkpoint holds about three copies of the weights (model, momentum, best), which is
+    # cheap to write next to 200 training steps, and a kill loses at most those steps
     checkpoint_every: int | None = setting(
         CHECKPOINT_EVERY, check=Optional(Int(1)), flag=True, metavar="STEPS",
         help="steps between resume checkpoints (OUT/finetune_state.pt, also written at the "
@@ -390,14 +388,14 @@ class FinetuneConfig(ConfigMixin):
         return (1 + self.lam_min) / 2
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
     """Tensors and tuples as lists, recursively (for YAML, JSON and checkpoints)."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_data(item) for item in value]
     return value
 
 
@@ -414,7 +412,7 @@ def resolve_objective(
     and the CLI get the same run from the same settings:
 
     * ``head_classes`` unset: the 90% most frequent training classes
-      (:func:`selmix.metrics.infer_head_classes`);
+      (:func:`selmix.core.metrics.infer_head_classes`);
     * the objective: ``objective`` if given (a name, an :class:`Objective` or a callable),
       else ``config.objective`` with ``config.objective_params``; an objective that uses
       head classes and was given none gets the config's;
@@ -422,7 +420,7 @@ def resolve_objective(
       0 for the others;
     * a min-recall objective built from its name without a ``rate`` in
       ``objective_params``, with ``multiplier_rate="noise"`` and ``val_labels`` given: the
-      rate :func:`selmix.objectives.noise_rate` of the validation set's class counts;
+      rate :func:`selmix.core.objectives.noise_rate` of the validation set's class counts;
     * the config records the objective's name and its hyper-parameters
       (``objective_params``), e.g. ``{"rate": 20}`` for ``MinRecall(rate=20)``.
 
@@ -468,7 +466,7 @@ def resolve_objective(
             objective.rate = noise_rate(objective.recall_spread(counts.clamp_min(1)))
     config = config.replace(
         objective=objective.name,
-        objective_params=_plain(objective.hyperparameters()),
-        head_classes=_plain(head_classes),
+        objective_params=plain_data(objective.hyperparameters()),
+        head_classes=plain_data(head_classes),
     )
     return config, objective

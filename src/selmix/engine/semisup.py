@@ -15,8 +15,8 @@ for SelMix (paper Sec. 5, "FixMatch, replacing the loss function with the logit 
 (LA) cross-entropy loss (Menon et al., 2020) for debiased pseudo-labels"), defined here as:
 
 * the labelled term is the logit-adjusted cross-entropy, a = tau * log pi_l, with pi_l the
-  class prior of the labelled set (MATH.md section 7's long tail; the same adjustment as
-  :func:`selmix.pretrain.logit_adjustment`);
+  class prior of the labelled set (docs/maths.md section 7's long tail; the same adjustment as
+  :func:`selmix.engine.pretrain.logit_adjustment`);
 * the pseudo-label is the logit-adjusted (debiased) prediction. Under the LA loss,
   z + a models the long-tailed training posterior, so the balanced posterior is
   softmax((z + a) - a) = softmax(z): the pseudo-label and the confidence mask use the
@@ -56,12 +56,11 @@ from torch import Tensor, nn
 from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
 from selmix._progress import progress_bar
 from selmix._validation import check_in_range, check_int, check_positive
-from selmix.checkpoint import save_model
 from selmix.data.augment import normalize, random_crop_flip
 from selmix.devices import to_host
-from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
-from selmix.optim import sgd_cosine
-from selmix.precision import (
+from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
+from selmix.engine.optim import sgd_cosine
+from selmix.engine.precision import (
     autocast,
     channels_last_setting,
     configure_threads,
@@ -71,7 +70,10 @@ from selmix.precision import (
     threads_setting,
     to_channels_last,
 )
-from selmix.pretrain import logit_adjustment
+from selmix.engine.pretrain import logit_adjustment
+from selmix.engine.views import predict_logits
+from selmix.models import split_model
+from selmix.models.checkpoint import save_model
 
 __all__ = [
     "FixMatchConfig",
@@ -613,7 +615,6 @@ def _check_image_set(name: str, dataset: Any) -> None:
 
 
 def _num_outputs(model: nn.Module) -> int:
-    from selmix.models import split_model
 
     return split_model(model).head.out_features
 
@@ -642,8 +643,6 @@ def predict_pseudo_labels(
     Returns:
         ``(labels LongTensor[N], confidence Tensor[N])`` on the CPU.
     """
-    from selmix.models import split_model
-    from selmix.views import predict_logits
 
     logits = predict_logits(split_model(model), dataset, resolve_device(device), batch_size)
     if adjustment is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from selmix._validation import check_all_classes_present, check_confusion
-from selmix.metrics import (
+from selmix.core.metrics import (
     g_mean,
     h_mean,
     mean_recall,
@@ -28,7 +28,7 @@ from selmix.metrics import (
     min_head_tail_recall,
     min_recall,
 )
-from selmix.objectives import (
+from selmix.core.objectives import (
     CoverageConstrained,
     GMean,
     HMean,
@@ -152,7 +152,7 @@ def objective_score(objective: ObjectiveLike, confusion: torch.Tensor) -> Object
     ``psi(C)``, with its multipliers (if any) refreshed from ``confusion`` on a copy.
 
     Args:
-        objective: an objective name, an :class:`~selmix.objectives.Objective` (its
+        objective: an objective name, an :class:`~selmix.core.objectives.Objective` (its
             ``alpha`` and ``head_classes`` are used) or a differentiable callable of C.
         confusion: Tensor[K, K] of counts or fractions, rows are true labels; every class
             must have a sample.
@@ -204,7 +204,7 @@ def selection_tolerance(
     standard errors of the metric on a validation set with ``class_counts`` samples per class.
 
     For min recall and min head/tail recall it is ``width`` times
-    :meth:`~selmix.objectives.MinRecall.recall_spread` (``0.5 / sqrt(min_k n_k)`` for min
+    :meth:`~selmix.core.objectives.MinRecall.recall_spread` (``0.5 / sqrt(min_k n_k)`` for min
     recall: with 40 samples per class, 0.079); for every other objective 0 (no tie).
 
     Args:

@@ -3,13 +3,13 @@
 Cross-entropy, logit-adjusted cross-entropy (Menon et al. 2020: add ``tau * log prior`` to
 the logits during training) and input mixup (the MiSLAS stage-1 recipe the paper starts
 from), with SGD, momentum, weight decay, linear warm-up and a cosine schedule
-(:mod:`selmix.optim`).
+(:mod:`selmix.engine.optim`).
 
-``precision`` runs the forward passes under autocast (:mod:`selmix.precision`; bf16 ran a
+``precision`` runs the forward passes under autocast (:mod:`selmix.engine.precision`; bf16 ran a
 ResNet-32 pre-training step 1.7-2.0x faster than float32 in CPU time on an AMD EPYC with
 AVX-512-bf16, ``docs/results/finetune_speed_precision.md``, and 1.09x on an Intel Xeon with
 it, issue 27). The default stays ``"fp32"``: ``"auto"`` is measured on the machine
-(:mod:`selmix.hardware`), so a seeded run would no longer give the same numbers on every
+(:mod:`selmix.engine.hardware`), so a seeded run would no longer give the same numbers on every
 machine. ``channels_last`` defaults to ``"auto"`` (measured the same way; the layout changes
 only the float rounding); the config of the result holds the resolved values. With
 ``checkpoint_path`` a run writes resumable checkpoints; ``pretrain(..., resume=path)``
@@ -18,6 +18,7 @@ continues one bit-identically on the same device, precision, layout and thread c
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,20 +32,12 @@ from torch import nn
 
 from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
 from selmix._progress import progress_bar
-from selmix.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    save_model,
-)
 from selmix.devices import to_host
-from selmix.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
-from selmix.hardware import resolve_for_run
-from selmix.memory import resolve_eval_batch_size
-from selmix.models.split import output_tensor
-from selmix.optim import sgd_cosine, sgd_step
-from selmix.precision import (
+from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
+from selmix.engine.hardware import resolve_for_run
+from selmix.engine.memory import resolve_eval_batch_size
+from selmix.engine.optim import sgd_cosine, sgd_step
+from selmix.engine.precision import (
     autocast,
     channels_last_setting,
     configure_threads,
@@ -53,6 +46,15 @@ from selmix.precision import (
     threads_setting,
     to_channels_last,
 )
+from selmix.models import split_model
+from selmix.models.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_model,
+)
+from selmix.models.split import output_tensor
 
 __all__ = ["LOSSES", "PretrainConfig", "PretrainResult", "logit_adjustment", "pretrain"]
 
@@ -71,7 +73,7 @@ class PretrainConfig(ConfigMixin):
     end; it is a model file (:func:`selmix.load_model` reads it) that also holds the
     training state, so ``pretrain(..., resume=checkpoint_path)`` continues the run.
     ``precision``: the forward passes (training and validation) run under autocast;
-    weights, optimiser state and losses stay float32 (:mod:`selmix.precision`).
+    weights, optimiser state and losses stay float32 (:mod:`selmix.engine.precision`).
     """
 
     settings_name = "pre-training"
@@ -112,7 +114,7 @@ class PretrainConfig(ConfigMixin):
     eval_batch_size: int | None = setting(
         None, check=Optional(Int(1)), metavar="N",
         help="batch size of the per-epoch validation; unset: sized from the input size, the "
-        "model's activations and the memory available (selmix.memory; at most 512)",
+        "model's activations and the memory available (selmix.engine.memory; at most 512)",
     )  # fmt: skip
     progress: bool = setting(
         True, check=Flag(), flag=True,
@@ -143,7 +145,8 @@ class PretrainResult:
     model: nn.Module
     config: PretrainConfig
     history: list[dict[str, Any]]
-    #: what ``auto`` precision and layout resolved to (:class:`selmix.hardware.HardwareChoice`)
+    #: what ``auto`` precision and layout resolved to (a
+    #: :class:`selmix.engine.hardware.HardwareChoice`)
     hardware: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -198,7 +201,7 @@ def pretrain(
     configure_threads(config.threads)
     model.to(device)
     train = as_batch_dataset(train, "train")
-    # "auto" precision and layout are measured (selmix.hardware) and recorded resolved
+    # "auto" precision and layout are measured (selmix.engine.hardware) and recorded resolved
     hardware = resolve_for_run(
         model, train, device, config.precision, config.channels_last,
         batch_size=config.batch_size,
@@ -395,7 +398,6 @@ def _restore(
     history: list[dict[str, Any]],
 ) -> int:
     """Loads a pre-training checkpoint into the run's objects; returns its epoch."""
-    import ast
 
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("pretrain_state")
@@ -431,7 +433,6 @@ def _restore(
 
 
 def _num_outputs(model: nn.Module, train: Any) -> int:
-    from selmix.models import split_model
 
     try:
         return split_model(model).head.out_features

@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix.core.metrics import all_metrics, confusion_counts
+from selmix.data import as_tensor_dataset
 from selmix.devices import to_host
-from selmix.metrics import all_metrics, confusion_counts
-from selmix.precision import autocast, evaluation_mode
+from selmix.engine.memory import resolve_eval_batch_size
+from selmix.engine.precision import autocast, evaluation_mode
+from selmix.models import split_model
 
 __all__ = [
     "Evaluation",
@@ -78,7 +81,6 @@ def as_batch_dataset(dataset: Any, name: str = "dataset") -> Any:
         raise TypeError(
             f"`{name}` must be a map-style dataset of (x, y) pairs, got {type(dataset).__name__}"
         )
-    from selmix.data import as_tensor_dataset
 
     return as_tensor_dataset(dataset)
 
@@ -116,6 +118,8 @@ class Evaluation:
         # the result boundary (selmix.devices): the totals leave the device together,
         # whichever device each sum was made on, and the class means are taken on the host
         counts, feature_sums, class_counts, soft_counts = to_host(tuple(sums))
+        if counts is None or feature_sums is None or class_counts is None:
+            raise ValueError("`sums` must hold the counts, feature sums and class counts")
         prototypes = feature_sums / class_counts.clamp_min(1)[:, None].double()
         return cls(counts, prototypes.float(), class_counts, soft_counts)
 
@@ -145,9 +149,9 @@ def extract_features(
         dataset: a selmix dataset or any map-style dataset of (x, y).
         device: where to compute.
         batch_size: images per forward pass (None: sized from the memory,
-            :func:`selmix.memory.resolve_eval_batch_size`).
+            :func:`selmix.engine.memory.resolve_eval_batch_size`).
         indices: LongTensor[n] of the samples to extract (default: all).
-        precision: a resolved precision (:func:`selmix.precision.resolve_precision`); the
+        precision: a resolved precision (:func:`selmix.engine.precision.resolve_precision`); the
             forward passes run under its autocast, the features are returned in float32.
 
     Returns:
@@ -159,7 +163,6 @@ def extract_features(
     if indices is None:
         indices = torch.arange(len(dataset.labels))
     if batch_size is None:
-        from selmix.memory import resolve_eval_batch_size
 
         batch_size = resolve_eval_batch_size(features, dataset, device, precision)
     chunks = []
@@ -242,18 +245,17 @@ def evaluate(
         dataset: a selmix dataset or any map-style dataset of (x, y).
         device: where to run.
         batch_size: evaluation batch size (None: sized from the model's activations and
-            the memory, :func:`selmix.memory.resolve_eval_batch_size`).
+            the memory, :func:`selmix.engine.memory.resolve_eval_batch_size`).
         features, head: an explicit split of ``model``.
         reduce: optional function applied in place to each summed tensor (used to
             all-reduce across processes).
         precision: a resolved precision; the forward passes run under
-            :func:`selmix.precision.evaluation_mode` (inference mode and autocast). The
+            :func:`selmix.engine.precision.evaluation_mode` (inference mode and autocast). The
             sums (counts, float64 feature sums, float64 soft counts) do not depend on it.
 
     Returns:
         An :class:`Evaluation` (tensors on the CPU).
     """
-    from selmix.models import split_model
 
     device = resolve_device(device)
     split = split_model(model, features=features, head=head)
@@ -269,7 +271,6 @@ def evaluate(
         )
     model.to(device)  # the model is evaluated (and left) on `device`
     if batch_size is None:
-        from selmix.memory import resolve_eval_batch_size
 
         batch_size = resolve_eval_batch_size(split.features, dataset, device, precision)
     was_training = model.training

@@ -16,7 +16,7 @@ A typical entry point::
         if context is not None:
             context.destroy()
 
-What each rank does (MATH.md section 5, issue 7):
+What each rank does (docs/maths.md section 5, issue 7):
 
 * feedback: evaluate ``shard(val)``; :meth:`DistributedContext.all_reduce` sums the counts,
   so every rank computes the same C, prototypes, multipliers, gain matrix and policy;
@@ -46,9 +46,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from selmix._validation import check_int
-from selmix.checkpoint import capture_rng_state
-from selmix.collective import evaluate_across
-from selmix.evaluate import Evaluation, resolve_device
+from selmix.engine.collective import evaluate_across
+from selmix.engine.evaluate import Evaluation, resolve_device
+from selmix.models.checkpoint import capture_rng_state
 
 __all__ = [
     "DatasetShard",
@@ -143,7 +143,7 @@ class DatasetShard:
 
 
 class DistributedContext:
-    """One process of a ``torch.distributed`` job: the :class:`selmix.collective.Collective`
+    """One process of a ``torch.distributed`` job: the :class:`selmix.engine.collective.Collective`
     of a run under ``torchrun``.
 
     Build it with :func:`init_from_env` under ``torchrun``; the constructor is for a process
@@ -382,7 +382,7 @@ class DistributedContext:
 
         return optimizer.register_step_pre_hook(hook)
 
-    # -- engine hooks (the :class:`selmix.collective.Collective` interface) ---------------
+    # -- engine hooks (the :class:`selmix.engine.collective.Collective` interface) ---------------
     def process_device(self, requested: str | torch.device | None) -> torch.device:
         """This process's own device (``cuda:LOCAL_RANK`` or the CPU), whatever the
         configuration asks for: every rank computes on its own device."""
@@ -417,7 +417,7 @@ class DistributedContext:
         return evaluate_across(self, model, dataset, self.device, batch_size, features, head)
 
     def gather_rng_states(self, generator: torch.Generator) -> list[dict[str, Any]]:
-        """Every rank's :func:`selmix.checkpoint.capture_rng_state`, in rank order."""
+        """Every rank's :func:`selmix.models.checkpoint.capture_rng_state`, in rank order."""
         return self.all_gather_object(capture_rng_state(generator))
 
 

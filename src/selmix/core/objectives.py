@@ -1,4 +1,4 @@
-"""Objectives psi(C) that SelMix maximises (MATH.md section 2).
+"""Objectives psi(C) that SelMix maximises (docs/maths.md section 2).
 
 Every objective is a callable of a K x K confusion matrix that returns a differentiable
 scalar tensor. Objectives with Lagrange multipliers refresh them with :meth:`update` from
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from selmix._validation import check_confusion, check_in_range, check_positive
-from selmix.metrics import head_mask
+from selmix.core.metrics import head_mask
 
 __all__ = [
     "CallableObjective",
@@ -36,7 +36,7 @@ __all__ = [
     "register_objective",
 ]
 
-CLIP = 1e-7  # MATH.md: entries are clipped below before any objective is evaluated
+CLIP = 1e-7  # docs/maths.md: entries are clipped below before any objective is evaluated
 
 
 def _prepared(confusion: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class Objective:
     and, if they have multipliers, :meth:`_new_multipliers`.
 
     Args:
-        head_classes: head classes for head/tail objectives (see :func:`selmix.head_mask`).
+        head_classes: head classes for head/tail objectives (see :func:`selmix.core.head_mask`).
     """
 
     name = "objective"
@@ -394,7 +394,7 @@ class CoverageConstrained(Objective):
         return (metric + penalty) / (1 + self._largest_constraint_multiplier(multipliers))
 
     def _largest_constraint_multiplier(self, multipliers: torch.Tensor) -> torch.Tensor:
-        """max_p l_p over the constraints (MATH.md section 2).
+        """max_p l_p over the constraints (docs/maths.md section 2).
 
         Head/tail: the constraints are on the groups' mean coverage with multipliers
         l_H, l_T (spread over classes as l_H/|H|, l_T/|T|), so the normaliser is
@@ -491,7 +491,7 @@ def get_objective(name: str, **hyperparameters: Any) -> Objective:
         name: one of :func:`list_objectives`.
         **hyperparameters: e.g. ``rate`` (w) for the min-recall objectives; ``alpha``,
             ``scale`` (L), ``tau`` for the coverage objectives; ``head_classes`` for the
-            head/tail ones. Defaults follow MATH.md.
+            head/tail ones. Defaults follow docs/maths.md.
 
     Returns:
         A fresh :class:`Objective` (K is learnt from the first confusion matrix).

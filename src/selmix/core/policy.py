@@ -1,4 +1,4 @@
-"""The mixup sampling policy (MATH.md section 4, paper Eq. 6) and its diagnostics."""
+"""The mixup sampling policy (docs/maths.md section 4, paper Eq. 6) and its diagnostics."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def mixup_distribution(
     and the head forgets the others until the next feedback notices).
 
     Args:
-        gain: Tensor[K, K] from :func:`selmix.gain_matrix`.
+        gain: Tensor[K, K] from :func:`selmix.core.gain_matrix`.
         scale: s, the inverse temperature (> 0).
         policy: ``"selmix"``, ``"uniform"`` or ``"greedy"``.
         normalize_gain: use the scale-free form of the policy.

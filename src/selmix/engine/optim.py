@@ -188,6 +188,6 @@ def split_sgd_cosine(
         ]
         if backbone:
             groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
-    # selmix.optim's cosine without warm-up: the same floating-point operations as the
+    # selmix.engine.optim's cosine without warm-up: the same floating-point operations as the
     # schedule fine-tuning always used, so runs are unchanged
     return sgd_cosine(groups, lr_head, steps, 0, momentum, weight_decay)

@@ -4,14 +4,14 @@
 record becomes scalars (validation metrics, objective, multipliers, largest gain, policy
 entropy, learning rates, loss), next to the ``log.jsonl`` the run writes anyway::
 
-    from selmix.loggers import TensorBoardLogger
+    from selmix.engine.loggers import TensorBoardLogger
 
     with TensorBoardLogger("runs/selmix") as logger:
         result = selmix.finetune(model, train, val, "min_recall", callback=logger)
         logger.log_gains(result.gains)      # the gain matrix of every feedback step
 
 A record that carries the gain matrix itself (key ``"gain"``, Tensor[K, K], as
-:class:`selmix.feedback.SelMixFeedback` records do) is drawn as an image at once.
+:class:`selmix.engine.feedback.SelMixFeedback` records do) is drawn as an image at once.
 """
 
 from __future__ import annotations

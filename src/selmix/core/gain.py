@@ -1,4 +1,4 @@
-"""The gain matrix of SelMix (Theorem 4.1, MATH.md section 3), for any objective.
+"""The gain matrix of SelMix (Theorem 4.1, docs/maths.md section 3), for any objective.
 
 ``G[i, j]`` is the first-order change of the objective per unit SGD step on one (i, j)
 feature mixup with label i. The objective's derivative comes from autograd, so one function
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from selmix._validation import check_all_classes_present, check_confusion, check_in_range
-from selmix.objectives import Objective, as_objective
+from selmix.core.objectives import Objective, as_objective
 
 __all__ = ["confusion_gradient", "gain_matrix"]
 
@@ -35,7 +35,7 @@ def confusion_gradient(
     class gets no gain however large ``h`` is. ``soft_confusion`` (per true class the
     summed softmax probabilities of the model, never 0) replaces C in that factor only:
     h is still evaluated at ``confusion``. It is the matrix the softmax parametrisation
-    describes, so the first-order expansion holds for it (MATH.md section 3).
+    describes, so the first-order expansion holds for it (docs/maths.md section 3).
 
     Args:
         objective: the objective (its multipliers are used as they are).

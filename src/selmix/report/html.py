@@ -18,23 +18,14 @@ from typing import Any
 
 from selmix._io import atomic_write_text
 from selmix.devices import to_host
-from selmix.verdict import (
+from selmix.report.verdict import (
     METRIC_LABELS,
     format_start,
     format_verdict,
     objective_marks,
-    objective_metric,
 )
 
-__all__ = [
-    "METRIC_LABELS",
-    "format_metrics_table",
-    "format_per_class_table",
-    "format_start",
-    "format_verdict",
-    "objective_metric",
-    "write_report",
-]
+__all__ = ["format_metrics_table", "format_per_class_table", "write_report"]
 
 
 # -- plain-text tables -----------------------------------------------------------------------

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from selmix.models.checkpoint import load_checkpoint
 
 __all__ = [
     "PREPROCESSING_CHOICES",
@@ -115,7 +118,6 @@ class Preprocessing:
 
 def _floats(name: str, values: Any, where: str) -> tuple[float, ...]:
     """A per-channel list of finite numbers read from a model's file."""
-    import math
 
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
@@ -270,7 +272,6 @@ def _selmix_meta(path: Path) -> Preprocessing | None:
     """The model's preprocessing a selmix model file recorded (``selmix finetune`` writes
     it into ``model.pt``'s meta), or None: files without it were normalised with the data's
     statistics."""
-    from selmix.checkpoint import load_checkpoint
 
     if not path.is_file() or path.suffix in (".safetensors",):
         return None
