@@ -88,8 +88,10 @@ class RunParts:
     def view(self, frozen: bool) -> ModelView:
         """A view of the model for a phase: cached features when ``frozen``, else the
         full backbone (:func:`selmix.engine.views.make_view`)."""
+        batch_size = self.config.eval_batch_size
+        assert batch_size is not None  # build_run resolves it
         return make_view(
-            frozen, self.split, self.device, self.collective, self.config.eval_batch_size,
+            frozen, self.split, self.device, self.collective, batch_size,
             PairPools(self.train, self.unlabelled), self.config.augment,
             precision=self.config.precision,
         )  # fmt: skip
@@ -204,9 +206,7 @@ def build_run(
     data = data_fingerprint(train, val, unlabelled)
     head_init = None
     if initialise_head_weights and config.head_init != "none":
-        head_init = initialise_head(
-            config.head_init, model, split, train, val, resolved, config
-        )
+        head_init = initialise_head(config.head_init, model, split, train, val, resolved, config)
     return RunParts(
         model=model, split=split, config=config, objective=resolved, train=train, val=val,
         unlabelled=unlabelled, collective=collective, device=device, hardware=hardware,

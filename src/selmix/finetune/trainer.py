@@ -110,9 +110,7 @@ class Trainer:
         trainer._adopt(parts, callback)
         return trainer
 
-    def _adopt(
-        self, parts: RunParts, callback: Callable[[dict[str, Any]], None] | None
-    ) -> None:
+    def _adopt(self, parts: RunParts, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """Takes the built parts and sets up the training state at step 0."""
         self.parts = parts
         self.callback = callback
@@ -556,7 +554,6 @@ def finetune(
     config = FinetuneConfig.resolve(config, overrides)
     logger = None
     if config.tensorboard_dir and (distributed is None or distributed.is_main):
-
         logger = TensorBoardLogger(config.tensorboard_dir)
         callback = _both(callback, logger)
     try:
