@@ -62,6 +62,10 @@ def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, floa
 class Trainer:
     """One SelMix fine-tuning run; :func:`finetune` is the usual entry point.
 
+    The Trainer trains, feeds back and selects; :func:`build_run` prepares the run, and
+    ``Trainer(model, train, val, objective, config, ...)`` is
+    ``Trainer.from_parts(build_run(model, train, val, objective, config, ...), callback)``.
+
     Args:
         model: the classifier to fine-tune (changed in place).
         train: labelled training set.
@@ -77,6 +81,8 @@ class Trainer:
         identity: plain data naming what the run was made from beyond its settings and
             data (e.g. the data source and the starting checkpoint); stored in the
             checkpoints, and a resume must match it (:func:`check_resume`).
+        initialise_head_weights: fit the start head of ``config.head_init``; False when a
+            resume brings the head in its weights.
     """
 
     def __init__(
