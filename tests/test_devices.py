@@ -25,7 +25,7 @@ HOST_DATA = {
     "selmix/core/mixing.py": {"second_labels": "labels and the pairs' indices"},
     "selmix/core/sampler.py": {"__init__": "training labels"},
     "selmix/engine/feedback.py": {"__init__": "training labels"},
-    "selmix/finetune/trainer.py": {"__init__": "training and validation labels"},
+    "selmix/finetune/build.py": {"build_run": "training and validation labels"},
     "selmix/finetune/head_init.py": {"_candidate_heads": "training labels"},
     "selmix/finetune/run_state.py": {"_labels_digest": "labels (their fingerprint)"},
     "selmix/engine/semisup.py": {"fixmatch_pretrain": "the labelled set's labels"},

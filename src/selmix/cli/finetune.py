@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,21 +102,35 @@ def _check_tensorboard(directory: str | None) -> None:
         )
 
 
+@dataclass
+class _CheckedRun:
+    """A ``selmix finetune`` command's inputs, checked before ``--out`` is touched."""
+
+    config: Any  # FinetuneConfig, the objective resolved, the files still unset
+    splits: Any
+    preprocessing: Any
+    model: Any
+    source: Any
+    identity: dict[str, Any]
+    export: list[str]
+
+
 def _cmd_finetune(settings: dict[str, Any]) -> int:
+    run = _check_run(settings)
+    outcome = _staged_run(settings, run)
+    if outcome is not None:  # rank 0 alone prints
+        _print_outcome(run.config, *outcome)
+    return 0
+
+
+def _check_run(settings: dict[str, Any]) -> _CheckedRun:
+    """Every check that must pass before ``--out`` is touched: a bad input never damages
+    an earlier run there. The library checks the labels and the resume again when the run
+    starts, but only once the run's folder is staged."""
     from selmix.core.objectives import get_objective
-    from selmix.engine.collective import SingleProcess, evaluate_across
-    from selmix.engine.distributed import init_from_env
-    from selmix.engine.timing import parse_duration
-    from selmix.finetune import (
-        FinetuneConfig,
-        check_resume,
-        data_fingerprint,
-        finetune,
-        resolve_objective,
-    )
-    from selmix.models.checkpoint import load_checkpoint, save_model
+    from selmix.finetune import FinetuneConfig, check_resume, data_fingerprint, resolve_objective
+    from selmix.models.checkpoint import load_checkpoint
     from selmix.models.export import check_export_formats
-    from selmix.report import format_metrics_table, format_start
 
     # fail fast, before any data is read: every setting, the objective, the files
     config = _config_from(FinetuneConfig, settings, _finetune_options())
@@ -129,10 +144,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     check_out(settings["out"], overwrite=_flag(settings, "overwrite"),
               resume=settings["resume"], keep=[settings["checkpoint"]],
               writer=os.environ.get("RANK", "0") == "0")  # fmt: skip
-
     splits, preprocessing = _load_model_data(settings)
-    # checked here, before --out is touched, as the library will check them again
-    _check_split_labels(splits)
+    _check_split_labels(splits)  # names the missing classes and what to change
     model, _, source = _load_start_model(settings, splits)
     _check_model_takes_data(model, splits.train, str(settings["checkpoint"]))
     # the library resolves the run (head classes, objective parameters) as the API does
@@ -143,33 +156,40 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
     identity = _run_identity(settings, splits)
     if preprocessing.from_model:  # a resumed run must normalise as the run it continues
         identity["preprocessing"] = preprocessing.to_dict()
-    unlabelled = getattr(splits, "unlabelled", None)
-    resume_state = None
     if settings["resume"] is not None:
-        # checked here, before --out is touched, as the library will check it again
-        resume_state = load_checkpoint(settings["resume"])
         check_resume(
-            resume_state, config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-            data=data_fingerprint(splits.train, splits.val, unlabelled), identity=identity,
-            path=settings["resume"],
+            load_checkpoint(settings["resume"]), config,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            data=data_fingerprint(splits.train, splits.val, getattr(splits, "unlabelled", None)),
+            identity=identity, path=settings["resume"],
         )  # fmt: skip
+    return _CheckedRun(config, splits, preprocessing, model, source, identity, export)
+
+
+def _staged_run(settings: dict[str, Any], run: _CheckedRun) -> tuple[Any, ...] | None:
+    """The run in a staging folder, moved into ``--out`` when complete; on rank 0
+    ``(result, before, after, out, exported, export_failure)``, on the others None."""
+    from selmix.engine.collective import SingleProcess, evaluate_across
+    from selmix.engine.distributed import init_from_env
+    from selmix.finetune import finetune
+    from selmix.models.checkpoint import save_model
+
     staging = Staging(settings["out"], keep=[settings["checkpoint"]],
                       write=os.environ.get("RANK", "0") == "0")  # fmt: skip
     work = staging.path
     saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
     state_path = work / "finetune_state.pt"
-    config = config.replace(log_path=str(work / "log.jsonl"), checkpoint_path=str(state_path))
-
+    config = run.config.replace(log_path=str(work / "log.jsonl"), checkpoint_path=str(state_path))
+    splits = run.splits
     # under torchrun every process runs this; rank 0 alone writes files and prints
     context = init_from_env(settings["device"])
     collective = context or SingleProcess()
-    export_failure = None
     try:
         # a resumed run extends the log of the run it continues
         staging.open(settings["resume"], carry=["log.jsonl"])
         if settings["resume"] is None and staging.write:
             _write_yaml(work / "config.yaml", saved_settings)
-        collective.local_batch_size(config.batch_size)  # fail fast on an uneven split
+        collective.local_batch_size(config.batch_size)  # fail fast, before the test set
         device = collective.process_device(config.device)
 
         def test_metrics(trained: Any) -> dict[str, Any]:
@@ -178,44 +198,35 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
             )
             return evaluation.metrics(config.head_classes)
 
-        before = test_metrics(model)
+        before = test_metrics(run.model)
         try:
             result = finetune(
-                model, splits.train, splits.val, config=config, unlabelled=unlabelled,
-                resume=settings["resume"], distributed=context, identity=identity,
+                run.model, splits.train, splits.val, config=config,
+                unlabelled=getattr(splits, "unlabelled", None), resume=settings["resume"],
+                distributed=context, identity=run.identity,
             )  # fmt: skip
         except KeyboardInterrupt:
             hint = _resume_hint(settings, state_path)
             staging.abandon(state_path.name)
             raise _Interrupted(hint) from None
         after = test_metrics(result.model)
-        metrics = {
-            "before": before,
-            "after": after,
-            "select": config.select,
-            "selected_step": result.selected_step,
-            "best_step": result.best_step,
-            "last_step": result.last_step,
-            "start_head": (result.head_init or {}).get("head_init", "model"),
-            "stop_reason": result.stop_reason,
-        }
-        for which, step in (("best", result.best_step), ("last", result.last_step)):
-            same = step == result.selected_step
-            metrics[which] = after if same else test_metrics(result.model_at(which))
-        metrics["verdict"] = _verdict(result.config, before, after)
+        metrics = _test_record(result, before, after, test_metrics)
         if collective.is_main:
             meta = _model_meta(splits, settings, "finetune")
-            meta["preprocessing"] = preprocessing.to_dict()
+            meta["preprocessing"] = run.preprocessing.to_dict()
             save_model(work / "model.pt", result.model, meta)
             _write_json(work / "metrics.json", metrics)
             # wall time of training and feedback per phase, and what `auto` resolved to
             _write_json(work / "timings.json", {**result.timings, "hardware": result.hardware})
             _write_yaml(work / "config.yaml", saved_settings)
             _note_resolved(work / "config.yaml", result.config)
-            _note_preprocessing(work / "config.yaml", preprocessing)
-            exported, export_failure = _export(result.model, work, export, source, staging)
+            _note_preprocessing(work / "config.yaml", run.preprocessing)
+            exported, export_failure = _export(result.model, work, run.export, run.source,
+                                               staging)  # fmt: skip
             out = staging.commit()
             exported = [out / path.name for path in exported]
+            if export_failure is not None:  # the staging folder it names is --out now
+                export_failure = export_failure.replace(str(work), str(out))
         # all ranks leave together: gloo aborts a process whose peer hung up first
         collective.barrier()
     except BaseException:
@@ -226,7 +237,45 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         if context is not None:
             context.destroy()
     if not collective.is_main:
-        return 0
+        return None
+    return result, before, after, out, exported, export_failure
+
+
+def _test_record(
+    result: Any, before: dict[str, Any], after: dict[str, Any], test_metrics: Any
+) -> dict[str, Any]:
+    """metrics.json: the test metrics before and after, of the best and last steps, which
+    step was returned and the verdict."""
+    metrics = {
+        "before": before,
+        "after": after,
+        "select": result.config.select,
+        "selected_step": result.selected_step,
+        "best_step": result.best_step,
+        "last_step": result.last_step,
+        "start_head": (result.head_init or {}).get("head_init", "model"),
+        "stop_reason": result.stop_reason,
+    }
+    for which, step in (("best", result.best_step), ("last", result.last_step)):
+        same = step == result.selected_step
+        metrics[which] = after if same else test_metrics(result.model_at(which))
+    metrics["verdict"] = _verdict(result.config, before, after)
+    return metrics
+
+
+def _print_outcome(
+    config: Any,
+    result: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    out: Path,
+    exported: list[Path],
+    export_failure: str | None,
+) -> None:
+    """What the finished run prints; a failed export is a UsageError (exit 2) after it."""
+    from selmix.engine.timing import parse_duration
+    from selmix.report import format_metrics_table, format_start
+
     print(f"objective: {config.objective} ({config.steps} steps, policy {config.policy})")
     selection = f"{config.select}; best {result.best_step}, last {result.last_step}"
     if result.stop_reason == "max_time":
@@ -246,10 +295,8 @@ def _cmd_finetune(settings: dict[str, Any]) -> int:
         # exit 2: the run is complete, the export is what the user must fix and redo
         raise UsageError(
             f"the run finished and is in {str(out)!r} (model.pt, metrics.json), but "
-            # the staging folder it names is --out now
-            f"`export` failed, so none was written: {export_failure.replace(str(work), str(out))}"
+            f"`export` failed, so none was written: {export_failure}"
         )
-    return 0
 
 
 def _export(

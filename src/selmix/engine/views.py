@@ -154,6 +154,34 @@ class ModelView(Protocol):
         """
         ...
 
+    def mixed_features(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+    ) -> torch.Tensor:
+        """The head's input of the mixed pairs, ``lam * g(x_first) + (1 - lam) * g(x_second)``,
+        as constants (no autograd): float32 Tensor[B, d] on :attr:`device` (arguments as in
+        :meth:`mixed_logits`). Only a view whose backbone does not train has them
+        (``trains_backbone`` False); the others raise ValueError."""
+        ...
+
+    def mixed_input_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+        operation: Callable[..., Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the pairs mixed in input space by ``operation`` (a
+        :class:`selmix.core.mixing.MixupOperation`) and its weights of label i (arguments as
+        in :meth:`mixed_logits`). Only a view that runs the backbone on every batch has them
+        (``trains_backbone`` True); the others raise ValueError."""
+        ...
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the optimiser of the trainable parameters."""
         ...
@@ -338,6 +366,21 @@ class FrozenFeatures(_PairMixing):
         )
         return self._blend(first_rows, second_rows, lam)
 
+    def mixed_input_logits(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+        generator: torch.Generator,
+        operation: Callable[..., Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """See :meth:`ModelView.mixed_input_logits`: cached features have no input to mix."""
+        raise ValueError(
+            "a frozen-features view mixes cached features; mixing in input space needs the "
+            "backbone's forward pass (FullBackbone)"
+        )
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         # the head trains outside DDP: same start everywhere, gradients averaged per step
         self.collective.broadcast_module(self.split.head)
@@ -423,6 +466,20 @@ class FullBackbone(_PairMixing):
         with autocast(self.precision, self.device):
             return self.train_module(first, second, lam)
 
+    def mixed_features(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        from_unlabelled: torch.Tensor,
+        lam: torch.Tensor,
+    ) -> torch.Tensor:
+        """See :meth:`ModelView.mixed_features`: a training backbone's features are no
+        constants."""
+        raise ValueError(
+            "the full-backbone view trains the backbone: its features are not constants "
+            "(mixed_features is the frozen-features view's)"
+        )
+
     def mixed_input_logits(
         self,
         first: torch.Tensor,
@@ -465,7 +522,7 @@ def make_view(
     pools: PairPools | None = None,
     augment: bool = False,
     precision: str = "fp32",
-) -> FrozenFeatures | FullBackbone:
+) -> ModelView:
     """:class:`FrozenFeatures` when ``frozen_backbone``, else :class:`FullBackbone`
     (``precision``: a resolved precision, see each view)."""
     if frozen_backbone:

@@ -9,8 +9,12 @@ and take an SGD step on the cross-entropy with label i. Batch norm stays in eval
 With the backbone fine-tuned, a head-first phase trains the head on cached features before
 the whole model trains (``head_first_steps``; docs/DESIGN.md, "Robust defaults").
 
-The loop is a :class:`Trainer` (:mod:`selmix.finetune.trainer`) composed of small parts that
-are tested alone; each owns its state and none knows the Trainer:
+A run is built, then run: :func:`selmix.finetune.build.build_run` prepares it (the split,
+the checked data sets, the resolved objective and settings, the hardware choice, the
+generator and sampler, the start head) as :class:`selmix.finetune.build.RunParts`, and the
+loop is a :class:`Trainer` (:mod:`selmix.finetune.trainer`) that takes them and trains,
+feeds back and selects. It is composed of small parts that are tested alone; each owns its
+state and none knows the Trainer:
 
 * :mod:`selmix.finetune.result`: what a run returns (:class:`FinetuneResult`);
 * :mod:`selmix.finetune.best`: the best feedback step so far, its weights and ``patience``;

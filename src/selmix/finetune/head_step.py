@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix.engine.collective import Collective
-from selmix.engine.views import FrozenFeatures
+from selmix.engine.views import ModelView
 
 
 class _LinearHeadStep:
@@ -55,12 +55,12 @@ class _LinearHeadStep:
         return float(loss)
 
 
-def _closed_form_head_step(view: Any, collective: Collective) -> _LinearHeadStep | None:
-    """The closed-form head step where it is exact: a frozen backbone and a plain
-    ``nn.Linear`` head (no subclass, no hooks, trainable weights)."""
-
+def _closed_form_head_step(view: ModelView, collective: Collective) -> _LinearHeadStep | None:
+    """The closed-form head step where it is exact: a view whose backbone does not train
+    (its :meth:`ModelView.mixed_features` are constants) and a plain ``nn.Linear`` head (no
+    subclass, no hooks, trainable weights)."""
     head = view.split.head
-    if not isinstance(view, FrozenFeatures) or type(head) is not nn.Linear:
+    if view.trains_backbone or type(head) is not nn.Linear:
         return None
     if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks:
         return None

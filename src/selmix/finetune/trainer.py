@@ -13,34 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._progress import progress_bar
-from selmix._validation import check_labels
-from selmix.core.estimates import warn_if_small_validation
 from selmix.core.metrics import all_metrics
 from selmix.core.mixing import get_mixup, mixed_cross_entropy, second_labels
-from selmix.core.objectives import (
-    Objective,
-)
+from selmix.core.objectives import Objective
 from selmix.core.policy import effective_pairs, policy_entropy
 from selmix.core.sampler import PairSampler
 from selmix.core.selection import ObjectiveScore, objective_score, selection_tolerance
 from selmix.devices import state_to_host, to_host
-from selmix.engine.collective import Collective, SingleProcess
-from selmix.engine.config import FinetuneConfig, plain_data, resolve_objective
-from selmix.engine.evaluate import Evaluation, as_batch_dataset
+from selmix.engine.collective import Collective
+from selmix.engine.config import FinetuneConfig, plain_data
+from selmix.engine.evaluate import Evaluation
 from selmix.engine.feedback import feedback_step
-from selmix.engine.hardware import resolve_for_run
 from selmix.engine.loggers import TensorBoardLogger
-from selmix.engine.memory import resolve_eval_batch_size
 from selmix.engine.optim import split_sgd_cosine
-from selmix.engine.precision import (
-    configure_threads,
-    grad_scaler,
-    to_channels_last,
-)
+from selmix.engine.precision import grad_scaler
 from selmix.engine.timing import PhaseTimings, backbone_feedback_every, parse_duration
-from selmix.engine.views import FrozenFeatures, FullBackbone, PairPools, make_view
+from selmix.engine.views import ModelView
 from selmix.finetune.best import _BestSoFar
-from selmix.finetune.head_init import initialise_head
+from selmix.finetune.build import RunParts, build_run
 from selmix.finetune.head_step import _closed_form_head_step, _scaled_step
 from selmix.finetune.monitor import (
     _append_json_line,
@@ -51,32 +41,14 @@ from selmix.finetune.monitor import (
     _rewrite_log,
 )
 from selmix.finetune.result import FinetuneResult
-from selmix.finetune.run_state import _weights_are_finite, check_resume, data_fingerprint
-from selmix.models import split_model
+from selmix.finetune.run_state import _weights_are_finite, check_resume
+from selmix.models import ModelSplit
 from selmix.models.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-
-
-def _check_datasets(train: Any, val: Any, num_classes: int) -> None:
-    """Labels in range, every class in ``val``, declared class counts that match the head.
-
-    The missing classes are named first: a validation set that lacks its last class
-    infers one class fewer, and "no samples of class(es) [9]" says what is wrong where
-    "num_classes = 9 but the head has 10" does not.
-    """
-    check_labels("train", train.labels, num_classes)
-    check_labels("val", val.labels, num_classes, every_class=True)
-    for name, dataset in (("train", train), ("val", val)):
-        declared = getattr(dataset, "num_classes", None)
-        if declared is not None and declared != num_classes:
-            raise ValueError(
-                f"`{name}` has num_classes = {declared} but the model's head has "
-                f"{num_classes} outputs"
-            )
 
 
 def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, float]:
@@ -89,6 +61,10 @@ def _phase_schedule(config: FinetuneConfig, head_phase: bool) -> tuple[int, floa
 
 class Trainer:
     """One SelMix fine-tuning run; :func:`finetune` is the usual entry point.
+
+    The Trainer trains, feeds back and selects; :func:`build_run` prepares the run, and
+    ``Trainer(model, train, val, objective, config, ...)`` is
+    ``Trainer.from_parts(build_run(model, train, val, objective, config, ...), callback)``.
 
     Args:
         model: the classifier to fine-tune (changed in place).
@@ -105,6 +81,8 @@ class Trainer:
         identity: plain data naming what the run was made from beyond its settings and
             data (e.g. the data source and the starting checkpoint); stored in the
             checkpoints, and a resume must match it (:func:`check_resume`).
+        initialise_head_weights: fit the start head of ``config.head_init``; False when a
+            resume brings the head in its weights.
     """
 
     def __init__(
@@ -122,87 +100,104 @@ class Trainer:
         identity: dict[str, Any] | None = None,
         initialise_head_weights: bool = True,
     ) -> None:
+        parts = build_run(
+            model, train, val, objective, config, unlabelled=unlabelled, features=features,
+            head=head, distributed=distributed, identity=identity,
+            initialise_head_weights=initialise_head_weights,
+        )  # fmt: skip
+        self._adopt(parts, callback)
 
-        self.collective = distributed or SingleProcess()
-        self.split = split_model(model, features=features, head=head)
-        self.num_classes = self.split.head.out_features
-        self.train = as_batch_dataset(train, "train")
-        self.val = as_batch_dataset(val, "val")
-        self.unlabelled = None if unlabelled is None else as_batch_dataset(unlabelled, "unlabelled")
-        _check_datasets(self.train, self.val, self.num_classes)
-        labels = torch.as_tensor(self.train.labels).long().cpu()
-        val_labels = torch.as_tensor(self.val.labels).long().cpu()
-        config, self.objective = resolve_objective(
-            config, objective, labels, self.num_classes, val_labels
-        )
-        val_counts = torch.bincount(val_labels, minlength=self.num_classes)
-        if self.collective.is_main:
-            warn_if_small_validation(val_counts, self.objective, config.shrinkage)
-        self.device = self.collective.process_device(config.device)
-        configure_threads(config.threads)
-        self.model = model.to(self.device)
-        # "auto" precision and layout are measured here (selmix.engine.hardware); the resolved
-        # values are recorded: "auto" resumes only where it resolves alike
-        self.hardware = resolve_for_run(
-            self.model, self.train, self.device, config.precision, config.channels_last,
-            batch_size=self.collective.local_batch_size(config.batch_size),
-            train=not config.frozen_backbone, processes=self.collective.world_size,
-            is_main=self.collective.is_main,
-        )  # fmt: skip
-        self.precision = self.hardware.precision
-        self.config = config = config.replace(
-            device=str(self.device), precision=self.precision,
-            channels_last=self.hardware.channels_last,
-        )  # fmt: skip
-        # the evaluation batch sized from the memory unless set; batches that cannot fit
-        # fail here, in one line naming the setting, not in the kernel's OOM killer
-        self.eval_batch_size = resolve_eval_batch_size(
-            self.split.features, self.train, self.device, self.precision,
-            config.eval_batch_size,
-            None if config.frozen_backbone else self.collective.local_batch_size(
-                config.batch_size
-            ),
-        )  # fmt: skip
-        self.config = config = config.replace(eval_batch_size=self.eval_batch_size)
-        if config.channels_last:
-            to_channels_last(self.model)
-        if config.compile:
-            # in place: the parameters and state_dict keys stay those of the model
-            self.split.features.compile()
+    @classmethod
+    def from_parts(
+        cls, parts: RunParts, callback: Callable[[dict[str, Any]], None] | None = None
+    ) -> Trainer:
+        """The Trainer of a run :func:`build_run` prepared (``callback`` as above)."""
+        trainer = cls.__new__(cls)
+        trainer._adopt(parts, callback)
+        return trainer
+
+    def _adopt(self, parts: RunParts, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Takes the built parts and sets up the training state at step 0."""
+        self.parts = parts
         self.callback = callback
-        # distinct, reproducible streams per rank; rank 0 matches a single-process run
-        self.generator = torch.Generator().manual_seed(
-            config.seed + 1_000_003 * self.collective.rank
-        )
-        self.sampler = PairSampler(labels, None, self.num_classes, self.generator)
         # None: feature mixup, done by the views (selmix.core.mixing)
-        self.mixup_operation = get_mixup(config.mixup)
+        self.mixup_operation = get_mixup(parts.config.mixup)
         self.pseudo_labels: torch.Tensor | None = None
-        self.distribution = torch.full((self.num_classes,) * 2, 1.0 / self.num_classes**2)
+        num_classes = parts.num_classes
+        self.distribution = torch.full((num_classes,) * 2, 1.0 / num_classes**2)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.gains: list[tuple[int, torch.Tensor]] = []
         # steps tied on the metric within its noise: the one with the highest mean recall
         self.best = _BestSoFar(
-            selection_tolerance(self.objective, val_counts, config.select_tolerance)
+            selection_tolerance(parts.objective, parts.val_counts, parts.config.select_tolerance)
         )
-        self.losses = _LossMonitor(self.num_classes, self.collective.is_main)
-        self.identity = None if identity is None else plain_data(dict(identity))
-        self.data = data_fingerprint(self.train, self.val, self.unlabelled)
+        self.losses = _LossMonitor(num_classes, parts.collective.is_main)
         # (path, step) of the last checkpoint this run wrote with finite weights
         self.good_checkpoint: tuple[str, int] | None = None
         self.timings = PhaseTimings()
-        self.backbone_feedback_every = config.backbone_feedback_every or backbone_feedback_every(
+        self._start_phase(head_phase=parts.config.head_first > 0)
+
+    # -- the built parts (RunParts), read-only --------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
+
+    @property
+    def split(self) -> ModelSplit:
+        return self.parts.split
+
+    @property
+    def config(self) -> FinetuneConfig:
+        return self.parts.config
+
+    @property
+    def objective(self) -> Objective:
+        return self.parts.objective
+
+    @property
+    def train(self) -> Any:
+        return self.parts.train
+
+    @property
+    def val(self) -> Any:
+        return self.parts.val
+
+    @property
+    def unlabelled(self) -> Any:
+        return self.parts.unlabelled
+
+    @property
+    def collective(self) -> Collective:
+        return self.parts.collective
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.parts.generator
+
+    @property
+    def sampler(self) -> PairSampler:
+        return self.parts.sampler
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.parts.data
+
+    @property
+    def num_classes(self) -> int:
+        return self.parts.num_classes
+
+    @property
+    def backbone_feedback_every(self) -> int:
+        """Steps between feedback steps in the whole-model phase."""
+        config = self.config
+        return config.backbone_feedback_every or backbone_feedback_every(
             config.feedback_every, len(self.val), config.batch_size
         )
-        # the head SelMix starts from (head_init); a resumed run has it in its weights
-        self._head_init: dict[str, Any] | None = None
-        if initialise_head_weights and config.head_init != "none":
-            self._head_init = initialise_head(
-                config.head_init, self.model, self.split, self.train, self.val, self.objective,
-                config,
-            )  # fmt: skip
-        self._start_phase(head_phase=config.head_first > 0)
 
     def _start_phase(self, head_phase: bool) -> None:
         """The view, optimiser and schedule of a phase of the run.
@@ -217,10 +212,7 @@ class Trainer:
         config = self.config
         frozen = config.frozen_backbone or head_phase
         self.head_phase = head_phase
-        self.view = make_view(
-            frozen, self.split, self.device, self.collective, self.eval_batch_size,
-            PairPools(self.train, self.unlabelled), config.augment, precision=self.precision,
-        )  # fmt: skip
+        self.view: ModelView = self.parts.view(frozen)
         steps, lr_head = _phase_schedule(config, head_phase)
         self.optimizer, self.scheduler = split_sgd_cosine(
             self.split, steps, lr_head, config.backbone_lr if self.view.trains_backbone else None,
@@ -228,7 +220,7 @@ class Trainer:
         )  # fmt: skip
         self.view.attach(self.optimizer)
         # loss scaling for fp16 (a pass-through otherwise); its state is checkpointed
-        self.scaler = grad_scaler(self.precision, self.device)
+        self.scaler = grad_scaler(config.precision, self.device)
         self._head_step = _closed_form_head_step(self.view, self.collective)
 
     # -- feedback -----------------------------------------------------------------------
@@ -268,8 +260,8 @@ class Trainer:
         self.best.offer(score, self.step, self.model)
         value, gain, self.distribution = result.value, result.gain, result.distribution
         record = self._feedback_record(evaluation, score, value, gain)
-        if self._head_init is not None and not self.history:
-            record["head_init"] = self._head_init
+        if self.parts.head_init is not None and not self.history:
+            record["head_init"] = self.parts.head_init
         if self.unlabelled is not None:
             record.update(self._refresh_pseudo_labels())
         record["feedback_seconds"] = time.perf_counter() - started
@@ -328,14 +320,12 @@ class Trainer:
         lam = lam.to(self.device)[:, None]
         labels = labels.to(self.device)
         if self._head_step is not None:
-            assert isinstance(self.view, FrozenFeatures)  # the closed-form step's condition
             mixed = self.view.mixed_features(first, second, from_second, lam)
             loss_value = self._head_step.loss_and_gradients(mixed, labels)
             _check_finite(loss_value, self.step, self.good_checkpoint)
             self.optimizer.step()
         elif self.mixup_operation is not None and self.view.trains_backbone:
             # an input-space mix (selmix.core.mixing); the head-first phase mixes features
-            assert isinstance(self.view, FullBackbone)  # the view that trains the backbone
             logits, weight = self.view.mixed_input_logits(
                 first, second, from_second, lam, self.generator, self.mixup_operation
             )
@@ -429,7 +419,7 @@ class Trainer:
             self.gains, selected_step=selected, best_step=best.step, last_step=self.step,
             best_state=best.weights, last_state=last,
             head_init=self.history[0].get("head_init") if self.history else None,
-            timings=self.timings.to_dict(), hardware=self.hardware.to_dict(),
+            timings=self.timings.to_dict(), hardware=self.parts.hardware.to_dict(),
             stop_reason=getattr(self, "stop_reason", None),
         )  # fmt: skip
 
@@ -470,7 +460,7 @@ class Trainer:
             "rng": capture_rng_state(self.generator),
             "world_size": self.collective.world_size,
             "data": self.data,
-            "identity": self.identity,
+            "identity": self.parts.identity,
             **self.losses.state_dict(),  # "loss", "start_loss", "diverged_step"
         }
 
@@ -479,7 +469,7 @@ class Trainer:
         identity must agree: :func:`check_resume`)."""
         check_resume(
             state, self.config, world_size=self.collective.world_size, data=self.data,
-            identity=self.identity,
+            identity=self.parts.identity,
         )  # fmt: skip
         if self.head_phase and not state.get("head_phase", False):
             self._start_phase(head_phase=False)  # the optimiser state is the backbone phase's
@@ -570,7 +560,6 @@ def finetune(
     config = FinetuneConfig.resolve(config, overrides)
     logger = None
     if config.tensorboard_dir and (distributed is None or distributed.is_main):
-
         logger = TensorBoardLogger(config.tensorboard_dir)
         callback = _both(callback, logger)
     try:
