@@ -454,7 +454,7 @@ def resolve_objective(
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
         objective.head_classes = list(head_classes)
     if getattr(fields, "uniform_mix", 0.0) is None:
-        mix = MIN_RECALL_UNIFORM_MIX if isinstance(objective, MinRecall) else 0.0
+        mix = MIN_RECALL_UNIFORM_MIX if objective.worst_case else 0.0
         config = config.replace(uniform_mix=mix)
         fields = config
     noise = getattr(fields, "multiplier_rate", "objective") == "noise"
