@@ -19,6 +19,7 @@ from selmix._config import (
     Optional,
     Real,
     Seed,
+    progress_setting,
     setting,
 )
 from selmix._validation import check_head_classes
@@ -297,11 +298,7 @@ class FinetuneConfig(ConfigMixin):
         help="steps between resume checkpoints (OUT/finetune_state.pt, also written at the "
         "end); null (--set checkpoint_every=null): only at the end",
     )  # fmt: skip
-    progress: bool = setting(
-        True, check=Flag(), flag=True,
-        help="show progress (a bar on a terminal, a plain line every tenth of the run otherwise; "
-        "TQDM_DISABLE=1 also turns it off)",
-    )  # fmt: skip
+    progress: bool = progress_setting()
     tensorboard_dir: str | None = setting(
         None, flag=True, key="tensorboard", metavar="DIR",
         help="also log every feedback step (metrics, multipliers, the gain matrix as an "
