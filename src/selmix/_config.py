@@ -51,7 +51,6 @@ __all__ = [
     "Real",
     "Seed",
     "Setting",
-    "progress_setting",
     "setting",
     "settings_of",
 ]
@@ -230,16 +229,6 @@ def setting(
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def progress_setting(**metadata: Any) -> Any:
-    """The ``progress`` field of a run configuration: on by default, a command-line flag
-    (``metadata`` adds ``run``, ``extra``)."""
-    return setting(
-        True, check=Flag(), flag=True, **metadata,
-        help="show progress (a bar on a terminal, a plain line every tenth of the run "
-        "otherwise; TQDM_DISABLE=1 also turns it off)",
-    )  # fmt: skip
 
 
 _ATTRIBUTE = re.compile(r"^ {8}([a-z_][a-z0-9_, ]*):\s*(.*)$")

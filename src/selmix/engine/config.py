@@ -19,9 +19,9 @@ from selmix._config import (
     Optional,
     Real,
     Seed,
-    progress_setting,
     setting,
 )
+from selmix._progress import progress_setting
 from selmix._validation import check_head_classes
 from selmix.core.estimates import SHRINKAGE
 from selmix.core.metrics import infer_head_classes

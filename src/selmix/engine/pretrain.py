@@ -30,18 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selmix._config import (
-    Choice,
-    ConfigMixin,
-    Flag,
-    Int,
-    Optional,
-    Real,
-    Seed,
-    progress_setting,
-    setting,
-)
-from selmix._progress import progress_bar
+from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
+from selmix._progress import progress_bar, progress_setting
 from selmix.devices import to_host
 from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.engine.hardware import resolve_for_run
