@@ -418,7 +418,8 @@ def load_data(
     ``imbalance`` (>= 100) and ``max_per_class`` (<= 1500; default 1500) subsample its
     training set and ``val_per_class`` (<= 100) its validation set. The formats of
     :mod:`selmix.data.formats` add ``"features:FILE"`` (embeddings), ``"cifar100:DIR"``,
-    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``.
+    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``. Every ``"<prefix>:PATH"`` spec is looked up in
+    :data:`SOURCES`.
 
     The validation set takes ``val_per_class`` samples of every class from the official
     training split (default 500 for Fashion-MNIST and CIFAR-10, 10% of the smallest class
