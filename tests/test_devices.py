@@ -28,7 +28,6 @@ HOST_DATA = {
     "selmix/finetune/build.py": {"build_run": "training and validation labels"},
     "selmix/finetune/head_init.py": {"_candidate_heads": "training labels"},
     "selmix/finetune/run_state.py": {"_labels_digest": "labels (their fingerprint)"},
-    "selmix/engine/semisup.py": {"fixmatch_pretrain": "the labelled set's labels"},
     "selmix/engine/distributed.py": {"__init__": "shard indices", "_positions": "indices"},
     "selmix/baselines/crt.py": {"label_aware_smoothing": "a user's class counts"},
     "selmix/baselines/posthoc.py": {"class_log_prior": "a user's prior"},

@@ -5,7 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selmix.core.estimates import empirical_bayes_strength, shrinkage_prior, shrunk_confusion
+from selmix.core import objectives
+from selmix.core.estimates import (
+    SmallValidationWarning,
+    empirical_bayes_strength,
+    per_class_objective,
+    pools_classes,
+    shrinkage_prior,
+    shrunk_confusion,
+    warn_if_small_validation,
+)
+from selmix.core.objectives import (
+    Objective,
+    as_objective,
+    get_objective,
+    list_objectives,
+    register_objective,
+)
+from selmix.core.policy import MIN_RECALL_UNIFORM_MIX
 from selmix.engine.feedback import SelMixFeedback, smoothed_confusion
 
 
@@ -102,3 +119,61 @@ def test_errors_name_the_argument():
         shrunk_confusion(torch.tensor([[1.0, 0], [0, 0]]))
     with pytest.raises(ValueError, match="shrinkage"):
         SelMixFeedback("min_recall", torch.arange(4) % 2, shrinkage="always")
+
+
+# What each built-in declares: (per_class, worst_case), the behaviour before the
+# attributes existed (pooled with shrinkage="auto"; uniform mix by default).
+BUILT_IN_KINDS = {
+    "mean_recall": (False, False),
+    "g_mean": (True, False),
+    "h_mean": (True, False),
+    "min_recall": (True, True),
+    "min_head_tail_recall": (False, True),
+    "mean_recall_min_coverage": (False, False),
+    "mean_recall_min_head_tail_coverage": (False, False),
+    "h_mean_min_coverage": (True, False),
+    "h_mean_min_head_tail_coverage": (False, False),
+}
+
+
+def test_every_registered_objective_has_a_declared_kind():
+    assert sorted(BUILT_IN_KINDS) == list_objectives()
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_KINDS))
+def test_built_in_objectives_declare_their_kind(name):
+    per_class, worst_case = BUILT_IN_KINDS[name]
+    objective = get_objective(name)
+    assert (objective.per_class, objective.worst_case) == (per_class, worst_case)
+    assert per_class_objective(objective) is per_class
+    assert pools_classes("auto", objective) is per_class
+    assert pools_classes("on", objective) and not pools_classes("none", objective)
+    mix = SelMixFeedback(name, torch.arange(4) % 2).uniform_mix
+    assert mix == (MIN_RECALL_UNIFORM_MIX if worst_case else 0.0)
+
+
+class _WorstRecall(Objective):
+    """A user's own worst-class objective: a soft minimum of the recalls."""
+
+    name = "soft_worst_recall"
+    per_class = True
+    worst_case = True
+
+    def value(self, prepared: torch.Tensor) -> torch.Tensor:
+        recall = prepared.diagonal() / prepared.sum(dim=1)
+        return -torch.logsumexp(-20 * recall, dim=0) / 20
+
+
+def test_a_registered_user_objective_is_pooled_as_it_declares(monkeypatch):
+    monkeypatch.setattr(objectives, "_REGISTRY", dict(objectives._REGISTRY))
+    register_objective("soft_worst_recall")(_WorstRecall)
+    declared = get_objective("soft_worst_recall")
+    built_in = get_objective("min_recall")
+    assert pools_classes("auto", declared) and pools_classes("auto", built_in)
+    with pytest.warns(SmallValidationWarning, match="soft_worst_recall"):
+        assert warn_if_small_validation(torch.full((3,), 10), declared, "auto")
+    assert SelMixFeedback(declared, torch.arange(4) % 2).uniform_mix == MIN_RECALL_UNIFORM_MIX
+    # a plain function of C declares nothing: neither pooled nor mixed
+    function = as_objective(lambda c: c.diagonal().sum())
+    assert not function.per_class and not pools_classes("auto", function)
+    assert SelMixFeedback(function, torch.arange(4) % 2).uniform_mix == 0.0

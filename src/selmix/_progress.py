@@ -16,7 +16,9 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-__all__ = ["progress_bar", "progress_enabled"]
+from selmix._config import Flag, setting
+
+__all__ = ["progress_bar", "progress_enabled", "progress_setting"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -141,3 +143,13 @@ def progress_bar(
         return tqdm(iterable, total=total, desc=desc, file=stream, initial=initial, **tqdm_kwargs)
     quiet = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in _TRUE
     return _PlainProgress(total, desc, None if quiet else every_percent, stream, iterable, initial)
+
+
+def progress_setting(**metadata: Any) -> Any:
+    """The ``progress`` field of a run configuration: on by default, a command-line flag
+    (``metadata`` adds ``run``, ``extra``)."""
+    return setting(
+        True, check=Flag(), flag=True, **metadata,
+        help="show progress (a bar on a terminal, a plain line every tenth of the run "
+        "otherwise; TQDM_DISABLE=1 also turns it off)",
+    )  # fmt: skip

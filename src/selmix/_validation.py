@@ -55,6 +55,20 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
+def height_width(value: Any) -> tuple[int, int] | None:
+    """``(H, W)`` from an int side (``(side, side)``) or an ``(H, W)`` pair of ints, each
+    >= 1; None for anything else (the caller's error says where the value came from)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, value
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
 def check_in_range(name: str, value: float, low: float, high: float) -> float:
     """Checks ``low <= value <= high`` for a finite number."""
     value = check_positive(name, value, strict=False) if low >= 0 else check_finite(name, value)

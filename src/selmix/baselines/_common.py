@@ -7,17 +7,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from selmix._validation import (
-    check_labels,
-)
+from selmix._validation import check_bool, check_labels
 from selmix.core.objectives import Objective
 from selmix.engine.config import FinetuneConfig
-from selmix.engine.evaluate import as_batch_dataset
+from selmix.engine.evaluate import as_batch_dataset, resolve_device
+from selmix.engine.precision import resolve_precision, to_channels_last
 from selmix.engine.views import FrozenFeatures
 from selmix.models import ModelSplit, split_model
 
@@ -44,19 +43,37 @@ def _copied_split(
     return model, split
 
 
+class _TrainingCopy(NamedTuple):
+    """What :func:`_copy_for_training` gives a baseline that trains a copy of the model."""
+
+    model: nn.Module
+    split: ModelSplit
+    train: Any
+    labels: torch.Tensor
+    device: torch.device
+    precision: str
+
+
 def _copy_for_training(
     model: nn.Module,
     train: Any,
     features: nn.Module | None,
     head: nn.Linear | None,
-    device: torch.device,
-) -> tuple[nn.Module, ModelSplit, Any, torch.Tensor]:
-    """The copied model and split (:func:`_copied_split`), the training set and its checked
+    device: str | torch.device,
+    precision: str,
+    channels_last: bool,
+) -> _TrainingCopy:
+    """The resolved device and precision, the copied model and split (:func:`_copied_split`,
+    in the channels-last layout with ``channels_last``), the training set and its checked
     labels (every class present)."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     copied, split = _copied_split(model, features, head, device)
     train = as_batch_dataset(train, "train")
     labels = check_labels("train", train.labels, split.head.out_features, every_class=True)
-    return copied, split, train, labels
+    if check_bool("channels_last", channels_last):
+        to_channels_last(copied)
+    return _TrainingCopy(copied, split, train, labels, device, precision)
 
 
 def _check_finite(loss: torch.Tensor, where: str, rates: str) -> float:

@@ -30,12 +30,8 @@ from selmix.baselines._common import (
     _sgd_step,
 )
 from selmix.core.sampler import ClassPools
-from selmix.engine.evaluate import as_batch_dataset, resolve_device
+from selmix.engine.evaluate import as_batch_dataset
 from selmix.engine.optim import split_sgd_cosine as sgd_cosine
-from selmix.engine.precision import (
-    resolve_precision,
-    to_channels_last,
-)
 
 
 class ClassBalancedSampler:
@@ -224,11 +220,9 @@ def classifier_retraining(
     check_positive("weight_decay", weight_decay, strict=False)
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     generator = as_generator(seed)
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    retrained, split, train, labels = _copy_for_training(model, train, features, head, device)
-    if check_bool("channels_last", channels_last):
-        to_channels_last(retrained)
+    retrained, split, train, labels, device, precision = _copy_for_training(
+        model, train, features, head, device, precision, channels_last
+    )
     num_classes = split.head.out_features
     if val is not None:
         val = as_batch_dataset(val, "val")

@@ -24,13 +24,10 @@ from selmix.baselines._common import (
     _frozen_training_features,
     _sgd_step,
 )
-from selmix.engine.evaluate import resolve_device
 from selmix.engine.optim import split_sgd_cosine as sgd_cosine
 from selmix.engine.precision import (
     autocast,
     grad_scaler,
-    resolve_precision,
-    to_channels_last,
 )
 from selmix.engine.pretrain import logit_adjustment
 
@@ -104,11 +101,9 @@ def logit_adjusted_finetune(
     for name, flag in (("frozen_backbone", frozen_backbone), ("augment", augment)):
         check_bool(name, flag)
     generator = as_generator(seed)
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    tuned, split, train, labels = _copy_for_training(model, train, features, head, device)
-    if check_bool("channels_last", channels_last):
-        to_channels_last(tuned)
+    tuned, split, train, labels, device, precision = _copy_for_training(
+        model, train, features, head, device, precision, channels_last
+    )
     scaler = grad_scaler(precision, device)
     num_classes = split.head.out_features
     adjustment = logit_adjustment(labels, num_classes, tau).to(device)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from selmix._validation import check_confusion
-from selmix.core.objectives import CoverageConstrained, GMean, HMean, MinHeadTailRecall, MinRecall
 
 __all__ = [
     "SHRINKAGE",
@@ -49,12 +48,10 @@ class SmallValidationWarning(UserWarning):
 def per_class_objective(objective: Any) -> bool:
     """Whether an objective turns on each class's own recall (min recall, H-mean, G-mean,
     H-mean s.t. per-class coverage), rather than on sums over many classes (mean recall,
-    coverage with mean recall, head/tail groups, a user's function)."""
-    if isinstance(objective, CoverageConstrained):
-        return objective.metric == "h_mean" and not objective.head_tail
-    if isinstance(objective, MinHeadTailRecall):
-        return False
-    return isinstance(objective, MinRecall | HMean | GMean)
+    coverage with mean recall, head/tail groups, a user's function): the objective's own
+    ``per_class`` attribute (:class:`~selmix.core.objectives.Objective`), False for anything
+    that declares none."""
+    return bool(getattr(objective, "per_class", False))
 
 
 def pools_classes(shrinkage: str, objective: Any) -> bool:

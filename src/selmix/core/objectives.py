@@ -63,7 +63,24 @@ class Objective:
     """Base class: validation of C, lazy K, multipliers and their state.
 
     Subclasses implement :meth:`value` (a differentiable function of the prepared matrix)
-    and, if they have multipliers, :meth:`_new_multipliers`.
+    and, if they have multipliers, :meth:`_new_multipliers`. Two class attributes say
+    what kind of objective it is, for the parts of a run that treat kinds differently:
+
+    * ``per_class``: psi turns on each class's own recall or coverage (min recall, G-mean,
+      H-mean, H-mean subject to per-class coverage), rather than on sums over many classes
+      (mean recall, head/tail groups). With ``shrinkage="auto"`` a run pools the classes'
+      noisy validation estimates for such an objective
+      (:func:`selmix.core.estimates.pools_classes`). Default False, as for a user's
+      callable.
+    * ``worst_case``: psi is the worst of the classes (or groups), steered by softmax
+      multipliers (min recall, min head/tail recall). A run then mixes a uniform share of
+      pairs in by default (``uniform_mix=None``). Default False.
+
+    Attributes:
+        name: the name in logs and ``state_dict``.
+        has_multipliers: whether :meth:`update` refreshes Lagrange multipliers.
+        per_class: see above.
+        worst_case: see above.
 
     Args:
         head_classes: head classes for head/tail objectives (see :func:`selmix.core.head_mask`).
@@ -71,6 +88,8 @@ class Objective:
 
     name = "objective"
     has_multipliers = False
+    per_class = False
+    worst_case = False
 
     def __init__(self, head_classes: torch.Tensor | list[int] | None = None) -> None:
         self.head_classes = head_classes
@@ -210,6 +229,7 @@ class GMean(Objective):
     """Geometric mean of recalls."""
 
     name = "g_mean"
+    per_class = True
 
     def value(self, prepared: torch.Tensor) -> torch.Tensor:
         return _recall(prepared).log().mean().exp()
@@ -219,6 +239,7 @@ class HMean(Objective):
     """Harmonic mean of recalls."""
 
     name = "h_mean"
+    per_class = True
 
     def value(self, prepared: torch.Tensor) -> torch.Tensor:
         recall = _recall(prepared)
@@ -261,6 +282,8 @@ class MinRecall(Objective):
 
     name = "min_recall"
     has_multipliers = True
+    per_class = True
+    worst_case = True
 
     def __init__(self, rate: float = 50.0, head_classes: Any = None, floor: float = 0.0) -> None:
         super().__init__(head_classes)
@@ -300,6 +323,7 @@ class MinHeadTailRecall(MinRecall):
     """The smaller of head and tail mean recall, through one multiplier per group."""
 
     name = "min_head_tail_recall"
+    per_class = False  # two group means, each over many classes
 
     def __init__(self, rate: float = 50.0, head_classes: Any = None, floor: float = 0.0) -> None:
         super().__init__(rate, head_classes, floor)
@@ -376,6 +400,9 @@ class CoverageConstrained(Objective):
         self.tau = check_positive("tau", tau)
         suffix = "min_head_tail_coverage" if self.head_tail else "min_coverage"
         self.name = f"{metric}_{suffix}"
+        # mean recall and group coverages are sums over many classes; H-mean and per-class
+        # coverage constraints each turn on one class
+        self.per_class = metric == "h_mean" and not self.head_tail
 
     def hyperparameters(self) -> dict[str, Any]:
         params: dict[str, Any] = {"alpha": self.alpha, "scale": self.scale, "tau": self.tau}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selmix._validation import check_int
+from selmix._validation import check_int, height_width
 from selmix.data.augment import (
     LARGE_IMAGE_SIDE,
     PILToUint8,
@@ -269,13 +269,9 @@ def _check_image_size(image_size: int | tuple[int, int] | None) -> tuple[int, in
         return None
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         check_int("image_size", image_size, minimum=1)
-        return image_size, image_size
-    if (
-        isinstance(image_size, Sequence)
-        and len(image_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in image_size)
-    ):
-        return int(image_size[0]), int(image_size[1])
+    size = height_width(image_size)
+    if size is not None:
+        return size
     raise ValueError(f"`image_size` must be None, an int >= 1 or (H, W), got {image_size!r}")
 
 

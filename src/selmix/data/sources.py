@@ -13,13 +13,13 @@ cache, so later runs load in about a second.
 The layers below: :mod:`selmix.data.readers` (IDX files and CIFAR pickles),
 :mod:`selmix.data.image_folder` (image trees and archives, streamed or decoded with a
 cache) and :mod:`selmix.data.formats` (the further sources of :data:`FORMATS`); none of them
-imports this module.
+imports this module. :data:`SOURCES` holds every source's loader, by spec prefix.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from selmix._validation import check_int, check_positive
 from selmix.core.estimates import SMALL_VALIDATION
-from selmix.data.formats import FORMATS  # features, cifar100, stl10, imagenet-lt
+from selmix.data.formats import FORMATS, Source  # features, cifar100, stl10, imagenet-lt
 from selmix.data.image_folder import (
     _cached_decode,
     _is_archive,
@@ -53,7 +53,9 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "SOURCES",
     "DataSplits",
+    "SourceOptions",
     "available_memory",
     "estimate_decoded_bytes",
     "load_cifar10",
@@ -84,12 +86,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 DEMO_FILE = "fashion_mnist_lt_demo.npz"
-# Validation samples per class carved from the training split when none is given.
-_DEFAULT_VAL_PER_CLASS = {"fashion-mnist": 500, "cifar10": 500}
+# Validation samples per class carved from Fashion-MNIST's and CIFAR-10's training split
+# when none is given.
+_OFFICIAL_VAL_PER_CLASS = 500
 #: Fewest validation images per class carved by default: fewer cannot tell SelMix's steps
 #: apart (a class's recall on 3 images moves in steps of 33 points).
 MIN_CARVED_VAL_PER_CLASS = 5
-_SPEC_PREFIXES = ("fashion-mnist", "cifar10", "imagefolder")
 
 
 def carved_val_per_class(sizes: Tensor, classes: Sequence[str] | None = None) -> int:
@@ -324,6 +326,75 @@ class DataSplits:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """What :func:`load_data` passes every source's loader besides the location.
+
+    Attributes:
+        cache_dir: decoded-image cache folder (see :func:`load_cifar10`).
+        stream: ``"imagefolder:DIR"`` only: decode into memory or stream from disk.
+        num_workers: processes decoding a streamed tree.
+        image_size: ``"imagefolder:DIR"`` only: the side (or ``(H, W)``) to resize to.
+    """
+
+    cache_dir: str | os.PathLike | None = None
+    stream: bool | None = None
+    num_workers: int | None = None
+    image_size: int | tuple[int, int] | None = None
+
+
+SourceLoader = Callable[[str, SourceOptions], Source]
+
+
+def _fashion_mnist_source(location: str, options: SourceOptions) -> Source:
+    return Source(
+        train=load_fashion_mnist(location, train=True),
+        test=load_fashion_mnist(location, train=False),
+        default_val_per_class=_OFFICIAL_VAL_PER_CLASS,
+    )
+
+
+def _cifar10_source(location: str, options: SourceOptions) -> Source:
+    return Source(
+        train=load_cifar10(location, train=True, cache_dir=options.cache_dir),
+        test=load_cifar10(location, train=False, cache_dir=options.cache_dir),
+        default_val_per_class=_OFFICIAL_VAL_PER_CLASS,
+    )
+
+
+def _image_folder_source(location: str, options: SourceOptions) -> Source:
+    folder = load_image_folder(
+        location,
+        options.image_size,
+        cache_dir=options.cache_dir,
+        stream=options.stream,
+        num_workers=options.num_workers,
+    )
+    if "test" not in folder:
+        raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
+    return Source(train=folder["train"], test=folder["test"], val=folder.get("val"))
+
+
+def _format_source(read: Callable[..., Source]) -> SourceLoader:
+    """A :data:`~selmix.data.formats.FORMATS` reader as a loader (it takes only the cache)."""
+
+    def load(location: str, options: SourceOptions) -> Source:
+        return read(location, cache_dir=options.cache_dir)
+
+    return load
+
+
+#: Spec prefix -> loader: ``load_data("<prefix>:<location>")`` calls
+#: ``SOURCES[prefix](location, options)``. The packaged ``"demo"`` is no source (it comes
+#: already split) and has no entry.
+SOURCES: dict[str, SourceLoader] = {
+    "fashion-mnist": _fashion_mnist_source,
+    "cifar10": _cifar10_source,
+    "imagefolder": _image_folder_source,
+    **{prefix: _format_source(read) for prefix, read in FORMATS.items()},
+}
+
+
 def load_data(
     spec: str,
     imbalance: float | None = None,
@@ -347,7 +418,8 @@ def load_data(
     ``imbalance`` (>= 100) and ``max_per_class`` (<= 1500; default 1500) subsample its
     training set and ``val_per_class`` (<= 100) its validation set. The formats of
     :mod:`selmix.data.formats` add ``"features:FILE"`` (embeddings), ``"cifar100:DIR"``,
-    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``.
+    ``"stl10:DIR"`` and ``"imagenet-lt:DIR"``. Every ``"<prefix>:PATH"`` spec is looked up in
+    :data:`SOURCES`.
 
     The validation set takes ``val_per_class`` samples of every class from the official
     training split (default 500 for Fashion-MNIST and CIFAR-10, 10% of the smallest class
@@ -421,29 +493,15 @@ def load_data(
             imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
         )
         return _normalised(demo, normalization)
-    if (prefix not in _SPEC_PREFIXES and prefix not in FORMATS) or not location:
-        known = ", ".join(f"'{p}:PATH'" for p in (*_SPEC_PREFIXES, *FORMATS)) + ", 'demo'"
+    load = SOURCES.get(prefix)
+    if load is None or not location:
+        known = ", ".join(f"'{p}:PATH'" for p in SOURCES) + ", 'demo'"
         raise ValueError(f"unknown data `spec` {spec!r}; expected one of {known}")
-
-    official_val = None
-    default_val_per_class = _DEFAULT_VAL_PER_CLASS.get(prefix)
-    if prefix in FORMATS:
-        source = FORMATS[prefix](location, cache_dir=cache_dir)
-        full_train, test, official_val = source.train, source.test, source.val
-        default_val_per_class = source.default_val_per_class
-    elif prefix == "fashion-mnist":
-        full_train = load_fashion_mnist(location, train=True)
-        test = load_fashion_mnist(location, train=False)
-    elif prefix == "cifar10":
-        full_train = load_cifar10(location, train=True, cache_dir=cache_dir)
-        test = load_cifar10(location, train=False, cache_dir=cache_dir)
-    else:
-        folder = load_image_folder(
-            location, image_size, cache_dir=cache_dir, stream=stream, num_workers=num_workers
-        )
-        if "test" not in folder:
-            raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
-        full_train, test, official_val = folder["train"], folder["test"], folder.get("val")
+    source = load(
+        location,
+        SourceOptions(cache_dir, stream=stream, num_workers=num_workers, image_size=image_size),
+    )
+    full_train, test, official_val = source.train, source.test, source.val
 
     num_classes = full_train.num_classes
     sizes = full_train.class_counts()
@@ -455,7 +513,9 @@ def load_data(
             )
         val_per_class = 0
     elif val_per_class is None:
-        val_per_class = default_val_per_class or carved_val_per_class(sizes, full_train.classes)
+        val_per_class = source.default_val_per_class or carved_val_per_class(
+            sizes, full_train.classes
+        )
     available = (sizes - val_per_class).clamp_min(0).tolist()
     if imbalance is not None and max_per_class is None and min(available) < 1:
         k = available.index(min(available))

@@ -21,6 +21,7 @@ from selmix._config import (
     Seed,
     setting,
 )
+from selmix._progress import progress_setting
 from selmix._validation import check_head_classes
 from selmix.core.estimates import SHRINKAGE
 from selmix.core.metrics import infer_head_classes
@@ -297,11 +298,7 @@ class FinetuneConfig(ConfigMixin):
         help="steps between resume checkpoints (OUT/finetune_state.pt, also written at the "
         "end); null (--set checkpoint_every=null): only at the end",
     )  # fmt: skip
-    progress: bool = setting(
-        True, check=Flag(), flag=True,
-        help="show progress (a bar on a terminal, a plain line every tenth of the run otherwise; "
-        "TQDM_DISABLE=1 also turns it off)",
-    )  # fmt: skip
+    progress: bool = progress_setting()
     tensorboard_dir: str | None = setting(
         None, flag=True, key="tensorboard", metavar="DIR",
         help="also log every feedback step (metrics, multipliers, the gain matrix as an "
@@ -454,7 +451,7 @@ def resolve_objective(
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
         objective.head_classes = list(head_classes)
     if getattr(fields, "uniform_mix", 0.0) is None:
-        mix = MIN_RECALL_UNIFORM_MIX if isinstance(objective, MinRecall) else 0.0
+        mix = MIN_RECALL_UNIFORM_MIX if objective.worst_case else 0.0
         config = config.replace(uniform_mix=mix)
         fields = config
     noise = getattr(fields, "multiplier_rate", "objective") == "noise"

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selmix._validation import check_labels
 from selmix.core.metrics import all_metrics, confusion_counts
 from selmix.data import as_tensor_dataset
 from selmix.devices import to_host
@@ -261,14 +262,7 @@ def evaluate(
     split = split_model(model, features=features, head=head)
     dataset = as_batch_dataset(dataset)
     num_classes = split.head.out_features
-    labels = torch.as_tensor(dataset.labels).long()
-    if labels.numel() == 0:
-        raise ValueError("`dataset` is empty")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"`dataset` labels must lie in [0, {num_classes}) for a head with {num_classes} "
-            f"outputs, got labels in [{int(labels.min())}, {int(labels.max())}]"
-        )
+    labels = check_labels("dataset", dataset.labels, num_classes)
     model.to(device)  # the model is evaluated (and left) on `device`
     if batch_size is None:
 

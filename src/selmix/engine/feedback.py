@@ -45,7 +45,7 @@ from selmix._validation import (
 from selmix.core.estimates import SHRINKAGE, pools_classes, shrunk_confusion
 from selmix.core.gain import gain_matrix
 from selmix.core.metrics import all_metrics
-from selmix.core.objectives import MinRecall, Objective, as_objective, get_objective
+from selmix.core.objectives import Objective, as_objective, get_objective
 from selmix.core.policy import (
     MIN_RECALL_UNIFORM_MIX,
     POLICIES,
@@ -226,7 +226,7 @@ class SelMixFeedback:
         )
         self.soft_confusion = check_bool("soft_confusion", soft_confusion)
         if uniform_mix is None:
-            uniform_mix = MIN_RECALL_UNIFORM_MIX if isinstance(self.objective, MinRecall) else 0.0
+            uniform_mix = MIN_RECALL_UNIFORM_MIX if self.objective.worst_case else 0.0
         self.uniform_mix = check_in_range("uniform_mix", uniform_mix, 0.0, 1.0)
         self.multiplier_step = check_in_range("multiplier_step", multiplier_step, 0.0, 1.0)
         if self.multiplier_step == 0:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selmix._config import Choice, ConfigMixin, Flag, Int, Optional, Real, Seed, setting
-from selmix._progress import progress_bar
+from selmix._progress import progress_bar, progress_setting
 from selmix.devices import to_host
 from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
 from selmix.engine.hardware import resolve_for_run
@@ -116,11 +116,7 @@ class PretrainConfig(ConfigMixin):
         help="batch size of the per-epoch validation; unset: sized from the input size, the "
         "model's activations and the memory available (selmix.engine.memory; at most 512)",
     )  # fmt: skip
-    progress: bool = setting(
-        True, check=Flag(), flag=True,
-        help="show progress (a bar on a terminal, a plain line every tenth of the run "
-        "otherwise; TQDM_DISABLE=1 also turns it off)",
-    )  # fmt: skip
+    progress: bool = progress_setting()
     checkpoint_path: str | None = setting(
         None, help="where resume checkpoints go (written atomically)", cli=False
     )

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from selmix._config import Choice, ConfigMixin, Flag, Int, Real, Seed, setting
 from selmix._progress import progress_bar
-from selmix._validation import check_in_range, check_int, check_positive
+from selmix._validation import check_in_range, check_int, check_labels, check_positive
 from selmix.data.augment import normalize, random_crop_flip
 from selmix.devices import to_host
 from selmix.engine.evaluate import DEVICE_HELP, as_batch_dataset, evaluate, resolve_device
@@ -490,14 +490,7 @@ def fixmatch_pretrain(
     labelled = as_batch_dataset(labelled, "labelled")
     _check_image_set("unlabelled", unlabelled)
     num_classes = _num_outputs(model)
-    targets_all = torch.as_tensor(labelled.labels).long().cpu()
-    if targets_all.numel() == 0:
-        raise ValueError("`labelled` is empty")
-    if targets_all.min() < 0 or targets_all.max() >= num_classes:
-        raise ValueError(
-            f"`labelled` labels must lie in [0, {num_classes}) for a model with {num_classes} "
-            f"outputs, got labels in [{int(targets_all.min())}, {int(targets_all.max())}]"
-        )
+    targets_all = check_labels("labelled", labelled.labels, num_classes)
     if config.mu > 0 and len(unlabelled) == 0:
         raise ValueError("`unlabelled` is empty; use mu=0 for labelled-only training")
     adjustment = None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selmix._validation import height_width
 from selmix.models.checkpoint import load_checkpoint
 
 __all__ = [
@@ -136,14 +137,9 @@ def _floats(name: str, values: Any, where: str) -> tuple[float, ...]:
 
 def _size(value: Any, where: str) -> tuple[int, int]:
     """``(H, W)`` from an int side or an ``(H, W)`` pair read from a model's file."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, value
-    if (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        return int(value[0]), int(value[1])
+    size = height_width(value)
+    if size is not None:
+        return size
     raise ValueError(f"{where}: the input size must be an int or (H, W), got {value!r}")
 
 

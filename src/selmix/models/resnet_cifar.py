@@ -98,12 +98,7 @@ class ResNetCifar(FeatureClassifier):
         layers["flatten"] = nn.Flatten(1)
         super().__init__(nn.Sequential(layers), num_features=64, num_classes=num_classes)
         self.depth = depth
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self._init_conv_and_norm("relu")
 
 
 @register_model

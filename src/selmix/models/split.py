@@ -16,7 +16,7 @@ head's parameters are not among the view's, so ``features.parameters()`` and
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from torch import Tensor, nn
 
@@ -67,6 +67,16 @@ class FeatureClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Maps images [N, C, H, W] to logits [N, K]."""
         return self.head(self.features(x))
+
+    def _init_conv_and_norm(self, nonlinearity: Literal["relu", "leaky_relu"]) -> None:
+        """He (fan-out) initialisation of every convolution for ``nonlinearity``; every
+        batch norm starts as the identity (weight 1, bias 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity=nonlinearity)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
 
 class _FirstTensor(nn.Module):

@@ -115,12 +115,7 @@ class WideResNet(FeatureClassifier):
         super().__init__(nn.Sequential(layers), num_features=channels[3], num_classes=num_classes)
         self.depth = depth
         self.width = width
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self._init_conv_and_norm("leaky_relu")
         nn.init.xavier_normal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
