@@ -66,7 +66,7 @@ from _common import (  # noqa: E402
 )
 from _paper import PAPER_TABLE3  # noqa: E402
 from selmix import finetune  # noqa: E402
-from selmix._io import process_is_alive, atomic_write_text  # noqa: E402
+from selmix._io import atomic_write_text, process_is_alive  # noqa: E402
 from selmix.baselines import run_baseline  # noqa: E402
 from selmix.engine.evaluate import evaluate  # noqa: E402
 from selmix.finetune import HEAD_FIRST_STEPS  # noqa: E402
