@@ -144,6 +144,7 @@ def test_hugging_face_processor_sets_normalisation(tree: Path, tmp_path: Path, c
     assert any(x.startswith("verdict: min recall ") for x in printed)
     baseline_meta = load_checkpoint(baseline_out / "model.pt")["meta"]
     assert baseline_meta["preprocessing"]["mean"] == pytest.approx(MEAN)
+    assert recorded(baseline_out) == notes  # and its config.yaml records it too
 
 
 def test_a_model_without_preprocessing_keeps_the_data_statistics(
