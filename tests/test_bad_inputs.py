@@ -173,6 +173,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 FT = ["finetune", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--device", "cpu",
       "--checkpoint", "{model}", "--out", "{out}", "--steps", "4", "--batch-size", "8",
       "--overwrite"]  # fmt: skip
+EV = ["evaluate", "--data", "imagefolder:{tree}", "--val-per-class", "3", "--device", "cpu",
+      "--checkpoint", "{model}", "--out", "{out}", "--overwrite"]  # fmt: skip
 # a resume of the good run, which differs from FT in feedback_every
 RESUME = [*FT, "--resume", "{out}/finetune_state.pt", "--set", "feedback_every=2"]
 CASES: dict[str, tuple[list[str], str]] = {
@@ -257,9 +259,7 @@ CASES: dict[str, tuple[list[str], str]] = {
                                 "progress"),
     "seed 2**70 evaluate": (["evaluate", "--data", "imagefolder:{tree}", "--checkpoint",
                              "{model}", "--out", "{out}", "--seed", str(2**70)], "seed"),
-    "head_classes out of range evaluate": (
-        ["evaluate", "--data", "imagefolder:{tree}", "--checkpoint", "{model}", "--out", "{out}",
-         "--set", "head_classes=[5]"], "head_classes"),
+    "head_classes out of range evaluate": ([*EV, "--set", "head_classes=[5]"], "head_classes"),
     "seed 2**70 baseline": (["baseline", "--method", "crt", "--data", "imagefolder:{tree}",
                              "--checkpoint", "{model}", "--out", "{out}", "--seed", str(2**70)],
                             "seed"),
@@ -315,6 +315,26 @@ CASES: dict[str, tuple[list[str], str]] = {
     "baseline into a used out, no --overwrite": (
         ["baseline", "--method", "crt", "--data", "imagefolder:{tree}", "--val-per-class", "3",
          "--checkpoint", "{model}", "--out", "{out}", "--device", "cpu"], "pass --overwrite"),
+    # `selmix evaluate --out` is staged as the other commands are
+    "evaluate into a used out, no --overwrite": (
+        [item for item in EV if item != "--overwrite"], "pass --overwrite"),
+    "evaluate: checkpoint garbage": ([*EV, "--checkpoint", "{files}/garbage.pt"], "garbage.pt"),
+    "evaluate: checkpoint other class count": ([*EV, "--checkpoint", "{files}/five.pt"],
+                                               "5 classes"),
+    "evaluate: nan in the head": ([*EV, "--checkpoint", "{files}/nan_head.pt"],
+                                  "non-finite value(s) (NaN or inf) in 'head.weight'"),
+    "evaluate: hf ViT built for 16x16, data 12x12": (
+        [*EV, "--checkpoint", "hf:{files}/vit16"], "it is built for 16x16 images"),
+    "evaluate: empty class folder": ([*EV, "--data", "imagefolder:{files}/empty_class"],
+                                     "train/class_2/ holds no images"),
+    "evaluate: out is a file": ([*EV, "--out", "{files}/a_file"], "is not a folder"),
+    "evaluate: OUT/metrics.json is a folder": (
+        [*EV], "has a folder 'metrics.json' where a run writes a file"),
+    "evaluate: preprocessing model, none recorded": (
+        [*EV, "--preprocessing", "model"], "records no preprocessing"),
+    "evaluate: an interrupted run's staging folder, no --overwrite": (
+        [item for item in EV if item != "--overwrite"] + ["--out", "{tmp}/fresh"],
+        "holds an interrupted run"),
 }  # fmt: skip
 
 #: what a case puts in --out (or beside it) before it runs, after the good run is copied
@@ -324,9 +344,15 @@ SETUP = {
     "an interrupted run's staging folder, no --overwrite": lambda out: (
         out.with_name("fresh.partial").mkdir(),
         (out.with_name("fresh.partial") / "finetune_state.pt").write_bytes(b"a checkpoint")),
+    "evaluate: OUT/metrics.json is a folder": lambda out: (
+        (out / "metrics.json").unlink(), (out / "metrics.json").mkdir()),
+    "evaluate: an interrupted run's staging folder, no --overwrite": lambda out: (
+        out.with_name("fresh.partial").mkdir(),
+        (out.with_name("fresh.partial") / "finetune_state.pt").write_bytes(b"a checkpoint")),
 }
 NEEDS_TRANSFORMERS = {"hf ViT built for 16x16, data 12x12", "hf folder without hf:",
-                      "BertModel folder"}  # fmt: skip
+                      "BertModel folder",
+                      "evaluate: hf ViT built for 16x16, data 12x12"}  # fmt: skip
 
 
 def _fill(argv: list[str], world: dict[str, Path], out: Path) -> list[str]:
@@ -355,7 +381,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_previous_run_intact(
     before = _tree_digest(out)
     argv, expected = CASES[case]
     capsys.readouterr()
-    quiet = [] if any(item.startswith("progress=") for item in argv) else QUIET
+    # evaluate has no progress bar (nor a `progress` setting)
+    quiet = [] if argv[0] == "evaluate" or any(item.startswith("progress=") for item in argv) \
+        else QUIET
     status = main([*_fill(argv, world, out), *quiet])
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
@@ -1271,3 +1299,95 @@ def test_ctrl_c_of_a_resume_before_its_own_checkpoint_names_the_one_it_started_f
     assert f"the checkpoint is '{state}'" in err and err.rstrip().endswith(f"--resume {state}")
     assert _tree_digest(out) == before
     assert not (tmp_path / "run.partial").exists()
+
+
+# -- `selmix evaluate --out`: staged like the other commands -------------------------------------
+def _evaluate_argv(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return _fill([*EV, *extra], world, out)
+
+
+def test_evaluate_into_a_new_out_writes_its_metrics_and_config(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    import yaml
+
+    out = tmp_path / "new" / "evaluation"
+    assert main(_evaluate_argv(world, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]
+    assert set(json.loads((out / "metrics.json").read_text())) == {"test"}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert "overwrite" not in config and config["checkpoint"].endswith("model.pt")
+    assert "# preprocessing source:" in (out / "config.yaml").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["evaluation"]  # no staging left
+
+
+def test_evaluate_with_overwrite_replaces_the_earlier_run_but_keeps_its_checkpoint(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """The model evaluated may live in --out: it stays; the earlier run's other files go."""
+    import json
+
+    out, before = _used_out(world, tmp_path)
+    assert main(_evaluate_argv(world, out, "--checkpoint", str(out / "model.pt"))) == 0
+    after = _tree_digest(out)
+    assert after["model.pt"] == before["model.pt"]
+    assert sorted(after) == ["config.yaml", "metrics.json", "model.pt"], sorted(after)
+    assert set(json.loads((out / "metrics.json").read_text())) == {"test"}
+    assert not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.parametrize("where", ["evaluating", "writing"])
+def test_ctrl_c_of_evaluate_into_a_used_out_leaves_the_earlier_run_intact(
+    where: str, world: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real SIGINT to a `selmix evaluate` process, while it evaluates or once it has
+    written part of its files: exit 130, the earlier run byte for byte, no staging left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out, before = _used_out(world, tmp_path)
+    target = ("selmix.engine.evaluate", "evaluate") if where == "evaluating" else (
+        "selmix.cli.evaluate", "_write_yaml")  # fmt: skip
+    script = textwrap.dedent(f"""
+        import importlib, os, signal, sys, time
+        sys.path.insert(0, {SRC!r})
+        import torch
+        torch.set_num_threads(1)
+        module = importlib.import_module({target[0]!r})
+        original = getattr(module, {target[1]!r})
+        def then_ctrl_c(*args, **kwargs):
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the signal's KeyboardInterrupt arrives here
+            return result
+        setattr(module, {target[1]!r}, then_ctrl_c)
+        from selmix.cli import main
+        sys.exit(main({_evaluate_argv(world, out)!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["selmix evaluate: interrupted"], result.stderr
+    assert _tree_digest(out) == before, "Ctrl-C changed the earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_evaluate_beside_a_live_run_writing_the_staging_folder_is_refused(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from selmix._io import HOSTNAME
+
+    out, before = _used_out(world, tmp_path)
+    staging = tmp_path / "run.partial"
+    staging.mkdir()
+    (staging / ".selmix-owner").write_text(f"{HOSTNAME}.{os.getppid()}\n")  # a live process
+    capsys.readouterr()
+    assert main(_evaluate_argv(world, out)) == 2
+    err = capsys.readouterr().err
+    assert "another run is writing" in err and err.count("\n") == 1, err
+    assert _tree_digest(out) == before and sorted(p.name for p in staging.iterdir()) == [
+        ".selmix-owner"
+    ]

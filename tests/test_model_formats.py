@@ -78,7 +78,8 @@ def selmix_logits(out: Path, images: torch.Tensor) -> torch.Tensor:
 def evaluated(tree: Path, tmp: Path, *checkpoint: str) -> dict:
     """`selmix evaluate`'s test metrics of a model named as --checkpoint [--model] name it."""
     out = tmp / "evaluate"
-    assert main(["evaluate", *data_args(tree), *checkpoint, "--out", str(out)]) == 0
+    assert main(["evaluate", *data_args(tree), *checkpoint, "--out", str(out),
+                 "--overwrite"]) == 0
     return json.loads((out / "metrics.json").read_text())["test"]
 
 

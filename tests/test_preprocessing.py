@@ -144,6 +144,7 @@ def test_hugging_face_processor_sets_normalisation(tree: Path, tmp_path: Path, c
     assert any(x.startswith("verdict: min recall ") for x in printed)
     baseline_meta = load_checkpoint(baseline_out / "model.pt")["meta"]
     assert baseline_meta["preprocessing"]["mean"] == pytest.approx(MEAN)
+    assert recorded(baseline_out) == notes  # and its config.yaml records it too
 
 
 def test_a_model_without_preprocessing_keeps_the_data_statistics(
@@ -195,7 +196,9 @@ def test_image_size_overrides_the_model_and_unresizable_data_keep_their_size(
     checkpoint = f"hf:{tmp_path}"
     chosen = resolve_preprocessing("auto", checkpoint, image_size=12)
     assert (chosen.image_size, chosen.model_image_size) == ((12, 12), (20, 20))
-    assert chosen.describe().endswith("images resized to 12x12 (the model's input size is 20x20)")
+    assert chosen.describe().endswith(
+        "images resized to 12x12 (bilinear) (the model's input size is 20x20)"
+    )
     kept = resolve_preprocessing("auto", checkpoint, resizable=False)
     assert (kept.image_size, kept.model_image_size) == (None, (20, 20))
     assert kept.mean == pytest.approx(MEAN)  # the normalisation applies to every source
@@ -284,3 +287,52 @@ def test_normalization_reaches_the_unlabelled_pool(tmp_path: Path) -> None:
     assert splits.unlabelled.mean.tolist() == pytest.approx(MEAN)
     assert splits.unlabelled.std.tolist() == pytest.approx(STD)
     assert splits.train.mean.tolist() == pytest.approx(MEAN)
+
+
+# -- what of the model's preprocessing is applied, and what is only recorded --------------------
+def test_a_real_timm_config_names_the_resize_and_crop_it_does_not_apply() -> None:
+    """timm's resnet18 (no download: pretrained=False carries the pretrained_cfg) expects a
+    bicubic resize and a 0.95 centre crop; the run resizes whole images bilinear, and its
+    console line says so."""
+    timm = pytest.importorskip("timm")
+    from selmix.models.preprocessing import timm_preprocessing
+
+    cfg = timm.create_model("resnet18", pretrained=False).pretrained_cfg
+    chosen = timm_preprocessing(cfg, "resnet18")
+    assert chosen.image_size == (224, 224)
+    assert (chosen.interpolation, chosen.crop_pct) == (cfg["interpolation"], cfg["crop_pct"])
+    assert chosen.mean == pytest.approx(cfg["mean"]) and chosen.std == pytest.approx(cfg["std"])
+    line = chosen.describe()
+    assert "images resized to 224x224 (bilinear)" in line
+    assert line.endswith("not applied: its bicubic resize and its centre crop 0.95 (recorded)")
+    saved = chosen.to_dict()
+    assert (saved["resize"], saved["model_interpolation"], saved["model_crop_pct"]) == (
+        "bilinear", "bicubic", 0.95)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "processor, kwargs, interpolation, crop, not_applied",
+    [
+        ("ConvNextImageProcessor", {}, "bicubic", 0.875,
+         "not applied: its bicubic resize and its centre crop 0.875 (recorded)"),
+        ("CLIPImageProcessor", {}, "bicubic", 1.0, "not applied: its bicubic resize (recorded)"),
+        ("ViTImageProcessor", {}, "bilinear", None, None),
+    ],
+)  # fmt: skip
+def test_a_saved_hugging_face_processor_names_what_is_not_applied(
+    processor: str, kwargs: dict, interpolation: str, crop: float | None,
+    not_applied: str | None, tmp_path: Path,
+) -> None:  # fmt: skip
+    transformers = pytest.importorskip("transformers")
+    made = getattr(transformers, processor)(**kwargs)
+    made.save_pretrained(tmp_path)
+    chosen = hf_preprocessing(tmp_path)
+    assert chosen is not None
+    assert chosen.mean == pytest.approx(made.image_mean)
+    assert chosen.std == pytest.approx(made.image_std)
+    assert (chosen.interpolation, chosen.crop_pct) == (interpolation, crop)
+    line = chosen.describe()
+    if not_applied is None:
+        assert "not applied" not in line, line
+    else:
+        assert line.endswith(not_applied), line

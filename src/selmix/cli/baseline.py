@@ -12,7 +12,7 @@ from selmix.cli.options import (
     _data_options,
     _start_model_options,
 )
-from selmix.cli.outcome import _load_model_data, _verdict
+from selmix.cli.outcome import _load_model_data, _note_preprocessing, _verdict
 from selmix.cli.run import (
     _check_model_takes_data,
     _flag,
@@ -105,6 +105,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
 
     try:
         _write_yaml(work / "config.yaml", saved_settings)
+        _note_preprocessing(work / "config.yaml", preprocessing)
         before = test_metrics(model)
         result = baseline(method, model, splits.train, splits.val, config)
         after = test_metrics(result.model)

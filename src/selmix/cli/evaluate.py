@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from selmix.cli.options import Option, _common_options, _data_options, _start_model_options
-from selmix.cli.outcome import _load_model_data
+from selmix.cli.outcome import _load_model_data, _note_preprocessing
 from selmix.cli.run import (
     _check_early,
-    _check_out,
+    _check_model_takes_data,
+    _flag,
     _head_classes,
     _load_start_model,
-    _out_dir,
     _write_json,
+    _write_yaml,
 )
+from selmix.cli.staging import Staging, check_out
 
 
 def _evaluate_options() -> list[Option]:
@@ -21,7 +23,11 @@ def _evaluate_options() -> list[Option]:
         Option("checkpoint", None, "model to evaluate: a selmix model file, a state dict, "
                ".safetensors or Lightning .ckpt with --model, or hf:DIR", metavar="FILE",
                required=True),
-        Option("out", None, "if set, write OUT/metrics.json (key `test`)", metavar="DIR"),
+        Option("out", None, "if set, write OUT/metrics.json (key `test`) and OUT/config.yaml; "
+               "they are written to OUT.partial/ and moved here when complete",
+               metavar="DIR"),
+        Option("overwrite", False, "replace an earlier run in --out (when this evaluation "
+               "ends; until then the earlier run stays as it was)"),
         Option("batch_size", 512, "evaluation batch size", type=int),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
@@ -32,11 +38,15 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     from selmix.engine.evaluate import evaluate
     from selmix.report import format_metrics_table, format_per_class_table
 
+    # fail fast: the settings and --out are checked before any data is read, and --out is
+    # only written once the metrics are known
     _check_early(settings)
-    if settings["out"] is not None:
-        _check_out(settings)
-    splits, _ = _load_model_data(settings)
+    out = settings["out"]
+    if out is not None:
+        check_out(out, overwrite=_flag(settings, "overwrite"), keep=[settings["checkpoint"]])
+    splits, preprocessing = _load_model_data(settings)
     model = _load_start_model(settings, splits).model
+    _check_model_takes_data(model, splits.test, str(settings["checkpoint"]))
     head_classes = _head_classes(settings, splits)
     settings["head_classes"] = head_classes
     metrics = evaluate(model, splits.test, settings["device"], settings["batch_size"]).metrics(
@@ -45,8 +55,19 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     print(format_metrics_table({"test": metrics}))
     print()
     print(format_per_class_table({"test": metrics}, classes=splits.classes))
-    if settings["out"] is not None:
-        out = _out_dir(settings)
-        _write_json(out / "metrics.json", {"test": metrics})
-        print(f"wrote {out / 'metrics.json'}")
+    if out is None:
+        return 0
+    # written to a staging folder and moved into --out when complete, as the other commands
+    staging = Staging(out, keep=[settings["checkpoint"]])
+    work = staging.open()
+    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    try:
+        _write_json(work / "metrics.json", {"test": metrics})
+        _write_yaml(work / "config.yaml", saved_settings)
+        _note_preprocessing(work / "config.yaml", preprocessing)
+        written = staging.commit()
+    except BaseException:
+        staging.abandon()  # nothing to resume: an earlier run in --out stays as it was
+        raise
+    print(f"wrote {written / 'metrics.json'}, {written / 'config.yaml'}")
     return 0

@@ -212,23 +212,6 @@ RUN_FILES = (
 )  # fmt: skip
 
 
-def _check_out(settings: dict[str, Any]) -> Path:
-    """The output folder, checked but not touched."""
-    out = Path(settings["out"])
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"`out` {str(out)!r} exists and is not a folder")
-    return out
-
-
-def _out_dir(settings: dict[str, Any]) -> Path:
-    out = _check_out(settings)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(error.errno, f"cannot create `out` {str(out)!r}: {error.strerror}") from None
-    return out
-
-
 class _Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run, with what to do next (the message :func:`main` prints)."""
 

@@ -13,7 +13,8 @@ what a model's files record about it, without building the model:
 
 :func:`resolve_preprocessing` chooses between the model's and the data's own statistics.
 Images are resized whole (bilinear) to the model's input size; the model's interpolation
-and crop fraction are recorded but not applied.
+and crop fraction are recorded but not applied (every split is decoded once, so a centre
+crop would also cut the training images; the console line names both).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Preprocessing:
             return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
         size = (
-            f"images resized to {self.image_size[0]}x{self.image_size[1]}"
+            f"images resized to {self.image_size[0]}x{self.image_size[1]} (bilinear)"
             if self.image_size is not None
             else "images at their own size"
         )
@@ -113,8 +114,17 @@ class Preprocessing:
             return f"preprocessing: {self.source}: the data's mean and std, {size}"
         return (
             f"preprocessing: {self.source}: mean {numbers(self.mean)}, std "
-            f"{numbers(self.std)}, {size}"
+            f"{numbers(self.std)}, {size}{self._not_applied()}"
         )
+
+    def _not_applied(self) -> str:
+        """What the model records that the run does not apply, for :meth:`describe`."""
+        parts = []
+        if self.interpolation is not None and self.interpolation != "bilinear":
+            parts.append(f"its {self.interpolation} resize")
+        if self.crop_pct is not None and self.crop_pct != 1.0:
+            parts.append(f"its centre crop {self.crop_pct:.4g}")
+        return f"; not applied: {' and '.join(parts)} (recorded)" if parts else ""
 
 
 def _floats(name: str, values: Any, where: str) -> tuple[float, ...]:
@@ -208,11 +218,27 @@ def hf_preprocessing(directory: str | os.PathLike) -> Preprocessing | None:
         elif not isinstance(shape, dict):
             size = _size(shape, where)
     resample = saved.get("resample")
+    crop = saved.get("crop_pct")
     return Preprocessing(
         source=f"Hugging Face image processor ({where})",
         mean=mean, std=std, image_size=size,
         interpolation=_PIL_RESAMPLE.get(resample) if isinstance(resample, int) else None,
+        crop_pct=_hf_crop(saved, crop),
     )  # fmt: skip
+
+
+def _hf_crop(saved: dict[str, Any], crop_pct: Any) -> float | None:
+    """The crop fraction of a Hugging Face processor: its ``crop_pct`` (ConvNeXt), or
+    ``crop_size / size`` of a resize-then-centre-crop processor (CLIP), or None."""
+    if isinstance(crop_pct, (int, float)) and not isinstance(crop_pct, bool):
+        return float(crop_pct)
+    size, crop = saved.get("size"), saved.get("crop_size")
+    if not saved.get("do_center_crop") or not isinstance(size, dict) or not isinstance(crop, dict):
+        return None
+    side = size.get("shortest_edge", size.get("height"))
+    if isinstance(side, int) and isinstance(crop.get("height"), int) and side > 0:
+        return crop["height"] / side
+    return None
 
 
 def torchvision_preprocessing(
