@@ -135,6 +135,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--render", default=None, help="write the tables here and stop")
     parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fine-tuning settings for the SelMix rows, over the defaults (values read as "
+        "YAML), e.g. --set uniform_mix=0; use a separate --records folder",
+    )
+    parser.add_argument(
         "--describe-start",
         default=None,
         help="write the start's per-class recall on train / val / test here",
@@ -200,6 +209,17 @@ def claim(path: Path) -> bool:
     return True
 
 
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["uniform_mix=0", ...]`` as settings (each value read as YAML)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def run_one(args, start, space, row, backbone, objective, seed, log_path) -> dict[str, Any]:
     """Runs one row; returns the model and what to record besides the test metrics."""
     full = backbone == "fine-tuned"
@@ -226,6 +246,7 @@ def run_one(args, start, space, row, backbone, objective, seed, log_path) -> dic
                            precision=args.full_precision)  # fmt: skip
         if row == "SelMix (paper preset)":
             options.update(preset="paper", steps=args.full_steps, precision=args.full_precision)
+        options.update(_overrides(args.overrides))
         result = finetune(model, train, val, objective, **options, **common)
         return {
             "model": result.model,
