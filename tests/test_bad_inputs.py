@@ -1128,15 +1128,21 @@ def test_a_read_only_earlier_export_is_refused_before_the_run(
         (out / "hf").chmod(0o755)
 
 
+def _live_staging(tmp_path: Path) -> Path:
+    """``run.partial/`` owned by a live process on this host (the test's parent)."""
+    from selmix._io import HOSTNAME
+
+    staging = tmp_path / "run.partial"
+    staging.mkdir()
+    (staging / ".selmix-owner").write_text(f"{HOSTNAME}.{os.getppid()}\n")
+    return staging
+
+
 def test_a_live_run_writing_the_staging_folder_is_not_disturbed(
     world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from selmix._io import HOSTNAME
-
     out, before = _used_out(world, tmp_path)
-    staging = tmp_path / "run.partial"
-    staging.mkdir()
-    (staging / ".selmix-owner").write_text(f"{HOSTNAME}.{os.getppid()}\n")  # a live process
+    staging = _live_staging(tmp_path)
     capsys.readouterr()
     assert main(_finetune_argv(world, out)) == 2
     err = capsys.readouterr().err
@@ -1378,12 +1384,8 @@ def test_ctrl_c_of_evaluate_into_a_used_out_leaves_the_earlier_run_intact(
 def test_evaluate_beside_a_live_run_writing_the_staging_folder_is_refused(
     world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from selmix._io import HOSTNAME
-
     out, before = _used_out(world, tmp_path)
-    staging = tmp_path / "run.partial"
-    staging.mkdir()
-    (staging / ".selmix-owner").write_text(f"{HOSTNAME}.{os.getppid()}\n")  # a live process
+    staging = _live_staging(tmp_path)
     capsys.readouterr()
     assert main(_evaluate_argv(world, out)) == 2
     err = capsys.readouterr().err

@@ -10,6 +10,8 @@ from selmix.cli.options import (
     _config_from,
     _config_options,
     _data_options,
+    _overwrite_option,
+    _settings_to_save,
     _start_model_options,
 )
 from selmix.cli.outcome import _load_model_data, _note_preprocessing, _verdict
@@ -47,8 +49,7 @@ def _baseline_options() -> list[Option]:
                "with the logit-adjusted loss); the settings of the other methods are ignored "
                "(with a warning)",
                choices=_baseline_methods(), required=True),
-        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
-               "until then the earlier run stays as it was)"),
+        _overwrite_option(),
     ] + _config_options(BaselineConfig)  # fmt: skip
 
 
@@ -97,7 +98,7 @@ def _cmd_baseline(settings: dict[str, Any]) -> int:
     # the run is written to a staging folder and moved into --out when it is complete
     staging = Staging(settings["out"], keep=[settings["checkpoint"]])
     work = staging.open()
-    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    saved_settings = _settings_to_save(settings)
 
     def test_metrics(trained: Any) -> dict[str, Any]:
         evaluation = evaluate(trained, splits.test, config.device, config.eval_batch_size)

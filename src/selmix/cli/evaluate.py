@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from selmix.cli.options import Option, _common_options, _data_options, _start_model_options
+from selmix.cli.options import (
+    Option,
+    _common_options,
+    _data_options,
+    _overwrite_option,
+    _settings_to_save,
+    _start_model_options,
+)
 from selmix.cli.outcome import _load_model_data, _note_preprocessing
 from selmix.cli.run import (
     _check_early,
@@ -26,8 +33,7 @@ def _evaluate_options() -> list[Option]:
         Option("out", None, "if set, write OUT/metrics.json (key `test`) and OUT/config.yaml; "
                "they are written to OUT.partial/ and moved here when complete",
                metavar="DIR"),
-        Option("overwrite", False, "replace an earlier run in --out (when this evaluation "
-               "ends; until then the earlier run stays as it was)"),
+        _overwrite_option("evaluation"),
         Option("batch_size", 512, "evaluation batch size", type=int),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
@@ -60,7 +66,7 @@ def _cmd_evaluate(settings: dict[str, Any]) -> int:
     # written to a staging folder and moved into --out when complete, as the other commands
     staging = Staging(out, keep=[settings["checkpoint"]])
     work = staging.open()
-    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    saved_settings = _settings_to_save(settings)
     try:
         _write_json(work / "metrics.json", {"test": metrics})
         _write_yaml(work / "config.yaml", saved_settings)

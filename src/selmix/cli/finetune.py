@@ -17,6 +17,8 @@ from selmix.cli.options import (
     _config_options,
     _data_options,
     _one_line,
+    _overwrite_option,
+    _settings_to_save,
     _start_model_options,
 )
 from selmix.cli.outcome import _load_model_data, _note_preprocessing, _verdict
@@ -56,8 +58,7 @@ def _finetune_options() -> list[Option]:
         Option("resume", None, "resume from a finetune_state.pt of an interrupted run with "
                "the same settings, data and starting checkpoint (an interrupted run's is in "
                "OUT.partial/)", metavar="FILE"),
-        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
-               "until then the earlier run stays as it was)"),
+        _overwrite_option(),
     ] + _config_options(FinetuneConfig)  # fmt: skip
 
 
@@ -177,7 +178,7 @@ def _staged_run(settings: dict[str, Any], run: _CheckedRun) -> tuple[Any, ...] |
     staging = Staging(settings["out"], keep=[settings["checkpoint"]],
                       write=os.environ.get("RANK", "0") == "0")  # fmt: skip
     work = staging.path
-    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    saved_settings = _settings_to_save(settings)
     state_path = work / "finetune_state.pt"
     config = run.config.replace(log_path=str(work / "log.jsonl"), checkpoint_path=str(state_path))
     splits = run.splits

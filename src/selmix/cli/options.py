@@ -165,6 +165,20 @@ def _common_options(device: str = "auto") -> list[Option]:
     ]
 
 
+def _overwrite_option(what: str = "run") -> Option:
+    """``--overwrite``: the one switch that lets a command replace an earlier run in --out."""
+    return Option(
+        "overwrite", False, f"replace an earlier run in --out (when this {what} ends; until "
+        "then the earlier run stays as it was)",
+    )  # fmt: skip
+
+
+def _settings_to_save(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a run's config.yaml records: all but ``overwrite``, which says how the
+    run was written, not what it is (a rerun of the saved config must not replace it)."""
+    return {key: value for key, value in settings.items() if key != "overwrite"}
+
+
 def _one_line(error: BaseException | str) -> str:
     if isinstance(error, KeyError) and error.args:
         text = str(error.args[0])

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selmix.cli.options import Option, UsageError, _config_from, _config_options, _data_options
+from selmix.cli.options import (
+    Option,
+    UsageError,
+    _config_from,
+    _config_options,
+    _data_options,
+    _overwrite_option,
+    _settings_to_save,
+)
 from selmix.cli.run import (
     _check_early,
     _flag,
@@ -34,8 +42,7 @@ def _pretrain_options() -> list[Option]:
         Option("resume", None, "resume from a pretrain_state.pt of an interrupted run with "
                "the same settings and data (an interrupted run's is in OUT.partial/)",
                metavar="FILE"),
-        Option("overwrite", False, "replace an earlier run in --out (when this run ends; "
-               "until then the earlier run stays as it was)"),
+        _overwrite_option(),
         Option("model_kwargs", {}, "extra constructor arguments of the model", flag=False),
         Option("head_classes", None, "head classes for head/tail metrics; unset: the 90% "
                "most frequent training classes", flag=False),
@@ -76,7 +83,7 @@ def _cmd_pretrain(settings: dict[str, Any]) -> int:
     # and moved into --out when it is complete
     staging = Staging(settings["out"])
     work = staging.open(resume)
-    saved_settings = {key: value for key, value in settings.items() if key != "overwrite"}
+    saved_settings = _settings_to_save(settings)
     state_path = work / "pretrain_state.pt"
     config = config.replace(checkpoint_path=str(state_path))
     try:
