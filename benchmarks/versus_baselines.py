@@ -112,6 +112,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform-head-select": _issue38(
         head_init_tolerance=1.0, min_recall_params={"uniform_mix": 0.5}
     ),
+    # the share of uniform pairs against the validation set's size (issue 38, second
+    # session): the defaults-38 head with 0.25 and 0.1 of the pairs uniform
+    "uniform-quarter": _issue38(head_init_tolerance=1.0, min_recall_params={"uniform_mix": 0.25}),
+    "uniform-tenth": _issue38(head_init_tolerance=1.0, min_recall_params={"uniform_mix": 0.1}),
 }
 
 

@@ -268,12 +268,13 @@ def test_head_init_auto_takes_the_undominated_head_among_those_tied(monkeypatch)
         assert expected == list(made_up)[_direct_choice(scores, width * 0.05)]
 
 
-def test_unset_uniform_mix_is_half_for_min_recall_only():
+def test_unset_uniform_mix_follows_the_validation_noise_for_min_recall_only():
     labels = torch.arange(10)
 
-    def resolved(objective: str, **settings) -> float:
+    def resolved(objective: str, val_per_class=(1,) * 10, **settings) -> float:
         given = FinetuneConfig.from_dict({"objective": objective, **settings})
-        config, _ = resolve_objective(given, None, labels, 10, labels)
+        val_labels = torch.repeat_interleave(torch.arange(10), torch.tensor(val_per_class))
+        config, _ = resolve_objective(given, None, labels, 10, val_labels)
         return config.uniform_mix
 
     assert resolved("min_recall") == 0.5
@@ -282,3 +283,18 @@ def test_unset_uniform_mix_is_half_for_min_recall_only():
     assert resolved("h_mean") == 0.0
     assert resolved("min_recall", uniform_mix=0.2) == 0.2
     assert resolved("min_recall", preset="paper") == 0.0
+    # half the pairs up to 100 samples of the smallest class, then 0.5 * 100 / n
+    assert resolved("min_recall", (100,) * 10) == pytest.approx(0.5)
+    assert resolved("min_recall", (500,) * 10) == pytest.approx(0.1)
+    assert resolved("min_recall", (1000,) * 9 + (200,)) == pytest.approx(0.25)
+    assert resolved("min_recall", (500,) * 10, uniform_mix=0.0) == 0.0
+    assert resolved("h_mean", (10,) * 10) == 0.0
+    # head / tail: the noise of a group's mean recall, here the tail's two classes of 50
+    # (0.5 / sqrt(100)), so half the pairs, where min recall would read the same 50 alike
+    head_tail = {"objective_params": {"head_classes": list(range(8))}}
+    assert resolved("min_head_tail_recall", (50,) * 10, **head_tail) == pytest.approx(0.5)
+    assert resolved("min_head_tail_recall", (500,) * 10, **head_tail) == pytest.approx(0.05)
+    # without validation labels the run does not know the noise: the most
+    config, _ = resolve_objective(FinetuneConfig.from_dict({"objective": "min_recall"}), None,
+                                  labels, 10)  # fmt: skip
+    assert config.uniform_mix == 0.5

@@ -203,3 +203,25 @@ def test_uniform_mix_keeps_every_pair_at_eps_over_k2(policy):
 def test_uniform_mix_is_validated(eps):
     with pytest.raises(ValueError, match="uniform_mix"):
         mixup_distribution(torch.eye(3), uniform_mix=eps)
+
+
+@pytest.mark.parametrize(("per_class", "expected"), [(5, 0.5), (40, 0.5), (100, 0.5), (200, 0.25),
+                                                      (500, 0.1), (1000, 0.05)])  # fmt: skip
+def test_min_recall_uniform_mix_falls_with_the_variance_of_the_recalls(per_class, expected):
+    from selmix.core.objectives import MinRecall
+    from selmix.core.policy import min_recall_uniform_mix
+
+    # the recall's variance at recall 0.5 is 0.25 / n; half the pairs while it is
+    # >= 0.25 / 100, then in proportion to it
+    spread = MinRecall().recall_spread(torch.tensor([per_class, 3 * per_class]))
+    assert spread == pytest.approx(0.5 / math.sqrt(per_class))
+    assert min_recall_uniform_mix(spread) == pytest.approx(expected)
+
+
+def test_min_recall_uniform_mix_without_a_spread_is_half_and_rejects_a_bad_one():
+    from selmix.core.policy import min_recall_uniform_mix
+
+    assert min_recall_uniform_mix(None) == 0.5
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="`spread` must be"):
+            min_recall_uniform_mix(bad)

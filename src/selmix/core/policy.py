@@ -12,16 +12,21 @@ __all__ = [
     "POLICIES",
     "StationaryPointWarning",
     "effective_pairs",
+    "min_recall_uniform_mix",
     "mixup_distribution",
     "policy_entropy",
 ]
 
 POLICIES = ("selmix", "uniform", "greedy")
 
-#: ``uniform_mix`` of the min-recall objectives when unset (issue 38, docs/RESULTS.md): half
-#: the pairs drawn uniformly (class-balanced labels, as cRT) keep the other classes' recall
-#: while the policy lifts the worst.
+#: The most of the pairs drawn uniformly for the min-recall objectives when ``uniform_mix``
+#: is unset (issue 38, docs/RESULTS.md): half the pairs class-balanced, as cRT, keep the
+#: other classes' recall while the policy lifts the worst.
 MIN_RECALL_UNIFORM_MIX = 0.5
+
+#: The recall standard error from which on :data:`MIN_RECALL_UNIFORM_MIX` is used:
+#: 0.5 / sqrt(100), a recall measured on 100 samples.
+FULL_MIX_SPREAD = 0.05
 
 
 class StationaryPointWarning(UserWarning):
@@ -74,6 +79,33 @@ def mixup_distribution(
     if uniform_mix > 0:
         distribution = (1 - uniform_mix) * distribution + uniform_mix / gain.numel()
     return distribution
+
+
+def min_recall_uniform_mix(spread: float | None) -> float:
+    """The share eps of uniformly drawn pairs for a min-recall objective whose recalls are
+    known to the standard error ``spread``: ``eps = 0.5 min(1, (spread / 0.05)^2)``.
+
+    The multipliers steer the pairs towards the class measured worst; the noisier that
+    measurement, the more of the steering follows noise, and class-balanced pairs keep the
+    other classes' recall instead. With ``spread = 0.5 / sqrt(n)`` (n validation samples of
+    the smallest class, :meth:`selmix.core.objectives.MinRecall.recall_spread`) this is
+    half the pairs up to n = 100, 0.1 at n = 500 and 0.05 at n = 1000: the share falls with
+    the variance of the measured recalls. The rule is fitted to measurements, not derived:
+    half the pairs won mean recall at equal min recall on the issue-22 suite (n <= 100),
+    and cost 2.8 points of min recall on CIFAR-10-LT at n = 500, where 0.1 kept it
+    (docs/RESULTS.md, "Issue 38").
+
+    Args:
+        spread: the recalls' standard error (> 0), or None when unknown (no validation
+            counts): then :data:`MIN_RECALL_UNIFORM_MIX`.
+
+    Returns:
+        eps in [0, 0.5].
+    """
+    if spread is None:
+        return MIN_RECALL_UNIFORM_MIX
+    spread = check_positive("spread", spread)
+    return MIN_RECALL_UNIFORM_MIX * min(1.0, (spread / FULL_MIX_SPREAD) ** 2)
 
 
 def _policy(gain: torch.Tensor, scale: float, policy: str, normalize_gain: bool) -> torch.Tensor:

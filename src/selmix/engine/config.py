@@ -27,7 +27,7 @@ from selmix.core.estimates import SHRINKAGE
 from selmix.core.metrics import infer_head_classes
 from selmix.core.mixing import FEATURE, check_mixup_needs_backbone, list_mixups
 from selmix.core.objectives import MinRecall, Objective, as_objective, get_objective, noise_rate
-from selmix.core.policy import MIN_RECALL_UNIFORM_MIX, POLICIES
+from selmix.core.policy import MIN_RECALL_UNIFORM_MIX, POLICIES, min_recall_uniform_mix
 from selmix.devices import to_host
 from selmix.engine.evaluate import DEVICE_HELP
 from selmix.engine.precision import (
@@ -210,9 +210,10 @@ class FinetuneConfig(ConfigMixin):
     uniform_mix: float | None = setting(
         None, check=Optional(Real(strict=False, high=1.0)), run=True,
         help="share eps of the uniform policy mixed into P: (1 - eps) P + eps / K^2; unset: "
-        f"{MIN_RECALL_UNIFORM_MIX} for min recall and min head/tail recall (half the pairs "
-        "class-balanced, as cRT: the other classes keep their recall while the policy "
-        "lifts the worst), 0 otherwise",
+        "for min recall and min head/tail recall, from the validation set's size "
+        f"(selmix.core.policy.min_recall_uniform_mix: {MIN_RECALL_UNIFORM_MIX} up to 100 "
+        "samples of the smallest class, 0.1 at 500: class-balanced pairs keep the other "
+        "classes' recall where the worst class is measured with noise), 0 otherwise",
     )  # fmt: skip
     multiplier_step: float = setting(
         1.0, check=Real(high=1.0), run=True,
@@ -413,8 +414,10 @@ def resolve_objective(
     * the objective: ``objective`` if given (a name, an :class:`Objective` or a callable),
       else ``config.objective`` with ``config.objective_params``; an objective that uses
       head classes and was given none gets the config's;
-    * ``uniform_mix`` unset: :data:`MIN_RECALL_UNIFORM_MIX` for the min-recall objectives,
-      0 for the others;
+    * ``uniform_mix`` unset: for the min-recall objectives
+      :func:`selmix.core.policy.min_recall_uniform_mix` of the validation set's recall
+      spread (0.5 up to 100 samples of the smallest class, 0.1 at 500; 0.5 without
+      ``val_labels``), 0 for the others;
     * a min-recall objective built from its name without a ``rate`` in
       ``objective_params``, with ``multiplier_rate="noise"`` and ``val_labels`` given: the
       rate :func:`selmix.core.objectives.noise_rate` of the validation set's class counts;
@@ -450,17 +453,18 @@ def resolve_objective(
         objective = as_objective(objective)
     if "head_classes" in objective.hyperparameters() and objective.head_classes is None:
         objective.head_classes = list(head_classes)
+    spread = None
+    if val_labels is not None and hasattr(objective, "recall_spread"):
+        counts = torch.bincount(to_host(torch.as_tensor(val_labels)).long(), minlength=num_classes)
+        spread = objective.recall_spread(counts.clamp_min(1))
     if getattr(fields, "uniform_mix", 0.0) is None:
-        mix = MIN_RECALL_UNIFORM_MIX if objective.worst_case else 0.0
+        mix = min_recall_uniform_mix(spread) if objective.worst_case else 0.0
         config = config.replace(uniform_mix=mix)
         fields = config
     noise = getattr(fields, "multiplier_rate", "objective") == "noise"
-    if noise and by_name and val_labels is not None and isinstance(objective, MinRecall):
+    if noise and by_name and spread is not None and isinstance(objective, MinRecall):
         if "rate" not in fields.objective_params:
-            counts = torch.bincount(
-                to_host(torch.as_tensor(val_labels)).long(), minlength=num_classes
-            )
-            objective.rate = noise_rate(objective.recall_spread(counts.clamp_min(1)))
+            objective.rate = noise_rate(spread)
     config = config.replace(
         objective=objective.name,
         objective_params=plain_data(objective.hyperparameters()),

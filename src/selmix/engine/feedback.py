@@ -47,9 +47,9 @@ from selmix.core.gain import gain_matrix
 from selmix.core.metrics import all_metrics
 from selmix.core.objectives import Objective, as_objective, get_objective
 from selmix.core.policy import (
-    MIN_RECALL_UNIFORM_MIX,
     POLICIES,
     effective_pairs,
+    min_recall_uniform_mix,
     mixup_distribution,
     policy_entropy,
 )
@@ -166,7 +166,8 @@ class SelMixFeedback:
         soft_confusion: use the validation softmax probabilities in the gain's derivative
             factor instead of the counts.
         uniform_mix: share eps of the uniform policy mixed into P; None: 0.5 for min recall
-            and min head/tail recall, 0 otherwise (as ``selmix.finetune``).
+            and min head/tail recall, 0 otherwise (``selmix.finetune`` knows the validation
+            set and sets it from its size: :func:`selmix.core.policy.min_recall_uniform_mix`).
         multiplier_step: step a of the multiplier update ``l <- (1 - a) l + a l_new``.
         shrinkage: ``"auto"`` pulls each class's row of the counts towards the pooled
             classes (:func:`selmix.core.estimates.shrunk_confusion`) for objectives of per-class
@@ -226,7 +227,8 @@ class SelMixFeedback:
         )
         self.soft_confusion = check_bool("soft_confusion", soft_confusion)
         if uniform_mix is None:
-            uniform_mix = MIN_RECALL_UNIFORM_MIX if self.objective.worst_case else 0.0
+            worst_case = self.objective.worst_case
+            uniform_mix = min_recall_uniform_mix(None) if worst_case else 0.0
         self.uniform_mix = check_in_range("uniform_mix", uniform_mix, 0.0, 1.0)
         self.multiplier_step = check_in_range("multiplier_step", multiplier_step, 0.0, 1.0)
         if self.multiplier_step == 0:
