@@ -490,6 +490,18 @@ def render(
     return "\n".join(lines) + "\n\n" + verdicts(verdict_rows, variants)
 
 
+def _by_val_size(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The rows in three groups of validation images per class: <= 40, 41-100, > 100."""
+    groups = [("<= 40", lambda n: n <= 40), ("100", lambda n: 40 < n <= 100),
+              ("> 100", lambda n: n > 100)]  # fmt: skip
+    out = []
+    for label, test in groups:
+        group = [r for r in rows if test(r["val_per_class"])]
+        if group:
+            out.append((label, group))
+    return out
+
+
 def verdicts(rows: list[dict[str, Any]], variants: list[str]) -> str:
     out = []
     for v in variants:
@@ -533,6 +545,11 @@ def verdicts(rows: list[dict[str, Any]], variants: list[str]) -> str:
             f"- test min / mean recall of the min-recall runs, mean over cases: "
             f"{100 * _mean([r['min_recall'] for r in minrec]):.1f} / "
             f"{100 * _mean([r['mean_recall'] for r in minrec]):.1f} ({len(minrec)} cases)",
+            "- the same by validation images per class: " + "; ".join(
+                f"{size}: {100 * _mean([r['min_recall'] for r in group]):.1f} / "
+                f"{100 * _mean([r['mean_recall'] for r in group]):.1f} ({len(group)})"
+                for size, group in _by_val_size(minrec)
+            ),
             *(
                 [
                     f"- min-recall runs dominated by another objective's run on the same start "
