@@ -4,6 +4,7 @@ trees of mixed sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from selmix.cli import main
 from selmix.data import load_data
 from selmix.models.checkpoint import load_checkpoint
 from selmix.models.preprocessing import (
+    Preprocessing,
     hf_preprocessing,
     model_preprocessing,
     resolve_preprocessing,
@@ -78,7 +80,8 @@ def test_timm_pretrained_cfg_sets_normalisation_and_size(
     torch.manual_seed(0)
     model = timm.create_model(
         "test_resnet", num_classes=3,
-        pretrained_cfg_overlay={"mean": tuple(MEAN), "std": tuple(STD), "input_size": (3, 20, 20)},
+        pretrained_cfg_overlay={"mean": tuple(MEAN), "std": tuple(STD), "input_size": (3, 20, 20),
+                                "interpolation": "bicubic"},
     )  # fmt: skip
     save_for_hf(model, tmp_path / "timm", safe_serialization=True)
     weights = tmp_path / "timm" / "model.safetensors"
@@ -89,7 +92,8 @@ def test_timm_pretrained_cfg_sets_normalisation_and_size(
     notes = recorded(out)
     assert notes["mean"] == pytest.approx(MEAN) and notes["std"] == pytest.approx(STD)
     assert notes["image_size"] == [20, 20]
-    assert notes["model_interpolation"] == model.pretrained_cfg["interpolation"]
+    assert notes["model_interpolation"] == model.pretrained_cfg["interpolation"] == "bicubic"
+    assert notes["resize"] == "bicubic"  # the model's own resize, applied
     meta = load_checkpoint(out / "model.pt")["meta"]
     # the data were normalised with the model's statistics, not the tree's own
     assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
@@ -108,6 +112,7 @@ def test_timm_pretrained_cfg_sets_normalisation_and_size(
                  "--out", str(evaluated)]) == 0  # fmt: skip
     test = json.loads((evaluated / "metrics.json").read_text())["test"]
     assert test == json.loads((out / "metrics.json").read_text())["after"]
+    assert recorded(evaluated)["resize"] == "bicubic"  # the resize model.pt carries on
 
 
 def test_hugging_face_processor_sets_normalisation(tree: Path, tmp_path: Path, capsys) -> None:
@@ -290,10 +295,10 @@ def test_normalization_reaches_the_unlabelled_pool(tmp_path: Path) -> None:
 
 
 # -- what of the model's preprocessing is applied, and what is only recorded --------------------
-def test_a_real_timm_config_names_the_resize_and_crop_it_does_not_apply() -> None:
+def test_a_real_timm_config_resizes_bicubic_and_names_the_crop_it_does_not_apply() -> None:
     """timm's resnet18 (no download: pretrained=False carries the pretrained_cfg) expects a
-    bicubic resize and a 0.95 centre crop; the run resizes whole images bilinear, and its
-    console line says so."""
+    bicubic resize and a 0.95 centre crop; the run resizes whole images bicubic, does not
+    crop, and its console line says so."""
     timm = pytest.importorskip("timm")
     from selmix.models.preprocessing import timm_preprocessing
 
@@ -303,19 +308,22 @@ def test_a_real_timm_config_names_the_resize_and_crop_it_does_not_apply() -> Non
     assert (chosen.interpolation, chosen.crop_pct) == (cfg["interpolation"], cfg["crop_pct"])
     assert chosen.mean == pytest.approx(cfg["mean"]) and chosen.std == pytest.approx(cfg["std"])
     line = chosen.describe()
-    assert "images resized to 224x224 (bilinear)" in line
-    assert line.endswith("not applied: its bicubic resize and its centre crop 0.95 (recorded)")
+    assert "images resized to 224x224 (bicubic)" in line
+    assert line.endswith("not applied: its centre crop 0.95 (recorded)")
     saved = chosen.to_dict()
     assert (saved["resize"], saved["model_interpolation"], saved["model_crop_pct"]) == (
-        "bilinear", "bicubic", 0.95)  # fmt: skip
+        "bicubic", "bicubic", 0.95)  # fmt: skip
+    # the data's own statistics: the model's resize is not used either
+    data = dataclasses.replace(chosen, mean=None, std=None)
+    assert data.resize == "bilinear" and "(bilinear)" in data.describe()
 
 
 @pytest.mark.parametrize(
     "processor, kwargs, interpolation, crop, not_applied",
     [
         ("ConvNextImageProcessor", {}, "bicubic", 0.875,
-         "not applied: its bicubic resize and its centre crop 0.875 (recorded)"),
-        ("CLIPImageProcessor", {}, "bicubic", 1.0, "not applied: its bicubic resize (recorded)"),
+         "not applied: its centre crop 0.875 (recorded)"),
+        ("CLIPImageProcessor", {}, "bicubic", 1.0, None),
         ("ViTImageProcessor", {}, "bilinear", None, None),
     ],
 )  # fmt: skip
@@ -336,3 +344,47 @@ def test_a_saved_hugging_face_processor_names_what_is_not_applied(
         assert "not applied" not in line, line
     else:
         assert line.endswith(not_applied), line
+
+
+# -- the model's resize method, applied on every decoding path ---------------------------------
+def test_interpolation_resizes_with_that_pil_filter_in_memory_streamed_and_cached(
+    tmp_path: Path,
+) -> None:
+    from selmix.data.image_folder import load_image_folder
+
+    root = write_tree(tmp_path / "images", [(16, 12)])
+    first = root / "train" / "class_0" / "0.png"  # sample 0: classes, then names, sorted
+    with Image.open(first) as image:
+        bicubic = np.asarray(image.convert("RGB").resize((8, 6), Image.Resampling.BICUBIC))
+        bilinear = np.asarray(image.convert("RGB").resize((8, 6), Image.Resampling.BILINEAR))
+    assert np.abs(bicubic.astype(int) - bilinear.astype(int)).max() > 0  # they differ here
+
+    def load(interpolation: str, **options) -> dict:
+        return load_image_folder(root, (6, 8), interpolation=interpolation, **options)
+
+    in_memory = load("bicubic", stream=False)["train"]
+    assert in_memory.images[0].permute(1, 2, 0).numpy().tolist() == bicubic.tolist()
+    plain = load("bilinear", stream=False)["train"]
+    assert plain.images[0].permute(1, 2, 0).numpy().tolist() == bilinear.tolist()
+    # the streamed tree decodes the same pixels, so it serves the same batches
+    streamed = load("bicubic", stream=True, num_workers=0)["train"]
+    assert torch.equal(streamed.batch([0, 5])[0], in_memory.batch([0, 5])[0])
+    # each method has its own cache file; reading one back gives its own pixels
+    cache = tmp_path / "cache"
+    for method, expected in (("bilinear", bilinear), ("bicubic", bicubic), ("bicubic", bicubic)):
+        images = load(method, stream=False, cache_dir=cache)["train"].images
+        assert images[0].permute(1, 2, 0).numpy().tolist() == expected.tolist()
+    assert len(list(cache.glob("imagefolder-*.npz"))) == 2
+
+
+def test_interpolation_is_validated_where_it_enters(tmp_path: Path) -> None:
+    root = write_tree(tmp_path / "images", [(8, 8)])
+    unknown = r"unknown `interpolation` 'cubic'; expected one of .*bicubic"
+    with pytest.raises(ValueError, match=unknown):
+        load_data(f"imagefolder:{root}", val_per_class=2, image_size=4, interpolation="cubic")
+    with pytest.raises(ValueError, match="`interpolation` applies to imagefolder:DIR data only"):
+        load_data("demo", interpolation="bicubic")
+    # a model whose interpolation PIL does not have ("random") is resized bilinear and says so
+    chosen = Preprocessing("a model", (0.5,), (0.5,), (4, 4), interpolation="random")
+    assert chosen.resize == "bilinear"
+    assert chosen.describe().endswith("not applied: its random resize (recorded)")

@@ -39,6 +39,8 @@ def _load_data(settings: dict[str, Any], preprocessing: Any = None) -> Any:
             kwargs["normalization"] = (preprocessing.mean, preprocessing.std)
     if size is not None:
         kwargs["image_size"] = tuple(size) if isinstance(size, list) else size
+        if preprocessing is not None and preprocessing.resize != "bilinear":
+            kwargs["interpolation"] = preprocessing.resize
     return load_data(spec, **kwargs)
 
 

@@ -10,12 +10,13 @@ CPU and GPU.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from selmix._validation import check_int
+from selmix._validation import check_choice, check_int
 
 # Largest float64 temporary of channel_stats, in bytes.
 _STATS_CHUNK_BYTES = 64 << 20
@@ -130,29 +131,51 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 LARGE_IMAGE_SIDE = 64
 
 
+#: The resize methods images can be decoded with (PIL's resampling filters); a pretrained
+#: model's own (timm's ``interpolation``, a Hugging Face processor's ``resample``) is one of
+#: them, most often ``bicubic``.
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+def check_resize_method(interpolation: str) -> str:
+    """``interpolation`` if it is one of :data:`RESIZE_METHODS`, else a ValueError naming it."""
+    return check_choice("interpolation", interpolation, RESIZE_METHODS)
+
+
+def resize_image(image: Any, size: tuple[int, int], interpolation: str = "bilinear") -> Any:
+    """A PIL image resized to ``size`` = (H, W) with PIL's ``interpolation`` filter (PIL
+    antialiases when it shrinks); returned as it is when it already has that size."""
+    from PIL import Image
+
+    if image.size == (size[1], size[0]):
+        return image
+    method = Image.Resampling[check_resize_method(interpolation).upper()]
+    return image.resize((size[1], size[0]), method)
+
+
 class PILToUint8:
-    """PIL image -> uint8 Tensor[C, H, W], resized (bilinear) to ``size`` = (H, W) if given.
+    """PIL image -> uint8 Tensor[C, H, W], resized to ``size`` = (H, W) if given, with
+    ``interpolation`` (one of :data:`RESIZE_METHODS`).
 
     The same decoding as the in-memory image-folder path, so both give the same pixels.
     """
 
-    def __init__(self, size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, size: tuple[int, int] | None = None, interpolation: str = "bilinear"
+    ) -> None:
         self.size = size
+        self.interpolation = check_resize_method(interpolation)
 
     def __call__(self, image: object) -> Tensor:
-        from PIL import Image
-
-        if self.size is not None and image.size != (self.size[1], self.size[0]):  # type: ignore[attr-defined]
-            image = image.resize(  # type: ignore[attr-defined]
-                (self.size[1], self.size[0]), Image.Resampling.BILINEAR
-            )
+        if self.size is not None:
+            image = resize_image(image, self.size, self.interpolation)
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
-        return f"PILToUint8(size={self.size})"
+        return f"PILToUint8(size={self.size}, interpolation={self.interpolation!r})"
 
 
 def imagenet_train_transform(

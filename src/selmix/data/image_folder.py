@@ -27,8 +27,10 @@ from selmix._validation import check_int, height_width
 from selmix.data.augment import (
     LARGE_IMAGE_SIDE,
     PILToUint8,
+    check_resize_method,
     imagenet_eval_transform,
     imagenet_train_transform,
+    resize_image,
 )
 from selmix.data.streaming import (
     ImageFileReader,
@@ -55,6 +57,7 @@ def load_image_folder(
     eval_transform: Callable[[Any], Tensor] | None = None,
     crop_size: int = 224,
     memory_fraction: float = 0.25,
+    interpolation: str = "bilinear",
 ) -> dict[str, ImageTensorDataset | StreamingImageDataset]:
     """Loads ``root/train/<class>/*`` and, if present, ``root/val/...`` and ``root/test/...``.
 
@@ -93,6 +96,9 @@ def load_image_folder(
         train_transform, eval_transform: per-image transforms of a streamed tree.
         crop_size: output side of the ImageNet transforms.
         memory_fraction: share of the available memory a tree may take in memory.
+        interpolation: the resize method with ``image_size``, one of
+            :data:`~selmix.data.augment.RESIZE_METHODS` (a pretrained model's own, e.g.
+            ``"bicubic"``); part of the cache key.
 
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` for the splits present, with the same
@@ -102,6 +108,7 @@ def load_image_folder(
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"image folder {root} must contain a train/ folder")
     size = _check_image_size(image_size)
+    check_resize_method(interpolation)
     if stream is not None and not isinstance(stream, bool):
         raise TypeError(f"`stream` must be None, True or False, got {stream!r}")
     resolve_num_workers(num_workers)
@@ -114,10 +121,12 @@ def load_image_folder(
         stream = estimate > memory_fraction * available_memory()
     if stream:
         return _stream_image_folder(
-            root, size, num_workers, train_transform, eval_transform, crop_size
+            root, size, num_workers, train_transform, eval_transform, crop_size, interpolation
         )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
-    decoded = _cached_decode("imagefolder", root, ("train", "val", "test"), size, cache)
+    decoded = _cached_decode(
+        "imagefolder", root, ("train", "val", "test"), size, cache, interpolation
+    )
     train_images, train_labels = decoded.splits["train"]
     mean, std = channel_stats(train_images)
     return {
@@ -206,6 +215,7 @@ def _stream_image_folder(
     train_transform: Callable[[Any], Tensor] | None,
     eval_transform: Callable[[Any], Tensor] | None,
     crop_size: int,
+    interpolation: str = "bilinear",
 ) -> dict[str, ImageTensorDataset | StreamingImageDataset]:
     _check_class_folders(root)
     files = _tree_files(root, ("train", "val", "test"))
@@ -238,7 +248,7 @@ def _stream_image_folder(
                 "width x height) are too small for the ImageNet transforms; pass "
                 "`image_size` to resize every image to one size"
             )
-        train_transform = eval_transform = PILToUint8(size)
+        train_transform = eval_transform = PILToUint8(size, interpolation)
         batch_crop = True
     assert train_transform is not None and eval_transform is not None  # set by each branch
     reader = ImageFileReader(paths, mode, train_transform, eval_transform)
@@ -294,9 +304,13 @@ def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return Path(base) / "selmix"
 
 
-def _cache_key(source: Path, size: tuple[int, int] | None) -> str:
+def _cache_key(
+    source: Path, size: tuple[int, int] | None, interpolation: str = "bilinear"
+) -> str:
     source = source.resolve()
     parts = [str(source), repr(size)]
+    if size is not None and interpolation != "bilinear":
+        parts.append(interpolation)  # bilinear keeps the keys of caches written before
     if source.is_file():
         stat = source.stat()
         parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
@@ -313,10 +327,11 @@ def _cached_decode(
     splits: Sequence[str],
     size: tuple[int, int] | None,
     cache_dir: Path | None,
+    interpolation: str = "bilinear",
 ) -> _Decoded:
     cache_file = None
     if cache_dir is not None:
-        cache_file = cache_dir / f"{name}-{_cache_key(source, size)}.npz"
+        cache_file = cache_dir / f"{name}-{_cache_key(source, size, interpolation)}.npz"
         if cache_file.is_file():
             try:
                 return _read_cache(cache_file)
@@ -325,7 +340,7 @@ def _cached_decode(
     entries = (
         _archive_entries(source, splits) if source.is_file() else _tree_entries(source, splits)
     )
-    decoded = _decode_entries(entries, size, source)
+    decoded = _decode_entries(entries, size, source, interpolation)
     if cache_file is not None:
         _write_cache(cache_file, decoded)
     return decoded
@@ -423,7 +438,10 @@ def _is_visible_image(path: Path, class_dir: Path) -> bool:
 
 
 def _decode_entries(
-    entries: Iterable[_Entry], size: tuple[int, int] | None, source: Path
+    entries: Iterable[_Entry],
+    size: tuple[int, int] | None,
+    source: Path,
+    interpolation: str = "bilinear",
 ) -> _Decoded:
     from PIL import Image
 
@@ -432,8 +450,8 @@ def _decode_entries(
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert("L" if image.mode in _GREY_MODES else "RGB")
-                if size is not None and image.size != (size[1], size[0]):
-                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                if size is not None:
+                    image = resize_image(image, size, interpolation)
                 array = np.asarray(image, dtype=np.uint8)
         except OSError as error:
             raise ValueError(

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from selmix._validation import check_int, check_positive
 from selmix.core.estimates import SMALL_VALIDATION
+from selmix.data.augment import check_resize_method
 from selmix.data.formats import FORMATS, Source  # features, cifar100, stl10, imagenet-lt
 from selmix.data.image_folder import (
     _cached_decode,
@@ -335,12 +336,14 @@ class SourceOptions:
         stream: ``"imagefolder:DIR"`` only: decode into memory or stream from disk.
         num_workers: processes decoding a streamed tree.
         image_size: ``"imagefolder:DIR"`` only: the side (or ``(H, W)``) to resize to.
+        interpolation: ``"imagefolder:DIR"`` only: the resize method.
     """
 
     cache_dir: str | os.PathLike | None = None
     stream: bool | None = None
     num_workers: int | None = None
     image_size: int | tuple[int, int] | None = None
+    interpolation: str = "bilinear"
 
 
 SourceLoader = Callable[[str, SourceOptions], Source]
@@ -369,6 +372,7 @@ def _image_folder_source(location: str, options: SourceOptions) -> Source:
         cache_dir=options.cache_dir,
         stream=options.stream,
         num_workers=options.num_workers,
+        interpolation=options.interpolation,
     )
     if "test" not in folder:
         raise FileNotFoundError(f"image folder {location} must contain a test/ folder")
@@ -409,6 +413,7 @@ def load_data(
     num_workers: int | None = None,
     image_size: int | tuple[int, int] | None = None,
     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    interpolation: str | None = None,
 ) -> DataSplits:
     """Loads a data source and splits it into long-tailed train, balanced val and test.
 
@@ -454,6 +459,9 @@ def load_data(
         normalization: ``(mean, std)``, per channel in [0, 1] units, that every split is
             normalised with instead of the training images' statistics (a pretrained
             model's own, see :mod:`selmix.models.preprocessing`); None: the data's.
+        interpolation: ``"imagefolder:DIR"`` only: how ``image_size`` resizes, one of
+            :data:`selmix.data.augment.RESIZE_METHODS` (a pretrained model's own, e.g.
+            ``"bicubic"`` for most timm models); None: bilinear.
 
     Returns:
         DataSplits(train, val, test, unlabelled, classes).
@@ -488,6 +496,13 @@ def load_data(
             f"`image_size` applies to imagefolder:DIR data only, got {image_size!r} with "
             f"data {spec!r}"
         )
+    if interpolation is not None:
+        check_resize_method(interpolation)
+        if prefix != "imagefolder":
+            raise ValueError(
+                f"`interpolation` applies to imagefolder:DIR data only, got "
+                f"{interpolation!r} with data {spec!r}"
+            )
     if spec == "demo":
         demo = _subsample_demo(
             imbalance, max_per_class, val_per_class, seed, unlabelled_max_per_class
@@ -499,7 +514,10 @@ def load_data(
         raise ValueError(f"unknown data `spec` {spec!r}; expected one of {known}")
     source = load(
         location,
-        SourceOptions(cache_dir, stream=stream, num_workers=num_workers, image_size=image_size),
+        SourceOptions(
+            cache_dir, stream=stream, num_workers=num_workers, image_size=image_size,
+            interpolation=interpolation or "bilinear",
+        ),  # fmt: skip
     )
     full_train, test, official_val = source.train, source.test, source.val
 

@@ -12,9 +12,10 @@ what a model's files record about it, without building the model:
 * selmix: what ``selmix finetune`` recorded in ``model.pt`` when it used a model's own.
 
 :func:`resolve_preprocessing` chooses between the model's and the data's own statistics.
-Images are resized whole (bilinear) to the model's input size; the model's interpolation
-and crop fraction are recorded but not applied (every split is decoded once, so a centre
-crop would also cut the training images; the console line names both).
+Images are resized whole to the model's input size with the model's own interpolation
+(bicubic for most timm models; bilinear when it records none, or one PIL does not have);
+its evaluation crop fraction is recorded but not applied (every split is decoded once, so
+a centre crop would also cut the training images; the console line says so).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from selmix._validation import height_width
+from selmix.data.augment import RESIZE_METHODS
 from selmix.models.checkpoint import load_checkpoint
 
 __all__ = [
@@ -61,8 +63,8 @@ class Preprocessing:
             ``"data statistics"``.
         mean, std: per-channel normalisation in [0, 1] units; None: the data's statistics.
         image_size: ``(H, W)`` every image is resized to; None: the images' own size.
-        interpolation: the model's resize interpolation (recorded; images are resized
-            bilinear).
+        interpolation: the model's resize interpolation (applied when it is one of
+            :data:`selmix.data.augment.RESIZE_METHODS`: :attr:`resize`).
         crop_pct: the model's evaluation crop fraction (recorded, not applied).
         model_image_size: the model's own input size, when ``image_size`` differs from it
             (``--image-size``, or data that cannot be resized).
@@ -81,6 +83,17 @@ class Preprocessing:
         """Whether the normalisation is the model's (not the data's statistics)."""
         return self.mean is not None
 
+    @property
+    def resize(self) -> str:
+        """How the images are resized: ``"none"`` without :attr:`image_size`, else the
+        model's interpolation when the run uses the model's preprocessing and PIL has that
+        method, else ``"bilinear"``."""
+        if self.image_size is None:
+            return "none"
+        if self.from_model and self.interpolation in RESIZE_METHODS:
+            return str(self.interpolation)
+        return "bilinear"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``config.yaml`` and ``model.pt``'s meta."""
         return {
@@ -88,7 +101,7 @@ class Preprocessing:
             "mean": list(self.mean) if self.mean is not None else "data statistics",
             "std": list(self.std) if self.std is not None else "data statistics",
             "image_size": list(self.image_size) if self.image_size is not None else "native",
-            "resize": "bilinear" if self.image_size is not None else "none",
+            "resize": self.resize,
             "model_interpolation": self.interpolation,
             "model_crop_pct": self.crop_pct,
             "model_image_size": (
@@ -103,7 +116,7 @@ class Preprocessing:
             return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
         size = (
-            f"images resized to {self.image_size[0]}x{self.image_size[1]} (bilinear)"
+            f"images resized to {self.image_size[0]}x{self.image_size[1]} ({self.resize})"
             if self.image_size is not None
             else "images at their own size"
         )
@@ -120,7 +133,7 @@ class Preprocessing:
     def _not_applied(self) -> str:
         """What the model records that the run does not apply, for :meth:`describe`."""
         parts = []
-        if self.interpolation is not None and self.interpolation != "bilinear":
+        if self.interpolation is not None and self.interpolation != self.resize:
             parts.append(f"its {self.interpolation} resize")
         if self.crop_pct is not None and self.crop_pct != 1.0:
             parts.append(f"its centre crop {self.crop_pct:.4g}")
