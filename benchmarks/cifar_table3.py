@@ -144,6 +144,13 @@ def parse_args() -> argparse.Namespace:
         "YAML), e.g. --set uniform_mix=0; use a separate --records folder",
     )
     parser.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="frozen rows: keep the first N validation images of each class (of the start's "
+        "500), to see a setting at a smaller validation set; use a separate --records folder",
+    )
+    parser.add_argument(
         "--describe-start",
         default=None,
         help="write the start's per-class recall on train / val / test here",
@@ -207,6 +214,14 @@ def claim(path: Path) -> bool:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(str(os.getpid()))
     return True
+
+
+def first_per_class(dataset: Any, per_class: int) -> Any:
+    """The first ``per_class`` samples of each class of ``dataset`` (in its order)."""
+    labels = torch.as_tensor(dataset.labels)
+    keep = [i for k in range(int(labels.max()) + 1)
+            for i in torch.nonzero(labels == k).flatten()[:per_class].tolist()]  # fmt: skip
+    return dataset.subset(sorted(keep))
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -317,6 +332,8 @@ def run_plan(args: argparse.Namespace) -> None:
             if backbone == "frozen" and space is None:
                 began = time.perf_counter()
                 space = feature_space(start.model, start.data, args.device)
+                if args.val_per_class is not None:
+                    space.val = first_per_class(space.val, args.val_per_class)
                 print(f"features in {time.perf_counter() - began:.0f} s", flush=True)
             log_path = records / f"{name}.jsonl"
             log_path.unlink(missing_ok=True)
@@ -332,6 +349,7 @@ def run_plan(args: argparse.Namespace) -> None:
                 "seconds": seconds, "cpu_seconds": cpu_seconds,
                 "machine": machine_line(torch.get_num_threads()),
                 "full_steps": args.full_steps if backbone == "fine-tuned" else None,
+                "val_per_class": args.val_per_class if backbone == "frozen" else None,
                 "command": "python benchmarks/cifar_table3.py " + " ".join(sys.argv[1:]),
                 **outcome,
             }  # fmt: skip
@@ -462,13 +480,20 @@ def render(args: argparse.Namespace) -> None:
         if full
         else "no fine-tuned-backbone row has run yet"
     )
+    smaller = sorted({r["val_per_class"] for r in records if r.get("val_per_class")})
+    smaller_text = (
+        f" Frozen rows validated on the first {', '.join(map(str, smaller))} validation "
+        "images of each class only (`--val-per-class`)."
+        if smaller
+        else ""
+    )
     lines += [
         "",
         f"CIFAR-10 (JPEG copy), {describe_split(args.start)}; "
         f"start `{Path(args.start).name}`; test set. Rows are the library's defaults unless "
         f"named otherwise; frozen rows run on features computed once; {fine_tuned_text}. "
         'seeds "1/3": 1 seed on some objectives, 3 on the others. The paper\'s rows are '
-        "docs/maths.md section 8 (mean of 3 seeds, their start).",
+        "docs/maths.md section 8 (mean of 3 seeds, their start)." + smaller_text,
         "",
         SUMMARY_MARK,
         "",
